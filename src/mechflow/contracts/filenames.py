@@ -1,0 +1,12 @@
+"""File names shared between stages (writers and readers import these, never spell them)."""
+
+RESOLVED_CONFIG = "config.resolved.yaml"
+RUN_MANIFEST = "run_manifest.json"
+SHARD_MANIFEST = "_manifest.json"
+SHARD_PATTERN = "part-{index:05d}.parquet"
+TASK_DATASET = "dataset.jsonl"
+TASK_BASELINE = "baseline.json"
+CORPUS_TOKENS = "tokens.parquet"
+CORPUS_MANIFEST = "corpus.json"
+SUMMARY_TABLE = "summary.csv"
+SUMMARY_FIGURE = "activation_norms.png"

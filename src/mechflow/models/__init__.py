@@ -1,0 +1,13 @@
+"""Model registry: embedded offline models and hub names, loaded into TransformerLens."""
+
+from mechflow.models.registry import (
+    EMBEDDED_MODELS,
+    LoadedModel,
+    encode,
+    load_hf_reference,
+    load_model,
+    load_model_from_cfg,
+    model_card,
+)
+
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference", "model_card"]

