@@ -44,15 +44,21 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def load_configured_model(name: str):
+    """Load an embedded model with the settings of its config/model/<name>.yaml (BOS convention)."""
+    import yaml
+
+    from mechflow.config import DEFAULT_CONFIG_DIR
+    from mechflow.models import load_model_from_cfg
+
+    return load_model_from_cfg(yaml.safe_load((DEFAULT_CONFIG_DIR / "model" / f"{name}.yaml").read_text()))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    from mechflow.models import load_model
-
-    return load_model("smollm2_135m")
+    return load_configured_model("smollm2_135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3():
-    from mechflow.models import load_model
-
-    return load_model("gemma3_270m")
+    return load_configured_model("gemma3_270m")

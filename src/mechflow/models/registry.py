@@ -238,18 +238,9 @@ def model_card(name: str, model: Any, tokenizer: Any, source: Path | str | None,
     )
 
 
-@functools.lru_cache(maxsize=4)
-def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_token: str | None = None) -> LoadedModel:
-    """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
-
-    Args:
-        name: ``smollm2_135m``, ``gemma3_270m`` or a TransformerLens/HF hub name.
-        dtype: torch dtype name for the weights.
-        prepend_bos: whether prompts and corpus contexts start with the BOS token.
-        bos_token: the BOS token string; default is the tokenizer's own.
-
-    Memoised per process: the returned model is shared, so callers must not modify its weights.
-    """
+@functools.lru_cache(maxsize=2)
+def _load_weights(name: str, dtype: str):
+    """The expensive part of `load_model`, shared by every BOS setting of the same weights."""
     start = time.perf_counter()
     torch_dtype = _torch_dtype(dtype)
     if name in EMBEDDED_MODELS:
@@ -259,14 +250,30 @@ def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, tokenizer, source, time.perf_counter() - start
+
+
+@functools.lru_cache(maxsize=8)
+def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_token: str | None = None) -> LoadedModel:
+    """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
+
+    Args:
+        name: ``smollm2_135m``, ``gemma3_270m`` or a TransformerLens/HF hub name.
+        dtype: torch dtype name for the weights.
+        prepend_bos: whether prompts and corpus contexts start with the BOS token.
+        bos_token: the BOS token string; default is the tokenizer's own.
+
+    Memoised per process: the returned model is shared, so callers must not modify its weights
+    (parameters have requires_grad=False; gradient methods take gradients w.r.t. activations).
+    """
+    model, tokenizer, source, seconds = _load_weights(name, dtype)
     if bos_token is not None:
         bos_id = tokenizer.convert_tokens_to_ids(bos_token)
-        if bos_id is None or bos_id == tokenizer.unk_token_id:
+        if bos_id is None or tokenizer.convert_ids_to_tokens(bos_id) != bos_token:
             raise ModelLoadError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary")
     else:
         bos_id = tokenizer.bos_token_id
     card = model_card(name, model, tokenizer, source, dtype, prepend_bos, bos_id)
-    seconds = time.perf_counter() - start
     log.info("loaded %s in %.1fs", name, seconds)
     return LoadedModel(model=model, tokenizer=tokenizer, card=card, load_seconds=seconds)
 

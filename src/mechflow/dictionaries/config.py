@@ -1,0 +1,147 @@
+"""Typed configs of the dictionary stages (`config/sae/*.yaml`, `config/transcoder/*.yaml`).
+
+`workflow/schemas/config/{sae,transcoder}.schema.json` are generated from these models
+(`python -m mechflow.dictionaries.config`); a unit test fails when they drift.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mechflow.errors import ConfigError
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Cfg):
+    """How activation shards are streamed (see `mechflow.dictionaries.data`)."""
+
+    batch_size: int = Field(4096, ge=1, description="activation vectors per training step")
+    buffer_rows: int = Field(65536, ge=1, description="shuffle buffer (rows mixed across shards)")
+    chunk_rows: int = Field(2048, ge=1, description="contiguous rows read per chunk (shuffle granularity)")
+    holdout_shards: int = Field(1, ge=0, description="last N shards of the manifest kept for evaluation")
+    exclude_bos: bool = Field(True, description="drop position 0 when the manifest says prepend_bos")
+    verify_sha256: bool = Field(True, description="check every shard against its manifest sha256")
+    prefetch: int = Field(2, ge=0, description="batches prepared ahead in a background thread")
+
+
+class EvalConfig(_Cfg):
+    """Held-out evaluation (`evaluate_dictionary`)."""
+
+    max_tokens: int = Field(65536, ge=1, description="held-out (non-BOS) tokens for reconstruction metrics")
+    outlier_factor: float = Field(5.0, gt=0, description="positions with norm > factor x median are outliers")
+    dead_min_tokens: int = Field(10000, ge=1, description="dead = never fires on at least this many tokens")
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="dense = fires on more than this fraction")
+    ce_contexts: int = Field(32, ge=0, description="held-out contexts for CE/KL with the dictionary spliced in")
+    ce_batch_size: int = Field(8, ge=1, description="contexts per model forward")
+    batch_size: int = Field(4096, ge=1, description="rows per dictionary forward")
+
+
+class SAEConfig(_Cfg):
+    """An SAE trained with SAELens' `SAETrainer` on one hook's activation shards."""
+
+    hook: str | None = Field("blocks.15.hook_resid_post",
+                             description="expected manifest hook (null: whatever the manifest holds)")
+    architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "gated", "matryoshka_batchtopk"] = "topk"
+    d_in: int | None = Field(None, ge=1, description="input width; null = the manifest's d (must match if set)")
+    d_sae: int = Field(4608, ge=1)
+    k: int = Field(32, ge=1, description="active latents (topk, batchtopk, matryoshka_batchtopk)")
+    l1_coefficient: float = Field(5.0, ge=0, description="sparsity coefficient (standard, gated)")
+    l1_warm_up_steps: int = Field(0, ge=0)
+    l0_coefficient: float = Field(1.0, ge=0, description="L0 coefficient (jumprelu)")
+    jumprelu_init_threshold: float = Field(0.01, ge=0)
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
+    matryoshka_widths: list[int] | None = Field(None, description="nested widths (matryoshka_batchtopk)")
+    aux_loss_coefficient: float = Field(1.0, ge=0, description="TopK dead-latent auxiliary loss (topk family)")
+    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
+    n_batches_for_norm_estimate: int = Field(10, ge=1)
+    decoder_init_norm: float | None = 0.1
+    training_tokens: int = Field(1_000_000, ge=1, description="activation vectors seen in training")
+    lr: float = Field(4e-4, gt=0)
+    lr_scheduler_name: Literal["constant", "constantwithwarmup", "linearwarmupdecay", "cosineannealing",
+                               "cosineannealingwarmup", "cosineannealingwarmrestarts"] = "constant"
+    lr_end: float | None = Field(None, ge=0, description="final lr of decaying schedules (null: lr / 10)")
+    lr_warm_up_steps: int = Field(0, ge=0)
+    lr_decay_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    dead_feature_window: int = Field(200, ge=1, description="steps without firing before a latent counts dead")
+    feature_sampling_window: int = Field(500, ge=1)
+    n_checkpoints: int = Field(0, ge=0, description="intermediate checkpoints (resumable training)")
+    log_every: int = Field(10, ge=1, description="steps between recorded training-curve points")
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class TranscoderConfig(_Cfg):
+    """A (skip / cross-layer) JumpReLU transcoder trained by `mechflow.dictionaries.transcoder`."""
+
+    kind: Literal["per_layer", "skip", "clt"] = "per_layer"
+    layers: list[int] = Field(default_factory=lambda: [15], description="layers; a CLT spans them in order")
+    in_hook: str = Field("blocks.{layer}.ln2.hook_normalized", description="MLP input hook template")
+    out_hook: str = Field("blocks.{layer}.hook_mlp_out", description="MLP output hook template")
+    d_sae: int = Field(4608, ge=1, description="latents per layer")
+    jumprelu_init_threshold: float = Field(0.05, ge=0)
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
+    sparsity_mode: Literal["tanh", "step"] = Field(
+        "tanh", description="tanh: Anthropic's tanh(c*f*||W_dec||) penalty; step: DeepMind's L0 via STE")
+    sparsity_coefficient: float = Field(1e-3, ge=0)
+    sparsity_warm_up_steps: int = Field(0, ge=0)
+    tanh_scale: float = Field(4.0, gt=0)
+    pre_act_loss_coefficient: float = Field(0.0, ge=0, description="Anthropic's anti-dead-latent loss")
+    training_tokens: int = Field(1_000_000, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_warm_up_steps: int = Field(0, ge=0)
+    lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="final fraction of steps with linear lr decay")
+    n_batches_for_norm_estimate: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def parse_config(model: type[_Cfg], cfg: Any, group: str) -> Any:
+    """Validate `cfg` (dict, DictConfig or model) into `model`; raise ConfigError naming the field."""
+    if isinstance(cfg, model):
+        return cfg
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # not an OmegaConf object either
+            raise ConfigError(f"{group}: expected a mapping, got {type(cfg).__name__}") from exc
+    cfg = {k: v for k, v in cfg.items() if k != "defaults"}
+    try:
+        return model.model_validate(cfg)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in (group, *err["loc"]))
+        raise ConfigError(f"{field}: {err['msg']} (got {err.get('input')!r}); see "
+                          f"workflow/schemas/config/{group}.schema.json for allowed values") from exc
+
+
+def json_schemas() -> dict[str, dict]:
+    return {"sae": SAEConfig.model_json_schema(), "transcoder": TranscoderConfig.model_json_schema()}
+
+
+def write_json_schemas(folder: str | Path = "workflow/schemas/config") -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (folder / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    write_json_schemas()

@@ -1,0 +1,324 @@
+"""Held-out quality metrics of a sparse dictionary (SAE or transcoder).
+
+Steps of `evaluate_dictionary`:
+
+1. Stream the held-out shards (non-BOS positions when the harvest prepended BOS) once to get
+   every position's target norm and its median; positions with norm > `outlier_factor` x
+   median are outliers (massive-activation positions, Sun et al. 2024).
+2. Stream them again through the dictionary, accumulating in float64:
+   explained variance EV = 1 - sum||y - y_hat||^2 / sum||y - mean(y)||^2 (SAELens' definition,
+   `metrics/explained_variance`), FVU = 1 - EV, both on inliers (headline) and on all
+   positions; L0 (mean active latents per token); per-latent firing counts, giving dead
+   latents (never fire over the held-out tokens) and dense latents (fire on more than
+   `dense_threshold` of them); the mean target vector (for mean ablation).
+3. Run the model on held-out contexts (from the corpus `tokens.parquet`) four ways: clean,
+   with the dictionary spliced in at its hook, with the hook zero-ablated and mean-ablated
+   (all at non-BOS positions). CE loss is the mean next-token cross-entropy over every
+   prediction of the context; KL is KL(clean || patched) per prediction, averaged.
+   CE recovered (SAELens' "CE loss score") = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)
+   against zero and against mean ablation; the KL score analogously
+   (KL_ablated - KL_spliced) / KL_ablated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from mechflow.dictionaries.config import EvalConfig, parse_config
+from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
+from mechflow.errors import ConfigError, DataError
+from mechflow.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+EncodeDecode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sae_encode_decode(sae) -> EncodeDecode:
+    """(latents, reconstruction) of a SAELens SAE or transcoder."""
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = sae.encode(x.to(sae.dtype))
+        if acts.is_sparse:
+            acts = acts.to_dense()
+        recon = sae.decode(acts)
+        if hasattr(sae, "W_skip"):  # SAELens' skip transcoders add the skip term in forward only
+            recon = recon + x.to(sae.dtype) @ sae.W_skip.T
+        return acts, recon
+
+    return fn
+
+
+@torch.no_grad()
+def reconstruction_metrics(dictionary: Any, source: ShardSource, cfg: EvalConfig | dict | None = None,
+                           d_in: int | None = None) -> dict[str, Any]:
+    """Reconstruction metrics of `dictionary` on every (non-BOS) row of `source`.
+
+    Args:
+        dictionary: a SAELens SAE/transcoder, or a function x -> (latents, reconstruction).
+        source: held-out rows. For transcoders its rows are [input | target] and `d_in` splits them.
+        cfg: evaluation settings (`max_tokens`, `outlier_factor`, `dead_min_tokens`, ...).
+        d_in: input width when the target differs from the input (transcoders).
+    """
+    cfg = parse_config(EvalConfig, cfg, "eval")
+    fn = dictionary if callable(dictionary) and not isinstance(dictionary, torch.nn.Module) \
+        else sae_encode_decode(dictionary)
+    chunk = max(cfg.batch_size, 1024)
+
+    def split(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(rows)
+        return (t, t) if d_in is None else (t[:, :d_in], t[:, d_in:])
+
+    norms = []
+    for rows, _ in source.iter_sequential(chunk, cfg.max_tokens):
+        norms.append(split(rows)[1].double().norm(dim=1).numpy())
+    if not norms:
+        raise DataError(f"held-out shards {source.shard_names} hold no usable rows; hold out more shards "
+                        "(data.holdout_shards) or harvest more tokens")
+    norms_all = np.concatenate(norms)
+    median = float(np.median(norms_all))
+    cut = cfg.outlier_factor * median
+
+    d_out = None
+    acc = {k: {"n": 0, "sq": 0.0, "sse": 0.0, "sum": None} for k in ("all", "inlier")}
+    fire = None
+    l0_sum = 0.0
+    for rows, _ in source.iter_sequential(chunk, cfg.max_tokens):
+        x_all, y_all = split(rows)
+        for i in range(0, len(x_all), cfg.batch_size):
+            x, y = x_all[i:i + cfg.batch_size], y_all[i:i + cfg.batch_size].double()
+            latents, recon = fn(x)
+            active = latents != 0
+            fire = active.sum(0).double() if fire is None else fire + active.sum(0).double()
+            l0_sum += float(active.sum())
+            err = (y - recon.double()).pow(2).sum(1)
+            sq = y.pow(2).sum(1)
+            inl = y.norm(dim=1) <= cut
+            d_out = y.shape[1]
+            for key, mask in (("all", torch.ones_like(inl)), ("inlier", inl)):
+                a = acc[key]
+                a["n"] += int(mask.sum())
+                a["sq"] += float(sq[mask].sum())
+                a["sse"] += float(err[mask].sum())
+                s = y[mask].sum(0)
+                a["sum"] = s if a["sum"] is None else a["sum"] + s
+    assert fire is not None and d_out is not None
+    n = acc["all"]["n"]
+    out: dict[str, Any] = {"n_tokens": n, "median_norm": median, "outlier_factor": cfg.outlier_factor,
+                           "n_outliers": n - acc["inlier"]["n"], "outlier_fraction": (n - acc["inlier"]["n"]) / n}
+    for key, suffix in (("inlier", ""), ("all", "_with_outliers")):
+        a = acc[key]
+        mean = a["sum"] / max(a["n"], 1)
+        total_var = a["sq"] - a["n"] * float(mean.pow(2).sum())
+        ev = 1.0 - a["sse"] / total_var if total_var > 0 else float("nan")
+        out[f"explained_variance{suffix}"] = ev
+        out[f"fvu{suffix}"] = 1.0 - ev
+        out[f"mse{suffix}"] = a["sse"] / max(a["n"], 1) / d_out
+    d_sae = fire.numel()
+    freq = fire / n
+    out.update({
+        "l0": l0_sum / n,
+        "d_sae": d_sae,
+        "dead_features": int((fire == 0).sum()),
+        "dead_fraction": float((fire == 0).sum()) / d_sae,
+        "dead_window_tokens": n,
+        "dead_window_sufficient": n >= cfg.dead_min_tokens,
+        "dense_threshold": cfg.dense_threshold,
+        "dense_features": int((freq > cfg.dense_threshold).sum()),
+        "dense_fraction": float((freq > cfg.dense_threshold).sum()) / d_sae,
+    })
+    if n < cfg.dead_min_tokens:
+        log.warning("dead-latent count uses %d held-out tokens, fewer than eval.dead_min_tokens=%d: "
+                    "latents firing rarer than that may be counted dead", n, cfg.dead_min_tokens)
+    out["_mean_target"] = (acc["all"]["sum"] / n).float()
+    return out
+
+
+# ----------------------------------------------------------------------------- CE / KL
+
+
+def _ce_and_kl(logits: torch.Tensor, tokens: torch.Tensor, clean_logp: torch.Tensor | None
+               ) -> tuple[float, float, int, torch.Tensor]:
+    """Summed next-token CE and KL(clean || this) over predictions 0..T-2; also log-probs."""
+    logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
+    ce = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    kl = 0.0
+    if clean_logp is not None:
+        kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1).sum())
+    return float(ce.sum()), kl, ce.numel(), logp
+
+
+@torch.no_grad()
+def ce_metrics(model, tokens: torch.Tensor, hooks: dict[str, list[tuple[str, Callable]]],
+               batch_size: int = 8) -> dict[str, float]:
+    """CE/KL of `model` on `tokens` clean and under each named list of forward hooks.
+
+    Args:
+        model: a TransformerLens HookedTransformer.
+        tokens: ``[n_contexts, T]`` token ids.
+        hooks: e.g. ``{"spliced": [...], "zero": [...], "mean": [...]}``; each value is a
+            `fwd_hooks` list for `model.run_with_hooks`.
+    """
+    sums = {k: [0.0, 0.0] for k in ("clean", *hooks)}
+    count = 0
+    for i in range(0, len(tokens), batch_size):
+        tok = tokens[i:i + batch_size]
+        ce, _, n, clean_logp = _ce_and_kl(model(tok, return_type="logits"), tok, None)
+        sums["clean"][0] += ce
+        count += n
+        for name, fwd_hooks in hooks.items():
+            logits = model.run_with_hooks(tok, return_type="logits", fwd_hooks=fwd_hooks)
+            ce, kl, _, _ = _ce_and_kl(logits, tok, clean_logp)
+            sums[name][0] += ce
+            sums[name][1] += kl
+    out = {f"ce_{k}": v[0] / count for k, v in sums.items()}
+    out.update({f"kl_{k}": v[1] / count for k, v in sums.items() if k != "clean"})
+    out["n_predictions"] = count
+    if "spliced" in hooks:
+        out["ce_increase"] = out["ce_spliced"] - out["ce_clean"]
+        for abl in ("zero", "mean"):
+            if abl in hooks:
+                out[f"ce_recovered_{abl}"] = (out[f"ce_{abl}"] - out["ce_spliced"]) / (out[f"ce_{abl}"] - out["ce_clean"])
+                out[f"kl_score_{abl}"] = (out[f"kl_{abl}"] - out["kl_spliced"]) / out[f"kl_{abl}"]
+    return out
+
+
+def sae_splice_hooks(sae, hook: str, mean: torch.Tensor, start: int) -> dict[str, list[tuple[str, Callable]]]:
+    """Hooks replacing `hook` at positions >= `start` by the SAE reconstruction, zero, or `mean`."""
+    fn = sae_encode_decode(sae)
+
+    def spliced(act, hook=None):
+        act = act.clone()
+        act[:, start:] = fn(act[:, start:])[1].to(act.dtype)
+        return act
+
+    def zero(act, hook=None):
+        act = act.clone()
+        act[:, start:] = 0
+        return act
+
+    def mean_abl(act, hook=None):
+        act = act.clone()
+        act[:, start:] = mean.to(act.dtype)
+        return act
+
+    return {"spliced": [(hook, spliced)], "zero": [(hook, zero)], "mean": [(hook, mean_abl)]}
+
+
+def transcoder_splice_hooks(tc, in_hook: str, out_hook: str, mean: torch.Tensor, start: int
+                            ) -> dict[str, list[tuple[str, Callable]]]:
+    """Hooks replacing the MLP output (`out_hook`) by the transcoder's prediction from `in_hook`."""
+    fn = sae_encode_decode(tc)
+    store: dict[str, torch.Tensor] = {}
+
+    def grab(act, hook=None):
+        store["x"] = act
+        return act
+
+    def spliced(act, hook=None):
+        act = act.clone()
+        act[:, start:] = fn(store["x"][:, start:])[1].to(act.dtype)
+        return act
+
+    hooks = sae_splice_hooks(tc, out_hook, mean, start)
+    hooks["spliced"] = [(in_hook, grab), (out_hook, spliced)]
+    return hooks
+
+
+def read_contexts(tokens: Path, context_ids: list[int], limit: int) -> torch.Tensor:
+    """Up to `limit` contexts (in `context_ids` order) from the corpus `tokens.parquet`."""
+    tokens = Path(tokens)
+    if not tokens.exists():
+        raise DataError(f"corpus tokens file {tokens} does not exist: re-run the corpus stage")
+    table = pq.read_table(tokens, columns=["context_id", "tokens"])
+    ids = table.column("context_id").to_numpy()
+    index = {int(c): i for i, c in enumerate(ids)}
+    rows = [index[c] for c in context_ids if c in index][:limit]
+    if not rows:
+        raise DataError(f"none of the held-out contexts {context_ids[:5]}... are in {tokens}: the corpus "
+                        "and the harvest do not match; re-run harvest on this corpus")
+    col = table.column("tokens").take(rows).to_pylist()
+    if len({len(r) for r in col}) != 1:
+        raise DataError(f"contexts in {tokens} have different lengths; the corpus stage writes fixed-length "
+                        "contexts (tokens column)")
+    return torch.tensor(col, dtype=torch.long)
+
+
+def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path, metrics: Path,
+                        model_cfg: dict | None = None, manifest_out: Path | None = None,
+                        model: Any = None) -> dict[str, Any]:
+    """Held-out metrics of a trained SAE (or per-layer transcoder) folder; write them to `metrics`.
+
+    Args:
+        cfg: the `eval` settings, or a whole `sae`/`transcoder` group holding an `eval` key.
+        dictionary: folder written by `train_sae` / `train_transcoder` (SAELens format).
+        manifest: harvest manifest of the dictionary's input hook.
+        tokens: corpus `tokens.parquet` the harvest ran on (for CE/KL).
+        metrics: output JSON path.
+        model_cfg: the `model` group, loaded with `mechflow.models.load_model_from_cfg`.
+        manifest_out: for transcoders, the harvest manifest of the MLP-output hook.
+        model: an already loaded HookedTransformer (tests); overrides `model_cfg`.
+    """
+    from mechflow.dictionaries.sae import TRAINING_SUMMARY, load_sae
+
+    raw = cfg.model_dump() if hasattr(cfg, "model_dump") else (dict(cfg) if cfg is not None else {})
+    is_group = any(k in raw for k in ("eval", "data", "d_sae", "architecture", "kind"))
+    eval_cfg = parse_config(EvalConfig, raw.get("eval", {}) if is_group else raw, "eval")
+    exclude_bos = bool((raw.get("data") or {}).get("exclude_bos", True)) if is_group else True
+    dictionary = Path(dictionary)
+    summary_path = dictionary / TRAINING_SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    sae = load_sae(dictionary)
+    sae.eval()
+    man, _ = load_manifest(manifest)
+    holdout = summary.get("holdout_shards") or [s.file for s in man.shards[-1:]]
+    if not summary.get("holdout_shards"):
+        log.warning("%s records no held-out shards; evaluating on the last shard of %s", dictionary, manifest)
+    exclude_bos = bool(summary.get("exclude_bos", exclude_bos))
+    is_transcoder = hasattr(sae.cfg, "d_out")
+    if is_transcoder and manifest_out is None:
+        raise ConfigError(f"{dictionary} is a transcoder: pass manifest_out (the MLP-output harvest)")
+    if not is_transcoder and sae.cfg.d_in != man.d:
+        raise ConfigError(f"dictionary {dictionary} has d_in={sae.cfg.d_in} but manifest {manifest} holds "
+                          f"d={man.d} ({man.hook}); evaluate it on the harvest it was trained on")
+    manifests = [manifest_path(manifest)] + ([manifest_path(manifest_out)] if is_transcoder else [])
+    source = ShardSource(manifests, holdout, exclude_bos=exclude_bos)
+    rec = reconstruction_metrics(sae, source, eval_cfg, d_in=man.d if is_transcoder else None)
+    source.close()
+    mean = rec.pop("_mean_target")
+    result: dict[str, Any] = {"stage": "evaluate_dictionary", "dictionary": str(dictionary),
+                              "architecture": sae.cfg.architecture(), "hook": man.hook,
+                              "holdout_shards": holdout, "exclude_bos": source.exclude_bos, **rec}
+    if eval_cfg.ce_contexts > 0:
+        if model is None:
+            from mechflow.models import load_model_from_cfg
+
+            if not model_cfg:
+                raise ConfigError("evaluate_dictionary needs model_cfg (the `model` group) for CE metrics, "
+                                  "or set eval.ce_contexts: 0")
+            model = load_model_from_cfg(model_cfg).model
+        ctx_ids = sorted({c for s in man.shards if s.file in holdout
+                          for c in range(s.first_context, s.last_context + 1)})
+        tok = read_contexts(tokens, ctx_ids, eval_cfg.ce_contexts)
+        start = 1 if source.exclude_bos else 0
+        if is_transcoder:
+            out_man, _ = load_manifest(manifest_out)
+            hooks = transcoder_splice_hooks(sae, man.hook, out_man.hook, mean, start)
+        else:
+            hooks = sae_splice_hooks(sae, man.hook, mean, start)
+        result.update(ce_metrics(model, tok, hooks, eval_cfg.ce_batch_size))
+        result["ce_contexts"] = int(len(tok))
+    atomic_write_json(metrics, result)
+    log.info("dictionary %s: EV %.4f (with outliers %.4f), L0 %.1f, dead %.3f, CE recovered (zero) %s",
+             dictionary, result["explained_variance"], result["explained_variance_with_outliers"], result["l0"],
+             result["dead_fraction"], result.get("ce_recovered_zero"))
+    return result

@@ -1,0 +1,77 @@
+"""Hook selection: config → validated TransformerLens hook names, and one forward pass for all."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from mechflow.errors import ConfigError
+from mechflow.harvest.config import HOOK_POINTS, HarvestConfig
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# Hooks whose second axis is not the token position: they cannot be stored one row per token.
+_NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")
+# Hooks computed before the first block: stop_at_layer=0 already produces them.
+_PRE_BLOCK = ("hook_embed", "hook_pos_embed", "hook_tokens")
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block index of a `blocks.{l}.…` hook, else None."""
+    m = _BLOCK.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:
+    """`layers` × `hook_points` plus `hooks`, validated against `model.hook_dict` (order kept, no repeats).
+
+    ``mlp_in`` is ``blocks.{l}.ln2.hook_normalized``: the normalised residual the MLP reads (with
+    mechflow's fold_ln the norm weight is folded into the MLP weights, so it is exactly the MLP input).
+
+    Raises:
+        ConfigError: a layer is out of range or a hook is not a per-position hook of `model`.
+    """
+    n_layers = model.cfg.n_layers
+    bad_layers = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
+    if bad_layers:
+        raise ConfigError(f"harvest.layers: {bad_layers[0]} is out of range for a {n_layers}-layer model; "
+                          f"use 0..{n_layers - 1}")
+    names = [HOOK_POINTS[p].format(layer=layer) for layer in cfg.layers for p in cfg.hook_points]
+    names += list(cfg.hooks)
+    valid = model.hook_dict
+    for name in names:
+        if name not in valid or name.endswith(_NOT_PER_POSITION):
+            examples = [HOOK_POINTS[p].format(layer=0) for p in HOOK_POINTS] + ["hook_embed", "ln_final.hook_normalized"]
+            why = "is not per-position" if name in valid else "is not a hook of this model"
+            raise ConfigError(f"harvest.hooks: {name!r} {why}; valid examples: {examples} "
+                              f"(or hook_points {list(HOOK_POINTS)} with harvest.layers)")
+    return list(dict.fromkeys(names))
+
+
+def stop_layer(hooks: list[str], n_layers: int) -> int | None:
+    """Smallest `stop_at_layer` that still computes every hook (None: the full model is needed)."""
+    needed = []
+    for hook in hooks:
+        layer = hook_layer(hook)
+        if layer is not None:
+            needed.append(layer + 1)
+        elif hook in _PRE_BLOCK:
+            needed.append(0)
+        else:  # ln_final / unembed hooks need every block and the head
+            return None
+    return max(needed)
+
+
+@torch.inference_mode()
+def capture(model: Any, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+    """One forward pass over `tokens` [batch, pos]; each hook's activation as [batch, pos, d]."""
+    _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_at_layer)
+    out = {}
+    for hook in hooks:
+        act = cache[hook]
+        if act.shape[:2] != tokens.shape:
+            raise ConfigError(f"harvest.hooks: {hook!r} has shape {tuple(act.shape)}, not [batch, pos, ...]; "
+                              f"only per-position hooks can be harvested")
+        out[hook] = act.reshape(*tokens.shape, -1)
+    return out

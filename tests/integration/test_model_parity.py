@@ -1,0 +1,69 @@
+"""The embedded models load into TransformerLens with logits equal to Hugging Face's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechflow.errors import ModelLoadError
+from mechflow.models import load_hf_reference, load_model
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The Eiffel Tower is located in the city of",
+    "def fibonacci(n):\n    return",
+]
+
+
+def _max_logit_diff(loaded, name: str) -> float:
+    hf_model, tokenizer = load_hf_reference(name)
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = loaded.to_tokens(prompt)
+        with torch.no_grad():
+            hf_logits = hf_model(ids).logits
+            tl_logits = loaded.model(ids)
+        assert hf_logits.shape == tl_logits.shape
+        worst = max(worst, (hf_logits - tl_logits).abs().max().item())
+    del hf_model
+    return worst
+
+
+@pytest.mark.slow
+def test_smollm2_tl_logits_match_hf(smollm2):
+    card = smollm2.card
+    assert (card.n_layers, card.n_heads, card.n_key_value_heads, card.d_model, card.d_mlp) == (30, 9, 3, 576, 1536)
+    assert card.source_sha256 and len(card.source_sha256) == 64
+    assert _max_logit_diff(smollm2, "smollm2_135m") <= 1e-3
+
+
+@pytest.mark.slow
+def test_gemma3_tl_logits_match_hf(gemma3):
+    card = gemma3.card
+    assert (card.n_layers, card.n_heads, card.n_key_value_heads, card.d_model) == (18, 4, 1, 640)
+    assert _max_logit_diff(gemma3, "gemma3_270m") <= 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_answers_ioi(smollm2):
+    ids = smollm2.to_tokens(PROMPTS[0])
+    with torch.no_grad():
+        top = smollm2.model(ids)[0, -1].argmax().item()
+    assert smollm2.tokenizer.decode([top]).strip() == "Mary"
+
+
+@pytest.mark.slow
+def test_load_model_is_cached_per_process(smollm2):
+    from conftest import load_configured_model
+
+    assert load_configured_model("smollm2_135m") is smollm2  # memoised: no second 20 s load in the same process
+    other_bos = load_model("smollm2_135m", smollm2.card.dtype, False, None)
+    assert other_bos.model is smollm2.model  # weights shared across BOS settings
+
+
+def test_hub_name_offline_fails_with_embedded_model_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("gpt2")
+    message = str(err.value)
+    assert "smollm2_135m" in message and "gemma3_270m" in message and "offline" in message.lower()

@@ -1,0 +1,48 @@
+# Shared setup: compose the Hydra config (once per Snakemake process), validate it, and define
+# the helpers rules use. Stage logic lives in src/mechflow/, never here.
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from mechflow.workflow import RUN_PATTERN, TASK_PATTERN, load_runs, run_cfg, stage_cfg, task_cfg
+
+
+RUNS = load_runs(config)
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
+for _run in RUNS.values():
+    # compose_runs already validated with readable errors; this is Snakemake's own check.
+    for _group in ("model", "corpus", "harvest", "summary"):
+        validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
+    for _task in _run.cfg["task"].values():
+        validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
+
+R = "results/{run}"
+
+
+wildcard_constraints:
+    run=RUN_PATTERN,
+    task=TASK_PATTERN,
+
+
+def tasks_of(wildcards):
+    return sorted(RUNS[wildcards.run].cfg["task"])
+
+
+def baselines_of(wildcards):
+    return expand(f"results/{wildcards.run}/tasks/{{task}}/baseline.json", task=tasks_of(wildcards))
+
+
+def datasets_of(wildcards):
+    return expand(f"results/{wildcards.run}/tasks/{{task}}/dataset.jsonl", task=tasks_of(wildcards))
+
+
+def harvest_dir_of(wildcards):
+    return Path(f"results/{wildcards.run}/harvest")
+
+
+def threads_of_run(wildcards):
+    return RUNS[wildcards.run].cfg["threads"]
+
+
+def run_targets(wildcards):
+    return [f"results/{name}/run_manifest.json" for name in RUNS]

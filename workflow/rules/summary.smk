@@ -1,0 +1,45 @@
+rule summarize:
+    """One table of task baselines and harvest statistics, and one figure, per run."""
+    input:
+        baselines=baselines_of,
+        harvest_index=rules.harvest.output.index,
+        model_card=rules.model_card.output.model_card,
+    output:
+        table=report(f"{R}/summary/summary.csv", category="Summary", labels={"run": "{run}", "file": "table"}),
+        figure=report(f"{R}/summary/activation_norms.png", category="Summary", labels={"run": "{run}", "file": "figure"}),
+    params:
+        cfg=stage_cfg("summary"),
+    log:
+        f"{R}/logs/summarize.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/summarize.py"
+
+
+rule run_manifest:
+    """Close the run: hashes of every input and output, versions, git commit, times."""
+    input:
+        resolved_config=rules.resolve_config.output.resolved_config,
+        model_card=rules.model_card.output.model_card,
+        datasets=datasets_of,
+        baselines=baselines_of,
+        tokens=rules.prepare_corpus.output.tokens,
+        harvest_index=rules.harvest.output.index,
+        table=rules.summarize.output.table,
+        figure=rules.summarize.output.figure,
+    output:
+        run_manifest=f"{R}/run_manifest.json",
+    params:
+        run_cfg=run_cfg,
+    log:
+        f"{R}/logs/run_manifest.log",
+    localrule: True
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/run_manifest.py"

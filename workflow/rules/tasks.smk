@@ -1,0 +1,40 @@
+rule prepare_task:
+    """Build a task's clean/corrupted prompt pairs for the run's tokenizer."""
+    output:
+        dataset=f"{R}/tasks/{{task}}/dataset.jsonl",
+    params:
+        cfg=task_cfg,
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/prepare_task/{{task}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/prepare_task.py"
+
+
+rule evaluate_task:
+    """Baseline clean/corrupted metric and accuracy of the model on a task (says if it fails)."""
+    input:
+        dataset=rules.prepare_task.output.dataset,
+    output:
+        baseline=f"{R}/tasks/{{task}}/baseline.json",
+    params:
+        cfg=task_cfg,
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/evaluate_task/{{task}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate_task/{{task}}.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=20,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/evaluate_task.py"
