@@ -67,3 +67,17 @@ def test_hub_name_offline_fails_with_embedded_model_hint(monkeypatch):
         load_model("gpt2")
     message = str(err.value)
     assert "smollm2_135m" in message and "gemma3_270m" in message and "offline" in message.lower()
+
+
+@pytest.mark.slow
+def test_weight_cache_reproduces_the_converted_model_exactly(smollm2):
+    from mechflow.models import registry
+
+    cache = registry._cache_dir("smollm2_135m", registry.smollm2_gguf_path(), smollm2.card.dtype)
+    if not (cache / "model.safetensors").exists():
+        registry._write_cache(cache, smollm2.model, smollm2.tokenizer)
+    cached_model, cached_tokenizer = registry._read_cache(cache)
+    ids = smollm2.to_tokens(PROMPTS[1])
+    with torch.no_grad():
+        assert torch.equal(cached_model(ids), smollm2.model(ids))
+    assert cached_tokenizer(PROMPTS[1])["input_ids"] == smollm2.tokenizer(PROMPTS[1])["input_ids"]

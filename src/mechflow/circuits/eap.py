@@ -45,7 +45,6 @@ def edge_scores(
     method: str = "eap-ig",
     steps: int = 5,
     rule: str = "left",
-    max_batch: int = 16,
     graph: EdgeGraph | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -54,7 +53,9 @@ def edge_scores(
     Args:
         method: ``"eap"`` (gradient at the clean input) or ``"eap-ig"`` (``steps`` points).
         steps, rule: EAP-IG interpolation (see module docstring); ignored for ``"eap"``.
-        max_batch: prompts per forward (scores are summed over prompt chunks, then divided by n).
+
+    All prompts share each forward (the batch metric is defined on the whole batch); split large
+    prompt sets upstream and average the scores weighted by batch size.
     """
     check_batch(batch)
     if method not in METHODS:
@@ -63,29 +64,23 @@ def edge_scores(
     graph = graph or EdgeGraph.from_cfg(model.cfg)
     n = batch.clean_tokens.shape[0]
     dtype = model.cfg.dtype
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    chunks = range(0, n, max_batch)
-    for start in tqdm(chunks, desc=f"{method} scores", disable=not progress):
-        clean = batch.clean_tokens[start:start + max_batch]
-        corrupt = batch.corrupted_tokens[start:start + max_batch]
-        with torch.no_grad():
-            _, diff = graph_forward(model, corrupt, graph, record=True)
-            _, clean_acts = graph_forward(model, clean, graph, record=True)
-            diff -= clean_acts
-            emb_clean = clean_acts[0].clone()
-            del clean_acts
-        flat = diff.reshape(graph.n_senders, -1)
-        acc = torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype)
-        for t in ts.tolist():
-            emb = (emb_clean + t * diff[0]).requires_grad_(True)
-            hooks = _contracting_hooks(graph, flat, acc)
-            with torch.enable_grad():
-                logits, _ = graph_forward(model, clean, graph, input_embed=emb, on_receiver=hooks)
-                m = batch.metric(logits).sum()
-                torch.autograd.grad(m, [emb])
-        scores += acc.double() / len(ts)
-        del diff, flat
-    return scores / n * graph.valid
+    clean, corrupt = batch.clean_tokens, batch.corrupted_tokens
+    with torch.no_grad():
+        _, diff = graph_forward(model, corrupt, graph, record=True)
+        _, clean_acts = graph_forward(model, clean, graph, record=True)
+        diff -= clean_acts
+        emb_clean = clean_acts[0].clone()
+        del clean_acts
+    flat = diff.reshape(graph.n_senders, -1)
+    acc = torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype)
+    for t in tqdm(ts.tolist(), desc=f"{method} steps", disable=not progress):
+        emb = (emb_clean + t * diff[0]).requires_grad_(True)
+        hooks = _contracting_hooks(graph, flat, acc)
+        with torch.enable_grad():
+            logits, _ = graph_forward(model, clean, graph, input_embed=emb, on_receiver=hooks)
+            m = batch.metric(logits).sum()
+            torch.autograd.grad(m, [emb])
+    return acc.double() / len(ts) / n * graph.valid
 
 
 def _contracting_hooks(graph: EdgeGraph, flat: Tensor, acc: Tensor):

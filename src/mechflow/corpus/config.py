@@ -23,6 +23,7 @@ class CorpusConfig:
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
+    separator: str = "bos"
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "CorpusConfig":
@@ -48,6 +49,8 @@ class CorpusConfig:
                 f"corpus.max_tokens={self.max_tokens!r} must be an integer ≥ corpus.context_size "
                 f"({self.context_size}) so that at least one context is written"
             )
+        if self.separator not in ("bos", "eos"):
+            raise ConfigError(f"corpus.separator={self.separator!r} must be 'bos' or 'eos'")
         if self.source in ("text_files", "jsonl") and not self.paths:
             raise ConfigError(f"corpus.paths is empty; corpus.source={self.source} needs files or folders to read")
         if self.source == "hf_dataset" and not self.hf_name:

@@ -1,8 +1,11 @@
 """Corpus stage: real text → fixed-length token contexts (`tokens.parquet`) + `corpus.json`.
 
 1. Read documents from the configured source (see ``mechflow.corpus.sources``).
-2. Tokenize them (no special tokens) and concatenate into one stream with the tokenizer's EOS
-   token between consecutive documents (never before the first or after the last).
+2. Tokenize them (no special tokens) and concatenate into one stream with a separator token
+   between consecutive documents (never before the first or after the last): with
+   ``separator: bos`` (default) the model's BOS (``model.bos_token``; for SmolLM2 ``<|endoftext|>``,
+   its pretraining document separator), so every document starts the way every prompt does;
+   with ``separator: eos`` (or when ``prepend_bos`` is off) the tokenizer's EOS.
 3. Cut the stream into contexts of ``context_size`` tokens. With ``model.prepend_bos`` every
    context is ``[BOS] + next context_size-1 stream tokens``, so each context starts like a prompt
    of ``mechflow.models.LoadedModel.to_tokens``; without it, ``context_size`` stream tokens.
@@ -143,7 +146,8 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
     prepend_bos = bool(model_cfg.get("prepend_bos", True))
     contexts, stats = pack_contexts(
         iter_documents(ccfg), tok.tokenizer, context_size=ccfg.context_size, max_tokens=ccfg.max_tokens,
-        prepend_bos=prepend_bos, bos_token_id=tok.bos_token_id, separator_token_id=tok.separator_token_id,
+        prepend_bos=prepend_bos, bos_token_id=tok.bos_token_id,
+        separator_token_id=tok.separator_id(ccfg.separator, prepend_bos),
     )
     tokens, corpus_manifest = Path(tokens), Path(corpus_manifest)
     with atomic_path(tokens) as tmp:
@@ -159,7 +163,8 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
         "context_size": ccfg.context_size,
         "prepend_bos": prepend_bos,
         "bos_token_id": tok.bos_token_id if prepend_bos else None,
-        "separator_token_id": tok.separator_token_id,
+        "separator_token_id": tok.separator_id(ccfg.separator, prepend_bos),
+        "separator_token": tok.tokenizer.convert_ids_to_tokens(tok.separator_id(ccfg.separator, prepend_bos)),
         "bos_handling": ("every context starts with BOS followed by context_size-1 text tokens" if prepend_bos
                          else "no BOS: every context holds context_size text tokens"),
         "tokenizer": tok.name,

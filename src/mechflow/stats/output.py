@@ -94,14 +94,18 @@ def matrix_heatmap(row_names: Sequence[str], col_names: Sequence[str], matrix: n
                    label: str = "Kendall tau-b") -> Path:
     """Annotated heat map (tau matrix, Jaccard matrix, CKA by depth)."""
     m = np.asarray(matrix, dtype=float)
-    fig = Figure(figsize=(1.0 + 0.5 * m.shape[1], 1.0 + 0.45 * m.shape[0]))
+    fig = Figure(figsize=(max(4.5, 1.8 + 0.5 * m.shape[1]), max(3.0, 1.0 + 0.45 * m.shape[0])))
     ax = fig.add_subplot()
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(m.shape[1]), list(map(str, col_names)), rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(m.shape[0]), list(map(str, row_names)), fontsize=7)
     if m.size <= 400:
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=6)
+            # white text on dark cells (by the cell colour's luminance), so every value stays legible
+            r, g, b_, _ = im.cmap(im.norm(v)) if np.isfinite(v) else (1, 1, 1, 1)
+            dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5
+            ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     return _save(fig, Path(path))

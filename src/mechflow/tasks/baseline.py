@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import binomtest
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mechflow.tasks.dataset import TaskBatch, TaskDataset, chance_correct, chance_metric
 
@@ -57,7 +58,8 @@ def score_dataset(model, dataset: TaskDataset, batch_size: int = 32) -> Scores:
     """Clean and corrupted metric of every example of `dataset` on `model`."""
     device = next(model.parameters()).device
     by_id: dict = {}
-    for batch in dataset.buckets(max_batch=batch_size):
+    batches = dataset.buckets(max_batch=batch_size)
+    for batch in tqdm(batches, desc=f"baseline {dataset.name}", leave=False, disable=len(batches) < 4):
         batch = batch.to(device)
         clean = batch.metric(final_logits(model, batch.clean_tokens).double())
         corrupted = batch.metric(final_logits(model, batch.corrupted_tokens).double())
@@ -84,10 +86,10 @@ def summarize(dataset: TaskDataset, scores: Scores) -> dict:
     chance_acc = _mean([chance_correct(it, kind) for it in dataset.examples])
     chance_m = _mean([chance_metric(it, kind) for it in dataset.examples])
     clean_mean, corrupted_mean = _mean(scores.clean), _mean(scores.corrupted)
-    p_acc = binomtest(n_correct, n, min(max(chance_acc, 1e-12), 1 - 1e-12), alternative="greater").pvalue
+    p_acc = float(binomtest(n_correct, n, min(max(chance_acc, 1e-12), 1 - 1e-12), alternative="greater").pvalue)
     wins = sum(c > k for c, k in zip(scores.clean, scores.corrupted))
     ties = sum(c == k for c, k in zip(scores.clean, scores.corrupted))
-    p_pair = binomtest(wins, n - ties, 0.5, alternative="greater").pvalue if n > ties else 1.0
+    p_pair = float(binomtest(wins, n - ties, 0.5, alternative="greater").pvalue) if n > ties else 1.0
     failures = []
     if not p_acc < ALPHA:
         failures.append(f"accuracy {n_correct / n:.3f} is not above chance {chance_acc:.3f} "

@@ -76,7 +76,8 @@ def check_dataset_matches(ds: TaskDataset, task: TaskConfig, card: Any, path: Pa
         raise DataError(f"{path} was prepared with a different config of task {task.name!r}; re-run prepare_task")
     tok = ds.meta.get("tokenizer", {})
     expected_bos = card.bos_token_id if card.prepend_bos else None
-    if tok.get("model") != card.name or tok.get("prepend_bos") != card.prepend_bos or tok.get("bos_token_id") != expected_bos:
+    found = (tok.get("model"), tok.get("prepend_bos"), tok.get("bos_token_id"))
+    if found != (card.name, card.prepend_bos, expected_bos):
         raise DataError(
             f"{path} was tokenized for model {tok.get('model')!r} (prepend_bos={tok.get('prepend_bos')}, BOS id "
             f"{tok.get('bos_token_id')}) but the model is {card.name!r} (prepend_bos={card.prepend_bos}, BOS id "

@@ -11,6 +11,8 @@
    third name C, so the prompt no longer says who the indirect object is. Names are single tokens,
    so the corrupted prompt has the clean prompt's length and positions.
 5. Metric: logit difference, logit(IO) - logit(S) at the final position.
+
+Each example's ``template`` field is ``"ABBA:<template>"`` or ``"BABA:<template>"``.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def build_ioi(cfg: TaskConfig, tok: TaskTokenizer) -> Built:
     dropped_names = [n for n in dict.fromkeys(NAMES) if n not in name_ids]
     if len(names) < 3:
         return Built([], "logit_diff", {"names_kept": len(names)}, posable=False,
-                     reason=f"only {len(names)} of {len(NAMES)} names are single tokens for {tok.model_name}; IOI needs 3")
+                     reason=f"only {len(names)} of {len(NAMES)} names are single tokens for {tok.model_name}; "
+                     "IOI needs 3")
     probe = names[:3]
     templates = [t for t in TEMPLATES if all(
         _make_item(tok, 0, t, order, probe[0], probe[1], probe[2], PLACES[0], OBJECTS[0], name_ids) is not None

@@ -66,9 +66,11 @@ def read_examples(path: Path) -> list[tuple[int, TaskExample]]:
 
 
 def _raise_all(path: Path, kind: str, problems: list[str], fix: str) -> None:
+    """One DataError listing the first few problems ("line N: ...") of one kind."""
     if problems:
+        n_lines = len({p.split(":", 1)[0] for p in problems})
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{path}: {kind} on {len(problems)} line(s): " + "; ".join(problems[:MAX_LISTED])
+        raise DataError(f"{path}: {kind} on {n_lines} line(s): " + "; ".join(problems[:MAX_LISTED])
                         + more + f". {fix}")
 
 
@@ -82,7 +84,8 @@ def build_jsonl(cfg: TaskConfig, tok: TaskTokenizer, path: Path | None = None) -
         answer_id = _one_token(tok, ex.prompt, ex.answer, f"line {lineno}: answer", multi)
         wrong_id = _one_token(tok, ex.prompt, ex.wrong_answer, f"line {lineno}: wrong_answer", multi)
         if answer_id is not None and answer_id == wrong_id:
-            same.append(f"line {lineno}: answer {ex.answer!r} and wrong_answer {ex.wrong_answer!r} are token {answer_id}")
+            same.append(f"line {lineno}: answer {ex.answer!r} and wrong_answer {ex.wrong_answer!r} are both "
+                        f"token {answer_id}")
         clean_ids, corrupted_ids = tok.encode(ex.prompt), tok.encode(ex.corrupted_prompt)
         if len(clean_ids) != len(corrupted_ids):
             lengths.append(f"line {lineno}: prompt has {len(clean_ids)} tokens, corrupted_prompt "

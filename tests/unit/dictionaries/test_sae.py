@@ -21,12 +21,12 @@ def sparse_acts(n_ctx=40, T=32, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     dirs = rng.normal(size=(N_FEAT, D)).astype(np.float32)
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    codes = (rng.random((n_ctx * T, N_FEAT)) < 3 / N_FEAT) * rng.uniform(1, 3, (n_ctx * T, N_FEAT))
+    codes = (rng.random((n_ctx * T, N_FEAT)) < 2 / N_FEAT) * rng.uniform(1, 3, (n_ctx * T, N_FEAT))
     return (codes @ dirs).astype(np.float32).reshape(n_ctx, T, D)
 
 
 def small_cfg(**kw):
-    cfg = {"hook": None, "architecture": "topk", "d_sae": 64, "k": 4, "training_tokens": 12000, "lr": 3e-3,
+    cfg = {"hook": None, "architecture": "topk", "d_sae": 64, "k": 4, "training_tokens": 30000, "lr": 1e-2,
            "log_every": 5, "dead_feature_window": 50,
            "data": {"batch_size": 200, "buffer_rows": 512, "chunk_rows": 64, "holdout_shards": 2, "prefetch": 0},
            "eval": {"max_tokens": 5000, "dead_min_tokens": 100, "ce_contexts": 0}}
@@ -53,7 +53,7 @@ def test_topk_trains_saves_and_loads_with_saelens(manifest, tmp_path):
     assert not list(tmp_path.glob(".sae.*"))  # no temp/checkpoint folders left behind
     saved = json.loads((out / TRAINING_SUMMARY).read_text())
     assert saved["manifest_sha256"] and saved["holdout_shards"] == ["part-00006.parquet", "part-00007.parquet"]
-    assert summary["training_tokens"] >= 12000
+    assert summary["training_tokens"] >= 30000
     assert summary["heldout"]["explained_variance"] > 0.7  # sparse synthetic data is learnable
     assert 3.5 <= summary["heldout"]["l0"] <= 4.0 + 1e-9
 

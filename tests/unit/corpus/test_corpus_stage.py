@@ -18,7 +18,6 @@ from mechflow.errors import ConfigError, DataError
 from mechflow.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[3]
-MODEL_CFG = {"name": "smollm2_135m", "prepend_bos": True, "bos_token": None}
 
 
 def test_stdlib_docs_is_deterministic_real_and_deduplicated():
@@ -36,25 +35,33 @@ def test_stdlib_docs_is_deterministic_real_and_deduplicated():
 def test_pack_contexts_layout_matches_manual_concatenation(smollm2_tokenizer):
     tok = smollm2_tokenizer
     docs = ["The cat sat on the mat.", "Return the sum of the arguments.", "A third, longer document " * 5]
+
+    def stream(sep: int) -> list[int]:
+        out = []
+        for i, d in enumerate(docs):
+            out += ([sep] if i else []) + tok.tokenizer(d, add_special_tokens=False)["input_ids"]
+        return out
+
+    bos = tok.separator_id("bos", True)
+    assert bos == tok.bos_token_id == tok.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ctx, stats = pack_contexts(docs, tok.tokenizer, context_size=8, max_tokens=10_000, prepend_bos=True,
-                               bos_token_id=tok.bos_token_id, separator_token_id=tok.separator_token_id)
-    stream = []
-    for i, d in enumerate(docs):
-        stream += ([tok.separator_token_id] if i else []) + tok.tokenizer(d, add_special_tokens=False)["input_ids"]
-    n = len(stream) // 7
+                               bos_token_id=tok.bos_token_id, separator_token_id=bos)
+    n = len(stream(bos)) // 7
     assert ctx.shape == (n, 8)
     assert np.all(ctx[:, 0] == tok.bos_token_id)
-    assert ctx[:, 1:].reshape(-1).tolist() == stream[: n * 7]  # the partial tail is dropped
+    assert ctx[:, 1:].reshape(-1).tolist() == stream(bos)[: n * 7]  # the partial tail is dropped
     assert stats["n_docs"] == 3
 
+    eos = tok.separator_id("bos", False)  # no BOS convention → EOS between documents
+    assert eos == tok.eos_token_id != bos
     capped, _ = pack_contexts(docs, tok.tokenizer, context_size=8, max_tokens=17, prepend_bos=False,
-                              bos_token_id=None, separator_token_id=tok.separator_token_id)
-    assert capped.shape == (2, 8) and capped.reshape(-1).tolist() == stream[:16]
+                              bos_token_id=None, separator_token_id=eos)
+    assert capped.shape == (2, 8) and capped.reshape(-1).tolist() == stream(eos)[:16]
 
 
-def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer):
+def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer, smollm2_cfg):
     cfg = yaml.safe_load((ROOT / "config/corpus/smoke.yaml").read_text())
-    out = prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "tokens.parquet",
+    out = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "tokens.parquet",
                          corpus_manifest=tmp_path / "corpus.json", tokenizer=smollm2_tokenizer)
     table = pq.read_table(tmp_path / "tokens.parquet")
     # Parquet renames the list child ("item" → "element"); names, types and metadata must match.
@@ -66,22 +73,23 @@ def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer):
     manifest = json.loads((tmp_path / "corpus.json").read_text())
     assert manifest == out
     assert manifest["tokens_sha256"] == sha256_file(tmp_path / "tokens.parquet")
-    assert manifest["n_tokens"] == ctx.size <= cfg["max_tokens"] and manifest["bos_token_id"] == 1
+    assert manifest["n_tokens"] == ctx.size <= cfg["max_tokens"] and manifest["bos_token_id"] == smollm2_tokenizer.bos_token_id
+    assert manifest["separator_token"] == smollm2_cfg["bos_token"]
     # Real text: the first context decodes to the start of the first stdlib docstring.
     first_doc = next(iter(stdlib_docs()))
     assert first_doc.startswith(smollm2_tokenizer.tokenizer.decode(ctx[0, 1:]).strip()[:20])
     # Deterministic: a second run writes identical bytes.
-    again = prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "t2.parquet",
+    again = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t2.parquet",
                            corpus_manifest=tmp_path / "c2.json", tokenizer=smollm2_tokenizer)
     assert again["tokens_sha256"] == manifest["tokens_sha256"] and again["text_sha256"] == manifest["text_sha256"]
 
 
-def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer):
+def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer, smollm2_cfg):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs/b.txt").write_text("Second file talks about rivers and mountains. " * 4)
     (tmp_path / "docs/a.md").write_text("First file talks about cats and dogs. " * 4)
     cfg = {"name": "mine", "source": "text_files", "paths": [str(tmp_path / "docs")], "context_size": 16, "max_tokens": 64}
-    out = prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
+    out = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
                          tokenizer=smollm2_tokenizer)
     assert out["n_docs"] == 2
     text = smollm2_tokenizer.tokenizer.decode(read_contexts(tmp_path / "t.parquet")[0, 1:])
@@ -90,20 +98,20 @@ def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer):
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"body": "Hello there, general reader. " * 6}) + "\n\n" + json.dumps({"body": "More words. " * 6}) + "\n")
     cfg = {"name": "j", "source": "jsonl", "paths": [str(jl)], "text_field": "body", "context_size": 8, "max_tokens": 64}
-    assert prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "j.parquet", corpus_manifest=tmp_path / "j.json",
+    assert prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "j.parquet", corpus_manifest=tmp_path / "j.json",
                           tokenizer=smollm2_tokenizer)["n_docs"] == 2
     jl.write_text(json.dumps({"body": "fine " * 20}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d\.jsonl:2"):
-        prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "bad.parquet", corpus_manifest=tmp_path / "bad.json",
+        prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "bad.parquet", corpus_manifest=tmp_path / "bad.json",
                        tokenizer=smollm2_tokenizer)
     assert not (tmp_path / "bad.parquet").exists() and not (tmp_path / "bad.json").exists()
 
 
-def test_hf_dataset_offline_points_to_stdlib_docs(tmp_path, monkeypatch, smollm2_tokenizer):
+def test_hf_dataset_offline_points_to_stdlib_docs(tmp_path, monkeypatch, smollm2_tokenizer, smollm2_cfg):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = yaml.safe_load((ROOT / "config/corpus/hf_dataset.yaml").read_text())
     with pytest.raises(ConfigError, match="corpus=stdlib_docs"):
-        prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
+        prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
                        tokenizer=smollm2_tokenizer)
     assert list(tmp_path.iterdir()) == []
 
@@ -116,11 +124,11 @@ def test_bad_config_names_the_field(bad, field):
         CorpusConfig.from_dict({"context_size": 16, "max_tokens": 64, **bad})
 
 
-def test_too_little_text_is_a_clear_error(tmp_path, smollm2_tokenizer):
+def test_too_little_text_is_a_clear_error(tmp_path, smollm2_tokenizer, smollm2_cfg):
     (tmp_path / "tiny.txt").write_text("short")
     cfg = {"name": "x", "source": "text_files", "paths": [str(tmp_path / "tiny.txt")], "context_size": 64, "max_tokens": 640}
     with pytest.raises(DataError, match="fewer than one context"):
-        prepare_corpus(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
+        prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
                        tokenizer=smollm2_tokenizer)
     assert not (tmp_path / "t.parquet").exists()
 

@@ -1,0 +1,45 @@
+"""Config files and JSON schemas of the sae / transcoder groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechflow.dictionaries.config import SAEConfig, TranscoderConfig, json_schemas, parse_config
+from mechflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_schemas_are_in_sync_with_the_models():
+    for name, schema in json_schemas().items():
+        path = ROOT / "workflow" / "schemas" / "config" / f"{name}.schema.json"
+        assert json.loads(path.read_text()) == schema, f"regenerate with python -m mechflow.dictionaries.config"
+
+
+@pytest.mark.parametrize("group,model", [("sae", SAEConfig), ("transcoder", TranscoderConfig)])
+def test_every_config_file_validates(group, model):
+    import jsonschema
+
+    schema = json_schemas()[group]
+    files = sorted((ROOT / "config" / group).glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = yaml.safe_load(f.read_text())
+        jsonschema.Draft202012Validator(schema).validate(cfg)
+        parse_config(model, cfg, group)
+
+
+def test_default_sae_config_is_the_requested_one():
+    cfg = parse_config(SAEConfig, yaml.safe_load((ROOT / "config/sae/topk.yaml").read_text()), "sae")
+    assert (cfg.hook, cfg.architecture, cfg.d_sae, cfg.k) == ("blocks.15.hook_resid_post", "topk", 4608, 32)
+
+
+def test_bad_field_names_the_field():
+    with pytest.raises(ConfigError, match=r"sae\.data\.batch_size"):
+        parse_config(SAEConfig, {"data": {"batch_size": 0}}, "sae")
+    with pytest.raises(ConfigError, match=r"sae\.archtecture"):
+        parse_config(SAEConfig, {"archtecture": "topk"}, "sae")
