@@ -119,8 +119,9 @@ def validate_group(group: str, value: Any, schema_dir: Path = DEFAULT_SCHEMA_DIR
         allowed = sorted(err.schema.get("properties", {}))
         raise ConfigError(f"{where}: {err.message}. Allowed keys here: {allowed}. Fix the spelling or remove the key.")
     hint = _describe(schema, err)
+    home = "config/config.yaml" if group == ROOT_SCHEMA else f"config/{group}/"
     raise ConfigError(f"{where}: {err.message}." + (f" Expected: {hint}." if hint else "")
-                      + f" Fix it with an override, e.g. {where}=<value>, or in config/{group}/.")
+                      + f" Fix it with an override, e.g. {where}=<value>, or in {home}.")
 
 
 def validate_config(cfg: dict, schema_dir: Path = DEFAULT_SCHEMA_DIR) -> None:
