@@ -122,7 +122,7 @@ def main() -> None:
                 with RssSampler() as rss:
                     t0 = time.perf_counter()
                     summary = harvest({**harvest_cfg, "layers": layers}, model_cfg=model_cfg, tokens=tmp / "tokens.parquet",
-                                      index=out_dir / "index.json", harvest_dir=out_dir / "shards", model=loaded)
+                                      index=out_dir / "index.json", harvest_dir=out_dir / "shards", loaded_model=loaded)
                     wall = time.perf_counter() - t0
                 rate = contexts.numel() / wall
                 samples[key].append(rate)

@@ -11,47 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from mechflow.testing import load_configured_model, make_tiny_llama
+
 # Two cores: pin threads so parallel jobs/tests do not thrash (override with MECHFLOW_TEST_THREADS).
 torch.set_num_threads(int(os.environ.get("MECHFLOW_TEST_THREADS", "2")))
-
-
-def make_tiny_llama(n_layers: int = 2, d_model: int = 32, n_heads: int = 4, n_kv: int = 2, d_mlp: int = 64,
-                    d_vocab: int = 50, seed: int = 0, dtype: torch.dtype = torch.float64):
-    """A random llama-like HookedTransformer (RMSNorm, rotary, gated SiLU MLP, GQA), float64."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, d_head=d_model // n_heads, n_heads=n_heads,
-        n_key_value_heads=n_kv, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=64, act_fn="silu",
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_model // n_heads,
-        gated_mlp=True, final_rms=True, original_architecture="LlamaForCausalLM", seed=seed,
-        dtype=dtype, default_prepend_bos=False,
-    )
-    model = HookedTransformer(cfg, move_to_device=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)  # larger than default init so the model is far from linear
-            elif "w" in name.split(".")[-1].lower():
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny_llama()
-
-
-def load_configured_model(name: str):
-    """Load an embedded model with the settings of its config/model/<name>.yaml (BOS convention)."""
-    import yaml
-
-    from mechflow.config import DEFAULT_CONFIG_DIR
-    from mechflow.models import load_model_from_cfg
-
-    return load_model_from_cfg(yaml.safe_load((DEFAULT_CONFIG_DIR / "model" / f"{name}.yaml").read_text()))
 
 
 @pytest.fixture(scope="session")

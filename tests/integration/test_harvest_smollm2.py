@@ -28,7 +28,7 @@ def test_harvest_matches_run_with_cache_and_mlp_pair(tmp_path, smollm2):
 
     cfg = yaml.safe_load((ROOT / "config/harvest/smoke.yaml").read_text())  # layer 3: resid_post, mlp_in, mlp_out
     out = harvest(cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "tokens.parquet", index=tmp_path / "index.json",
-                  harvest_dir=tmp_path / "shards", model=smollm2)
+                  harvest_dir=tmp_path / "shards", loaded_model=smollm2)
     n = cfg["max_contexts"]
     assert out["n_contexts"] == n
     index = json.loads((tmp_path / "index.json").read_text())

@@ -54,7 +54,7 @@ def test_smollm2_answers_ioi(smollm2):
 
 @pytest.mark.slow
 def test_load_model_is_cached_per_process(smollm2):
-    from conftest import load_configured_model
+    from mechflow.testing import load_configured_model
 
     assert load_configured_model("smollm2_135m") is smollm2  # memoised: no second 20 s load in the same process
     other_bos = load_model("smollm2_135m", smollm2.card.dtype, False, None)

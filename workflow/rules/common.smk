@@ -40,6 +40,12 @@ def harvest_dir_of(wildcards):
     return Path(f"results/{wildcards.run}/harvest")
 
 
+def task_input_file(wildcards):
+    """The user file of a `kind: jsonl` task (relative paths are relative to the working directory)."""
+    task = RUNS[wildcards.run].cfg["task"][wildcards.task]
+    return [task["path"]] if task.get("kind") == "jsonl" and task.get("path") else []
+
+
 def threads_of_run(wildcards):
     return RUNS[wildcards.run].cfg["threads"]
 

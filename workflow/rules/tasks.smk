@@ -1,5 +1,7 @@
 rule prepare_task:
     """Build a task's clean/corrupted prompt pairs for the run's tokenizer."""
+    input:
+        user_file=task_input_file,  # a JSONL task's file: editing it re-runs the task
     output:
         dataset=f"{R}/tasks/{{task}}/dataset.jsonl",
     params:

@@ -128,7 +128,7 @@ def read_contexts(tokens: Path) -> np.ndarray:
 
 
 def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest: Path,
-                   tokenizer: TokenizerInfo | None = None) -> dict:
+                   tokenizer_info: TokenizerInfo | None = None) -> dict:
     """Build the token contexts of one corpus for one model's tokenizer.
 
     Args:
@@ -136,13 +136,13 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
         model_cfg: the `model` config group (name, prepend_bos, bos_token).
         tokens: output `tokens.parquet`.
         corpus_manifest: output `corpus.json`.
-        tokenizer: an already loaded tokenizer (tests); default loads only the model's tokenizer.
+        tokenizer_info: an already loaded tokenizer; default loads only the model's tokenizer.
 
     Returns:
         The dict written to `corpus.json`.
     """
     ccfg = CorpusConfig.from_dict(cfg)
-    tok = tokenizer or load_tokenizer(model_cfg)
+    tok = tokenizer_info or load_tokenizer(model_cfg)
     prepend_bos = bool(model_cfg.get("prepend_bos", True))
     contexts, stats = pack_contexts(
         iter_documents(ccfg), tok.tokenizer, context_size=ccfg.context_size, max_tokens=ccfg.max_tokens,

@@ -80,7 +80,7 @@ def check_contexts(contexts: np.ndarray, model: Any, info: ModelInfo, tokens: Pa
 
 
 def harvest(cfg: dict, *, model_cfg: dict, tokens: Path, index: Path, harvest_dir: Path,
-            model: Any = None) -> dict:
+            loaded_model: Any = None) -> dict:
     """Write activations at the configured hooks for every token of `tokens`.
 
     Args:
@@ -89,7 +89,7 @@ def harvest(cfg: dict, *, model_cfg: dict, tokens: Path, index: Path, harvest_di
         tokens: `tokens.parquet` from the corpus stage.
         index: output JSON listing each hook's manifest (relative to `harvest_dir`) and its sha256.
         harvest_dir: folder of one sub-folder per hook (shards survive a kill; reruns resume).
-        model: optional already loaded LoadedModel or HookedTransformer (default: load `model_cfg`).
+        loaded_model: an already loaded LoadedModel or bare HookedTransformer (default: load `model_cfg`).
 
     Returns:
         A summary (hooks, rows, shards written/kept, seconds, tokens per second).
@@ -97,7 +97,7 @@ def harvest(cfg: dict, *, model_cfg: dict, tokens: Path, index: Path, harvest_di
     hcfg = HarvestConfig.from_dict(cfg)
     tokens, index, harvest_dir = Path(tokens), Path(index), Path(harvest_dir)
     contexts = read_contexts(tokens)[: hcfg.max_contexts]
-    net, info = resolve_model(model_cfg, model)
+    net, info = resolve_model(model_cfg, loaded_model)
     hooks = expand_hooks(hcfg, net)
     check_contexts(contexts, net, info, tokens)
     plans = shards.plan_shards(len(contexts), contexts.shape[1], hcfg.shard_rows)

@@ -151,7 +151,7 @@ def completed_shard(folder: Path, plan: ShardPlan, plan_key: str) -> tuple[Shard
 
 def remove_stale(folder: Path, n_shards: int) -> None:
     """Delete temp files of killed runs and shards beyond the current plan (from a larger run)."""
-    for tmp in folder.glob(".part-*.tmp"):
+    for tmp in folder.glob(".*.tmp"):  # atomic_path temp files of shards, sidecars, manifests
         tmp.unlink()
     for path in folder.glob("part-*.parquet"):
         try:

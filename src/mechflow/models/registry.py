@@ -308,7 +308,10 @@ def _write_cache(directory: Path, model: Any, tokenizer: Any) -> None:
         tokenizer.save_pretrained(tmp / "tokenizer")
         os.replace(tmp, directory)
     except OSError as exc:  # a read-only or full cache must not stop the run
-        log.warning("could not write model cache %s: %s", directory, exc)
+        if (directory / "model.safetensors").exists():
+            log.debug("model cache %s was written by another process meanwhile", directory)
+        else:
+            log.warning("could not write model cache %s: %s", directory, exc)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

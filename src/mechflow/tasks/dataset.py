@@ -243,7 +243,10 @@ class TaskDataset:
             raise DataError(f"{path} does not exist; run the prepare_task stage first")
         if not meta_path.exists():
             raise DataError(f"{meta_path} (metadata of {path}) is missing; re-run the prepare_task stage")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta_path}: invalid JSON ({exc.msg}); re-run the prepare_task stage") from exc
         data = path.read_bytes()
         if meta.get("dataset_sha256") != sha256_bytes(data):
             raise IntegrityError(f"{path} does not match the sha256 recorded in {meta_path}; "

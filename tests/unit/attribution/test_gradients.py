@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from mechflow.testing import make_tiny_llama
 
 from mechflow.attribution.gradients import attribution_patching, ig_points, integrated_gradients_patching
 from mechflow.attribution.patching import TokenPairs, exact_patching, hook_name, patch_whole_layer

@@ -1,10 +1,10 @@
-"""Helpers for circuit tests (not a conftest: `from conftest import` must reach tests/conftest.py): random token pairs on the tiny llama and a linear-tail variant."""
+"""Helpers for circuit tests (not a conftest: `from mechflow.testing import` must reach tests/conftest.py): random token pairs on the tiny llama and a linear-tail variant."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from mechflow.testing import make_tiny_llama
 
 from mechflow.attribution.patching import TokenPairs
 from mechflow.circuits.result import LogitDiffSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from circuit_fixtures import pairs
-from conftest import make_tiny_llama
+from mechflow.testing import make_tiny_llama
 
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph

@@ -62,7 +62,7 @@ def test_pack_contexts_layout_matches_manual_concatenation(smollm2_tokenizer):
 def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer, smollm2_cfg):
     cfg = yaml.safe_load((ROOT / "config/corpus/smoke.yaml").read_text())
     out = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "tokens.parquet",
-                         corpus_manifest=tmp_path / "corpus.json", tokenizer=smollm2_tokenizer)
+                         corpus_manifest=tmp_path / "corpus.json", tokenizer_info=smollm2_tokenizer)
     table = pq.read_table(tmp_path / "tokens.parquet")
     # Parquet renames the list child ("item" → "element"); names, types and metadata must match.
     assert table.schema.names == CORPUS_SCHEMA.names and table.schema.metadata == CORPUS_SCHEMA.metadata
@@ -80,7 +80,7 @@ def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer, 
     assert first_doc.startswith(smollm2_tokenizer.tokenizer.decode(ctx[0, 1:]).strip()[:20])
     # Deterministic: a second run writes identical bytes.
     again = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t2.parquet",
-                           corpus_manifest=tmp_path / "c2.json", tokenizer=smollm2_tokenizer)
+                           corpus_manifest=tmp_path / "c2.json", tokenizer_info=smollm2_tokenizer)
     assert again["tokens_sha256"] == manifest["tokens_sha256"] and again["text_sha256"] == manifest["text_sha256"]
 
 
@@ -90,7 +90,7 @@ def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer, smollm2_cfg):
     (tmp_path / "docs/a.md").write_text("First file talks about cats and dogs. " * 4)
     cfg = {"name": "mine", "source": "text_files", "paths": [str(tmp_path / "docs")], "context_size": 16, "max_tokens": 64}
     out = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
-                         tokenizer=smollm2_tokenizer)
+                         tokenizer_info=smollm2_tokenizer)
     assert out["n_docs"] == 2
     text = smollm2_tokenizer.tokenizer.decode(read_contexts(tmp_path / "t.parquet")[0, 1:])
     assert text.startswith("First file")  # sorted path order
@@ -99,11 +99,11 @@ def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer, smollm2_cfg):
     jl.write_text(json.dumps({"body": "Hello there, general reader. " * 6}) + "\n\n" + json.dumps({"body": "More words. " * 6}) + "\n")
     cfg = {"name": "j", "source": "jsonl", "paths": [str(jl)], "text_field": "body", "context_size": 8, "max_tokens": 64}
     assert prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "j.parquet", corpus_manifest=tmp_path / "j.json",
-                          tokenizer=smollm2_tokenizer)["n_docs"] == 2
+                          tokenizer_info=smollm2_tokenizer)["n_docs"] == 2
     jl.write_text(json.dumps({"body": "fine " * 20}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d\.jsonl:2"):
         prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "bad.parquet", corpus_manifest=tmp_path / "bad.json",
-                       tokenizer=smollm2_tokenizer)
+                       tokenizer_info=smollm2_tokenizer)
     assert not (tmp_path / "bad.parquet").exists() and not (tmp_path / "bad.json").exists()
 
 
@@ -112,7 +112,7 @@ def test_hf_dataset_offline_points_to_stdlib_docs(tmp_path, monkeypatch, smollm2
     cfg = yaml.safe_load((ROOT / "config/corpus/hf_dataset.yaml").read_text())
     with pytest.raises(ConfigError, match="corpus=stdlib_docs"):
         prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
-                       tokenizer=smollm2_tokenizer)
+                       tokenizer_info=smollm2_tokenizer)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -129,7 +129,7 @@ def test_too_little_text_is_a_clear_error(tmp_path, smollm2_tokenizer, smollm2_c
     cfg = {"name": "x", "source": "text_files", "paths": [str(tmp_path / "tiny.txt")], "context_size": 64, "max_tokens": 640}
     with pytest.raises(DataError, match="fewer than one context"):
         prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
-                       tokenizer=smollm2_tokenizer)
+                       tokenizer_info=smollm2_tokenizer)
     assert not (tmp_path / "t.parquet").exists()
 
 

@@ -29,4 +29,4 @@ def run(tmp_path: Path, tokens: Path, model, **cfg) -> dict:
     base = {"layers": [0, 1], "hook_points": ["resid_post"], "batch_size": 3, "shard_rows": 36,
             "row_group_rows": 10, "progress": False}
     return harvest({**base, **cfg}, model_cfg=MODEL_CFG, tokens=tokens, index=tmp_path / "out" / "index.json",
-                   harvest_dir=tmp_path / "out" / "shards", model=model)
+                   harvest_dir=tmp_path / "out" / "shards", loaded_model=model)

@@ -84,6 +84,7 @@ def test_resume_after_kill_keeps_complete_shards_and_matches_uninterrupted(tmp_p
     assert not (tmp_path / "out" / "index.json").exists() and not list(root.rglob("_manifest.json"))
     # A kill in the middle of a write leaves a temp file and possibly a shard without sidecar.
     (root / HOOK / ".part-00002.parquet.abc123.tmp").write_bytes(b"half a shard")
+    (root / HOOK / "._part-00002.json.def456.tmp").write_bytes(b"{")
     survivors = {k: os.stat(p) for k, p in shard_files(root).items() if k.endswith(".parquet")}
     assert len(survivors) == 6
 
