@@ -8,37 +8,14 @@ model agrees.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from mechflow.errors import ConfigError, ModelLoadError
-from mechflow.models import EMBEDDED_MODELS, encode
+from mechflow.models import encode, load_tokenizer, resolve_bos_id
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str) -> Any:
-    """The Hugging Face tokenizer of `name` (embedded: read from its GGUF; otherwise the hub)."""
-    from transformers import AutoTokenizer
-
-    if name in EMBEDDED_MODELS:
-        path = EMBEDDED_MODELS[name].gguf_path()
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    from mechflow.models.registry import _hub_offline
-
-    if _hub_offline():
-        raise ModelLoadError(f"model {name!r} is not embedded and the hub is offline (HF_HUB_OFFLINE/"
-                             "MECHFLOW_OFFLINE); use model=smollm2_135m or model=gemma3_270m")
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # network / missing-repo errors come in many types
-        raise ModelLoadError(
-            f"cannot load the tokenizer of model {name!r} ({type(exc).__name__}: {exc}); use an embedded "
-            "model (model=smollm2_135m or model=gemma3_270m) or go online"
-        ) from exc
 
 
 @dataclass(frozen=True)
@@ -65,13 +42,10 @@ class TaskTokenizer:
             raise ConfigError("model.name is missing: set it to smollm2_135m, gemma3_270m or a hub name")
         tok = load_tokenizer(name) if tokenizer is None else tokenizer
         prepend = bool(model_cfg.get("prepend_bos", True))
-        bos_token = model_cfg.get("bos_token")
-        if bos_token is not None:
-            bos_id = tok.convert_tokens_to_ids(bos_token)
-            if bos_id is None or tok.convert_ids_to_tokens(bos_id) != bos_token:
-                raise ConfigError(f"model.bos_token={bos_token!r} is not a token of {name}'s vocabulary")
-        else:
-            bos_id = tok.bos_token_id
+        try:
+            bos_id = resolve_bos_id(tok, name, model_cfg.get("bos_token"))
+        except ModelLoadError as exc:
+            raise ConfigError(str(exc)) from exc
         if prepend and bos_id is None:
             raise ConfigError(f"model.prepend_bos is true but {name}'s tokenizer has no BOS; set model.bos_token")
         return cls(tokenizer=tok, model_name=name, prepend_bos=prepend, bos_token_id=bos_id)
