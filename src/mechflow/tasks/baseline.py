@@ -7,7 +7,8 @@
 3. Chance = a predictor with no preference among the candidate tokens (:func:`chance_metric`,
    :func:`chance_correct`): logit difference 0 and accuracy 0.5; for greater-than the uniform
    distribution over the year tokens.
-4. Verdict "above chance" only if all hold, else "FAILS: <each failed check>":
+4. Verdict "above chance" only if all hold; "INCONCLUSIVE: ..." when every point estimate favours
+   the task but a test is not significant (too few prompts to tell); else "FAILS: <each failed check>":
    (a) accuracy exceeds chance accuracy, one-sided exact binomial test p < ``ALPHA``;
    (b) mean clean metric exceeds mean chance metric;
    (c) the clean prompt beats the corrupted one on more prompts than chance would give (paired
@@ -73,6 +74,14 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _verdict(failures: list[str], favourable: bool) -> str:
+    if not failures:
+        return "above chance"
+    if favourable:
+        return "INCONCLUSIVE (estimates favour the task, too few prompts for significance): " + "; ".join(failures)
+    return "FAILS: " + "; ".join(failures)
+
+
 def summarize(dataset: TaskDataset, scores: Scores) -> dict:
     """The baseline numbers and verdict (see module docstring)."""
     n = len(scores.clean)
@@ -111,5 +120,6 @@ def summarize(dataset: TaskDataset, scores: Scores) -> dict:
         "clean_beats_corrupted": wins / n,
         "p_value_accuracy": p_acc,
         "p_value_clean_vs_corrupted": p_pair,
-        "verdict": "above chance" if not failures else "FAILS: " + "; ".join(failures),
+        "verdict": _verdict(failures, favourable=(n_correct / n > chance_acc and clean_mean > chance_m
+                                                  and wins > (n - ties) / 2)),
     }

@@ -90,6 +90,8 @@ def test_verdicts():
     assert coin["verdict"].startswith("FAILS: accuracy 0.500 is not above chance 0.500")
     no_signal = summarize(_ds(32), Scores(list(range(32)), [2.0] * 32, [3.0] * 32))
     assert no_signal["verdict"].startswith("FAILS: clean beats corrupted on only 0/32")
+    few = summarize(_ds(4), Scores(list(range(4)), [2.0] * 4, [-1.0] * 4))  # 4/4 right, p = 1/16
+    assert few["verdict"].startswith("INCONCLUSIVE") and "p=0.0625" in few["verdict"]
 
 
 def test_final_logits_equal_the_full_forward(tiny_llama):
@@ -123,7 +125,7 @@ def test_prepare_and_evaluate_end_to_end_on_tiny_llama(tmp_path, tiny_llama):
             logits = tiny_llama(ids)[0, -1]
             want = (logits[vocab[line["answer"].strip()]] - logits[vocab[line["wrong_answer"].strip()]]).item()
             assert row[key] == pytest.approx(want, abs=1e-9)
-    assert result["n_prompts"] == 3 and result["verdict"].startswith("FAILS")  # 3 prompts cannot reach p < 0.01
+    assert result["n_prompts"] == 3 and result["verdict"].startswith(("FAILS", "INCONCLUSIVE"))  # 3 prompts cannot reach p < 0.01
     other = {**model_cfg, "prepend_bos": False}
     with pytest.raises(DataError, match="prepend_bos"):
         evaluate_task(cfg, model_cfg=other, dataset=dataset, baseline=tmp_path / "b2.json",
