@@ -11,7 +11,6 @@ import datetime as dt
 import importlib.metadata
 import inspect
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -22,10 +21,10 @@ import yaml
 
 from mechflow import __version__
 from mechflow.config import REPO_ROOT, Run, compose_runs, config_hash
-from mechflow.contracts import filenames
 from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.errors import MechflowError
 from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
+from mechflow.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +103,25 @@ def call_with_named(fn: Callable, available: dict[str, Any]) -> Any:
     return fn(**kwargs)
 
 
+def _params_for_logging(smk: Any) -> dict:
+    return {k: v for k, v in smk.params.items() if isinstance(v, (dict, list, str, int, float, bool))}
+
+
+def _scalars(result: Any) -> dict[str, float]:
+    """The numeric top-level entries of a stage's returned summary (what wandb gets)."""
+    if hasattr(result, "model_dump"):
+        result = result.model_dump()
+    if not isinstance(result, dict):
+        return {}
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def run_rule(smk: Any, fn: Callable) -> Any:
     """Run a stage function from a Snakemake `script:` with the job's named inputs/outputs/params.
 
     Sets up logging to the rule's log file, pins torch threads to the rule's `threads`, keeps wandb
-    offline unless configured otherwise, and turns mechflow errors into one clear message.
+    offline unless configured otherwise (each job is one wandb run in `results/<run>/wandb/`, grouped
+    by run, logging the stage's numeric summary), and turns mechflow errors into one clear message.
     """
     _configure_logging(smk.log[0] if len(smk.log) else None)
     import torch
@@ -120,10 +133,14 @@ def run_rule(smk: Any, fn: Callable) -> Any:
     available.update(dict(smk.params.items()))
     available.update(dict(smk.wildcards.items()))
     available["threads"] = smk.threads
-    wandb_cfg = available.get("wandb_cfg") or {}
-    os.environ.setdefault("WANDB_MODE", wandb_cfg.get("mode", "offline"))
+    run = available.get("run")
+    run_config = RUNS[run].cfg if run in RUNS else {}
     try:
-        return call_with_named(fn, available)
+        with stage_run(smk.rule, _params_for_logging(smk), Path("results") / run if run else None,
+                       run_config.get("wandb"), name=run) as tracker:
+            result = call_with_named(fn, available)
+            tracker.log(_scalars(result))
+        return result
     except MechflowError as exc:
         log.error("%s", exc)
         sys.stderr.write(f"\nmechflow error in rule {smk.rule}: {exc}\n")

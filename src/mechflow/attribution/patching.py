@@ -124,6 +124,7 @@ def exact_patching(
     direction: Direction = "noising",
     max_batch: int = 64,
     per_prompt: bool = False,
+    layers: list[int] | None = None,
 ) -> Tensor:
     """Exact effect of patching each component on its own, downstream recomputed.
 
@@ -135,6 +136,7 @@ def exact_patching(
         direction: ``"noising"`` (clean run, corrupted activation) or ``"denoising"``.
         max_batch: largest number of sequences in one forward (copies x prompts).
         per_prompt: return one effect per prompt (trailing axis ``n``) instead of the mean.
+        layers: patch only these layers (default all); other layers' entries are NaN.
 
     Returns:
         ``m(patched) - m(base)``: heads ``[L, H]``, MLPs ``[L]``, residual ``[L, pos]``
@@ -150,16 +152,18 @@ def exact_patching(
     m_base = batch.metric(model(base))  # [n]
     shape = component_shape(model, component, n_pos)
     comps = [tuple(int(i) for i in idx) for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))]
+    todo = [i for i, c in enumerate(comps) if layers is None or c[0] in layers]
     copies = max(1, max_batch // n)
-    out = torch.empty(len(comps), n, dtype=m_base.dtype)
-    for start in range(0, len(comps), copies):
-        chunk = comps[start:start + copies]
+    out = torch.full((len(comps), n), float("nan"), dtype=m_base.dtype)
+    for start in range(0, len(todo), copies):
+        rows = todo[start:start + copies]
+        chunk = [comps[i] for i in rows]
         by_layer: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
         for j, comp in enumerate(chunk):
             by_layer.setdefault(comp[0], []).append((j, comp[1:]))
         hooks = [(hook_name(component, L), _splice_hook(src[L], items, n)) for L, items in by_layer.items()]
         logits = model.run_with_hooks(base.repeat(len(chunk), 1), fwd_hooks=hooks)
-        out[start:start + len(chunk)] = metric_per_copy(batch.metric, logits, n) - m_base
+        out[rows] = metric_per_copy(batch.metric, logits, n) - m_base
     out = out.reshape(*shape, n)
     return out if per_prompt else out.mean(-1)
 

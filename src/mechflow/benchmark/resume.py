@@ -61,6 +61,7 @@ class ResumableForward:
                 x0, _, _, self.attention_mask = model.input_to_embed(clean_tokens)
             self.x: list[Tensor] = []
             self.clean = torch.empty_like(self.corrupted)
+            self.clean[0] = x0  # the embedding sender
             self.clean_last_logits = self.run(0, x0, None, record=True)[0]
         self.diff = self.corrupted - self.clean  # [n_senders, n, pos, d]
         self.n_forward = 0
@@ -113,6 +114,8 @@ class ResumableForward:
         removed = removed & g.valid
         if removed[:, :self.cols(stage).start].any():
             raise ValueError("ResumableForward.evaluate: an edge before the start stage is removed")
+        if cand is not None and (cand.bool() & removed[:, cur]).any():
+            raise ValueError("ResumableForward.evaluate: a candidate edge is already removed")
         self.n_forward += 1
         return self.run(stage, self.x[stage], removed, cur=cur, cand=cand, cache=cache)
 
@@ -181,7 +184,7 @@ class ResumableForward:
             if record:
                 self.clean[s] = out
             if s in down_rows:
-                diff_down[down_rows[s]] = (self.corrupted[s].unsqueeze(0) - out.view(K, n, p, d)).view(B, p, d)
+                diff_down[down_rows[s]] = (self.corrupted[s].unsqueeze(0) - out.reshape(K, n, p, d)).reshape(B, p, d)
 
         if K > 1:
             x = x.repeat(K, 1, 1)
@@ -195,7 +198,7 @@ class ResumableForward:
                 if not is_mlp:
                     qkv_in = x.unsqueeze(2).expand(B, p, 3 * H, d)
                     if corr is not None:
-                        qkv_in = (qkv_in.view(K, n, p, 3 * H, d) + corr).view(B, p, 3 * H, d)
+                        qkv_in = (qkv_in.view(K, n, p, 3 * H, d) + corr).reshape(B, p, 3 * H, d)
                     normed = block.ln1(qkv_in)
                     z_box: list[Tensor] = []
                     handle = block.attn.hook_z.register_forward_hook(lambda m, i, o: z_box.append(o))
@@ -210,7 +213,7 @@ class ResumableForward:
                             emit(s0 + h, z_box[0][:, :, h] @ block.attn.W_O[h])
                     x = x + attn_out
                 else:
-                    mlp_in = x if corr is None else (x.view(K, n, p, d) + corr[..., 0, :]).view(B, p, d)
+                    mlp_in = x if corr is None else (x.view(K, n, p, d) + corr[..., 0, :]).reshape(B, p, d)
                     mlp_out = block.mlp(block.ln2(mlp_in))
                     emit(g.mlp_sender(L), mlp_out)
                     x = x + mlp_out
@@ -219,7 +222,7 @@ class ResumableForward:
             corr = correction(2 * g.n_layers, last_only=True)
             final = x[:, -1:]
             if corr is not None:
-                final = (final.view(K, n, 1, d) + corr[..., 0, :]).view(B, 1, d)
+                final = (final.reshape(K, n, 1, d) + corr[..., 0, :]).reshape(B, 1, d)
             if model.cfg.normalization_type is not None:
                 final = model.ln_final(final)
             logits = model.unembed(final)[:, 0]

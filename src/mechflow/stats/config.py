@@ -9,7 +9,7 @@ mirrors these fields; `tests/unit/stats/test_config.py` fails on drift.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from mechflow.errors import ConfigError

@@ -27,7 +27,7 @@ from scipy.stats import binomtest
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechflow.tasks.dataset import TaskBatch, TaskDataset, chance_correct, chance_metric
+from mechflow.tasks.dataset import TaskDataset, chance_correct, chance_metric
 
 log = logging.getLogger(__name__)
 

@@ -75,3 +75,18 @@ def test_dla_of_one_head_matches_manual_projection(biased_llama):
     frame = dla.to_frame()
     assert frame.height == 1 + 2 * (4 + 2) + 1
     assert abs(frame["score"].sum() - float(dla.logit_diff.mean())) < 1e-9
+
+
+def test_plots_write_png_files(tmp_path, biased_llama):
+    from mechflow.attribution.plots import plot_head_grid, plot_logit_lens, plot_token_saliency
+
+    toks = _tokens(4)
+    lens = logit_lens(biased_llama, toks, 1, 2)
+    dla = direct_logit_attribution(biased_llama, toks, 1, 2)
+    paths = [plot_logit_lens(lens.logit_diff, lens.labels, tmp_path / "lens.png"),
+             plot_head_grid(dla.heads.mean(-1), tmp_path / "sub" / "heads.png", title="DLA"),
+             plot_token_saliency(torch.randn(N, POS, dtype=torch.float64), [[str(t) for t in r] for r in toks.tolist()],
+                                 tmp_path / "sal.png")]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(x.name for x in tmp_path.rglob("*") if x.is_file()) == ["heads.png", "lens.png", "sal.png"]

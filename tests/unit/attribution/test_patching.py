@@ -89,3 +89,11 @@ def test_bad_arguments_raise_config_error(tiny_llama):
         exact_patching(tiny_llama, batch, "neuron")
     with pytest.raises(ConfigError, match="corrupted_tokens"):
         TokenPairs(batch.clean_tokens, batch.corrupted_tokens[:, :-1], batch.metric)
+
+
+def test_layer_subset_matches_full_and_leaves_nan(tiny_llama):
+    batch = make_batch(seed=2)
+    full = exact_patching(tiny_llama, batch, "head")
+    sub = exact_patching(tiny_llama, batch, "head", layers=[1], max_batch=5)
+    torch.testing.assert_close(sub[1], full[1])
+    assert torch.isnan(sub[0]).all()

@@ -1,0 +1,103 @@
+"""Benchmark config: YAML defaults = dataclass defaults = schema; every bad value names its field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+import yaml
+
+from mechflow.benchmark.acdc import Acdc
+from mechflow.benchmark.config import AcdcConfig, BenchmarkConfig, RestrictionConfig
+from mechflow.benchmark.restriction import EdgeRestriction
+from mechflow.circuits.graph import EdgeGraph
+from mechflow.errors import ConfigError
+
+ROOT = Path(__file__).parents[3]
+YAML = ROOT / "config" / "benchmark" / "default.yaml"
+SCHEMA = ROOT / "workflow" / "schemas" / "config" / "benchmark.schema.json"
+
+
+def test_default_yaml_matches_dataclass_defaults_and_schema():
+    raw = yaml.safe_load(YAML.read_text())
+    jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
+    assert BenchmarkConfig.from_dict(raw) == BenchmarkConfig()
+
+
+def test_schema_mirrors_dataclasses():
+    schema = json.loads(SCHEMA.read_text())
+    for cls, props in ((BenchmarkConfig, schema["properties"]),
+                       (RestrictionConfig, schema["properties"]["restriction"]["properties"]),
+                       (AcdcConfig, schema["properties"]["acdc"]["properties"])):
+        assert set(props) == {f.name for f in fields(cls)}, cls.__name__
+        for f in fields(cls):
+            if "default" in props[f.name]:
+                default = getattr(cls(), f.name)
+                assert props[f.name]["default"] == (list(default) if isinstance(default, tuple) else default)
+
+
+@pytest.mark.parametrize("thresholds", [[], ["0.1"], [True], [0.1, -0.01], [0.1, 0.01], [0.01, 0.01], "0.1",
+                                        [float("nan")]])
+def test_bad_thresholds_name_the_field(thresholds):
+    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.thresholds"):
+        BenchmarkConfig.from_dict({"acdc": {"thresholds": thresholds}})
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"acdc": {"metric": "logit"}}, r"benchmark\.acdc\.metric.*'kl', 'task'"),
+    ({"acdc": {"speculation": 0}}, r"benchmark\.acdc\.speculation"),
+    ({"acdc": {"prune_dead": "yes"}}, r"benchmark\.acdc\.prune_dead"),
+    ({"acdc": {"tau": [0.1]}}, r"benchmark\.acdc\.tau: unknown key"),
+    ({"n_prompts": 0}, r"benchmark\.n_prompts"),
+    ({"restriction": {"last_layers": 0}}, r"benchmark\.restriction\.last_layers"),
+    ({"restriction": {"components": "mlps"}}, r"benchmark\.restriction\.components"),
+    ({"method": "acdc"}, r"benchmark\.method: unknown key"),
+])
+def test_bad_values_raise_config_error_naming_field(cfg, field):
+    with pytest.raises(ConfigError, match=field):
+        BenchmarkConfig.from_dict(cfg)
+
+
+def test_unknown_metric_is_refused_by_acdc_too(tiny_llama):
+    from mechflow.attribution.patching import TokenPairs
+
+    toks = torch.zeros(1, 3, dtype=torch.long)
+    batch = TokenPairs(toks, toks + 1, lambda logits: logits[:, -1, 0])
+    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.metric"):
+        Acdc(tiny_llama, batch, _unchecked(metric="mse"))
+
+
+def _unchecked(**kw) -> AcdcConfig:
+    """An AcdcConfig that skipped validation (as a caller building one by hand could)."""
+    cfg = AcdcConfig()
+    for k, v in kw.items():
+        object.__setattr__(cfg, k, v)
+    return cfg
+
+
+def test_restriction_masks():
+    g = EdgeGraph(n_layers=3, n_heads=2)
+    full = EdgeRestriction.build(g)
+    assert torch.equal(full.mask, g.valid) and full.n_edges == g.n_edges
+    last = EdgeRestriction.build(g, {"last_layers": 1})
+    receivers = {name.split("->")[1] for name in last.edge_names()}
+    assert receivers == {"logits", "m2"} | {f"a2.h{h}<{k}>" for h in range(2) for k in "qkv"}
+    assert last.n_edges == int(g.valid[:, g.first_receiver(2):].sum())
+    heads = EdgeRestriction.build(g, {"components": "heads"})
+    assert not any(n.startswith("m") or "->m" in n for n in heads.edge_names())
+    assert any(n.startswith("input->") for n in heads.edge_names())
+    circuit = torch.zeros_like(g.valid)
+    circuit[0, g.logits_receiver] = True
+    kept = last.full_kept(circuit)
+    assert torch.equal(kept & last.mask, circuit) and torch.equal(kept & ~last.mask, g.valid & ~last.mask)
+    assert torch.equal(last.removed(circuit), last.mask & ~circuit)
+    scores = torch.arange(g.n_senders * g.n_receivers, dtype=torch.float64).reshape(g.valid.shape)
+    order = last.ranked(scores)
+    assert len(order) == last.n_edges and bool(last.mask.flatten()[order].all())
+    assert torch.isnan(last.restrict_scores(scores)[~last.mask]).all()
+    with pytest.raises(ConfigError, match=r"benchmark\.restriction\.last_layers"):
+        EdgeRestriction.build(g, {"last_layers": 4})
