@@ -21,6 +21,7 @@ import yaml
 
 from mechflow import __version__
 from mechflow.config import REPO_ROOT, Run, compose_runs, config_hash
+from mechflow.contracts import filenames
 from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.errors import MechflowError
 from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
@@ -136,6 +137,8 @@ def run_rule(smk: Any, fn: Callable) -> Any:
     run = available.get("run")
     run_config = RUNS[run].cfg if run in RUNS else {}
     try:
+        if "wandb_cfg" in inspect.signature(fn).parameters:  # the stage logs its own curves
+            return call_with_named(fn, available)
         with stage_run(smk.rule, _params_for_logging(smk), Path("results") / run if run else None,
                        run_config.get("wandb"), name=run) as tracker:
             result = call_with_named(fn, available)
@@ -220,7 +223,7 @@ def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
 
 def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
               baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
-              run_manifest: Path, run: str) -> RunManifest:
+              run_manifest: Path, run: str, dictionary_metrics: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
     import json
 
@@ -230,8 +233,78 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         run_cfg,
         resolved_config=resolved_config,
         inputs=[*datasets, tokens],
-        outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure],
+        outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
+                 *dictionary_metrics],
         model_card=model_card,
         run_manifest=run_manifest,
         run=run,
     )
+
+
+# ---------------------------------------------------------------- dictionaries: params functions
+
+
+def _harvest_manifest(run: str, hook: str) -> Path:
+    return Path("results") / run / "harvest" / hook / filenames.SHARD_MANIFEST
+
+
+def _transcoder_hooks(run: str) -> list[tuple[str, str]]:
+    from mechflow.dictionaries.config import TranscoderConfig, parse_config
+
+    cfg = parse_config(TranscoderConfig, RUNS[run].cfg["transcoder"], "transcoder")  # fills defaults
+    return [(cfg.in_hook.format(layer=layer), cfg.out_hook.format(layer=layer)) for layer in cfg.layers]
+
+
+def sae_manifest_of(wildcards) -> Path:
+    """The harvest manifest of the hook the run's SAE trains on."""
+    return _harvest_manifest(wildcards.run, RUNS[wildcards.run].cfg["sae"]["hook"])
+
+
+def transcoder_manifests_of(wildcards) -> list[Path]:
+    """MLP-in and MLP-out manifests of every transcoder layer, interleaved (in, out, in, out, ...)."""
+    return [_harvest_manifest(wildcards.run, h) for pair in _transcoder_hooks(wildcards.run) for h in pair]
+
+
+def transcoder_in_manifest_of(wildcards) -> Path:
+    return _harvest_manifest(wildcards.run, _transcoder_hooks(wildcards.run)[0][0])
+
+
+def transcoder_out_manifest_of(wildcards) -> Path:
+    return _harvest_manifest(wildcards.run, _transcoder_hooks(wildcards.run)[0][1])
+
+
+def dictionary_dir_of(kind: str) -> Callable[[Any], Path]:
+    def params(wildcards) -> Path:
+        return Path("results") / wildcards.run / "dictionaries" / kind
+
+    params.__name__ = f"dictionary_dir_of_{kind}"
+    return params
+
+
+def transcoder_eval_dir_of(wildcards) -> Path:
+    """The SAELens folder of the first transcoder layer (the whole folder when there is one layer)."""
+    layers = RUNS[wildcards.run].cfg["transcoder"].get("layers", [15])
+    base = Path("results") / wildcards.run / "dictionaries" / "transcoder"
+    return base if len(layers) == 1 else base / f"layer_{layers[0]}"
+
+
+def check_harvested_hooks(run: Run) -> None:
+    """Fail early when a dictionary trains on a hook the harvest does not produce."""
+    from mechflow.errors import ConfigError
+
+    harvest = run.cfg["harvest"]
+    names = {"resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
+             "resid_post": "blocks.{l}.hook_resid_post", "mlp_in": "blocks.{l}.ln2.hook_normalized",
+             "mlp_out": "blocks.{l}.hook_mlp_out", "attn_out": "blocks.{l}.hook_attn_out"}
+    harvested = {names[p].format(l=layer) for layer in harvest["layers"] for p in harvest["hook_points"]}
+    harvested |= set(harvest.get("hooks", []))
+    needed = []
+    if "sae" in run.cfg:
+        needed.append(("sae.hook", run.cfg["sae"]["hook"]))
+    if "transcoder" in run.cfg:
+        needed += [("transcoder.in_hook/out_hook", h) for pair in _transcoder_hooks(run.name) for h in pair]
+    for field_name, hook in needed:
+        if hook not in harvested:
+            raise ConfigError(
+                f"{field_name}: {hook!r} is not harvested in run {run.name!r} (harvested: {sorted(harvested)}). "
+                f"Add it with an override, e.g. harvest.hooks=[{hook}], or change {field_name}.")

@@ -4,14 +4,29 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from mechflow.workflow import RUN_PATTERN, TASK_PATTERN, load_runs, run_cfg, stage_cfg, task_cfg
+from mechflow.workflow import (
+    RUN_PATTERN,
+    TASK_PATTERN,
+    check_harvested_hooks,
+    dictionary_dir_of,
+    load_runs,
+    run_cfg,
+    sae_manifest_of,
+    stage_cfg,
+    task_cfg,
+    transcoder_eval_dir_of,
+    transcoder_in_manifest_of,
+    transcoder_manifests_of,
+    transcoder_out_manifest_of,
+)
 
 
 RUNS = load_runs(config)
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
     # compose_runs already validated with readable errors; this is Snakemake's own check.
-    for _group in ("model", "corpus", "harvest", "summary"):
+    check_harvested_hooks(_run)
+    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder"):
         validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
     for _task in _run.cfg["task"].values():
         validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
@@ -48,6 +63,15 @@ def task_input_file(wildcards):
 
 def threads_of_run(wildcards):
     return RUNS[wildcards.run].cfg["threads"]
+
+
+def dictionary_metrics_of(wildcards):
+    targets = [f"results/{wildcards.run}/dictionaries/sae_metrics.json"]
+    if RUNS[wildcards.run].cfg["transcoder"].get("kind", "per_layer") != "clt":  # CLT metrics: not implemented yet
+        targets.append(f"results/{wildcards.run}/dictionaries/transcoder_metrics.json")
+    else:
+        targets.append(f"results/{wildcards.run}/dictionaries/transcoder/training.json")
+    return targets
 
 
 def run_targets(wildcards):

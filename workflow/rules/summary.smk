@@ -32,6 +32,7 @@ rule run_manifest:
         harvest_index=rules.harvest.output.index,
         table=rules.summarize.output.table,
         figure=rules.summarize.output.figure,
+        dictionary_metrics=dictionary_metrics_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

@@ -23,7 +23,7 @@ Hooks only: works unchanged on SmolLM2 and Gemma-3 (Gemma's ``hook_mlp_out`` is 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import polars as pl
 import torch

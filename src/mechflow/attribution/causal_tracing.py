@@ -25,8 +25,8 @@ Works unchanged on SmolLM2 and Gemma-3 (hooks only).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import polars as pl
 import torch
@@ -126,7 +126,7 @@ def run_restored(model, tokens: Tensor, noise: Tensor, mask: Tensor, restores: l
     def restore(layer: int):
         def hook(act: Tensor, hook=None) -> Tensor:
             for j, spec in enumerate(restores):
-                if layer in spec and spec[layer]:
+                if spec.get(layer):
                     act[j * n:(j + 1) * n, spec[layer]] = clean_states[layer][:, spec[layer]]
             return act
         return hook

@@ -31,8 +31,8 @@ IOI roles (Wang et al. 2022, "Interpretability in the wild"), at the END (last) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import polars as pl
 import torch
@@ -44,7 +44,6 @@ from mechflow.attribution.lens import (
     has_post_norms,
     head_frame,
     head_outputs,
-    norm_bias,
     norm_linear,
     scores_frame,
 )
@@ -210,13 +209,13 @@ def path_patch_to_queries(model, clean_tokens: Tensor, corrupted_tokens: Tensor,
             hooks.append((f"blocks.{l}.hook_mlp_out", _repeat(clean[f"blocks.{l}.hook_mlp_out"], c)))
         seen: dict[int, Tensor] = {}
 
-        def grab(act: Tensor, hook) -> None:
+        def grab(act: Tensor, hook, seen=seen) -> None:
             seen[int(hook.name.split(".")[1])] = act.clone()
 
         hooks += [(f"blocks.{l}.attn.hook_q", grab) for l in recv_layers]
         model.run_with_hooks(base, fwd_hooks=hooks, stop_at_layer=max(recv_layers) + 1)
 
-        def put(act: Tensor, hook) -> Tensor:
+        def put(act: Tensor, hook, seen=seen) -> Tensor:
             l = int(hook.name.split(".")[1])
             for rl, rh in receivers:
                 if rl == l:
@@ -245,7 +244,7 @@ def _freeze_z(z_clean: Tensor, z_corr: Tensor, layer: int, senders: list[tuple[i
     return hook
 
 
-@dataclass
+@dataclass(frozen=True)
 class IOIRoleThresholds:
     """Criteria of `ioi_head_roles` (module docstring, steps 3-4)."""
 
@@ -255,12 +254,13 @@ class IOIRoleThresholds:
     si_min_attn: float = 0.1
 
 
-def classify_ioi_heads(table: pl.DataFrame, th: IOIRoleThresholds = IOIRoleThresholds()) -> pl.DataFrame:
+def classify_ioi_heads(table: pl.DataFrame, th: IOIRoleThresholds | None = None) -> pl.DataFrame:
     """Add a ``role`` column (``name_mover`` / ``s_inhibition`` / null) to an `ioi_head_roles` table.
 
     The table needs columns layer, head, dla, attn_io, attn_s1, attn_s2 and (for S-inhibition)
     q_path (null where not computed).
     """
+    th = th or IOIRoleThresholds()
     max_dla = table["dla"].max()
     nm = (pl.col("dla") > 0) & (pl.col("dla") >= th.nm_rel * max_dla) & (pl.col("attn_io") >= th.nm_min_attn) \
         & (pl.col("attn_io") > pl.max_horizontal("attn_s1", "attn_s2"))
@@ -280,9 +280,13 @@ def classify_ioi_heads(table: pl.DataFrame, th: IOIRoleThresholds = IOIRoleThres
 
 
 def ioi_head_roles(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Callable[[Tensor], Tensor],
-                   answer_ids: Tensor, wrong_ids: Tensor, th: IOIRoleThresholds = IOIRoleThresholds(),
-                   max_batch: int = 64) -> pl.DataFrame:
+                   answer_ids: Tensor, wrong_ids: Tensor, th: IOIRoleThresholds | None = None,
+                   max_batch: int = 64, si_layers_below: int | None = None) -> pl.DataFrame:
     """Per-head IOI evidence and role (one row per head).
+
+    Cost: two forwards of the prompts per candidate S-inhibition sender (every head below the top
+    name mover); ``si_layers_below`` limits senders to that many layers below it (null q_path
+    elsewhere, so those heads cannot be classified S-inhibition).
 
     Columns: component, layer, head, score (= dla), method, dla, direct_patch, attn_io, attn_s1,
     attn_s2, q_path (null above the top name mover), role.
@@ -309,7 +313,8 @@ def ioi_head_roles(model, clean_tokens: Tensor, corrupted_tokens: Tensor, metric
         log.info("no name-mover heads met the criterion; S-inhibition not evaluated")
         return table
     top = max(l for l, _ in movers)
-    senders = [(l, h) for l in range(top) for h in range(H)]
+    first = 0 if si_layers_below is None else max(0, top - si_layers_below)
+    senders = [(l, h) for l in range(first, top) for h in range(H)]
     q_path = path_patch_to_queries(model, clean_tokens, corrupted_tokens, metric, senders, movers, max_batch)
     values = {s: float(v) for s, v in zip(senders, q_path.mean(-1))}
     table = table.with_columns(pl.Series("q_path", [values.get((r["layer"], r["head"]))

@@ -21,15 +21,21 @@ Steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import torch
 from torch import Tensor
 
-from mechflow.attribution.lens import _pos_index, answer_directions, has_post_norms, norm_linear, scores_frame
+from mechflow.attribution.lens import (
+    _pos_index,
+    answer_directions,
+    has_post_norms,
+    norm_linear,
+    scores_frame,
+)
 from mechflow.attribution.patching import TokenPairs, base_and_source
 from mechflow.errors import ConfigError
 
@@ -141,7 +147,11 @@ def top_activating_contexts(harvest: str | Path, neurons: list[int], k: int = 10
         Rows neuron, rank (0 = highest), activation, context_id, position, token_id,
         context_token_ids (``window + 1`` ids ending at the hit, fewer at a context's start).
     """
-    from mechflow.harvest.shards import iter_activation_batches, load_manifest, scan_activations
+    from mechflow.harvest.shards import (
+        iter_activation_batches,
+        load_manifest,
+        scan_activations,
+    )
 
     if k < 1 or window < 0:
         raise ConfigError(f"top_activating_contexts: k={k} must be >= 1 and window={window} >= 0")

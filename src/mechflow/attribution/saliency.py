@@ -29,8 +29,8 @@ for integrated gradients):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import polars as pl
 import torch

@@ -2,12 +2,18 @@
 every method, and the timings/ROC inputs of the method comparison."""
 
 from mechflow.benchmark.acdc import Acdc, AcdcRun, AcdcStep, receiver_order, roc_points
-from mechflow.benchmark.config import AcdcConfig, BenchmarkConfig, RestrictionConfig, check_thresholds
+from mechflow.benchmark.config import (
+    AcdcConfig,
+    BenchmarkConfig,
+    RestrictionConfig,
+    check_thresholds,
+)
+from mechflow.benchmark.core import run_acdc, select_batch
 from mechflow.benchmark.metrics import AcdcMetric, kl_to_clean
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.resume import ResumableForward
 
 __all__ = [
     "Acdc", "AcdcConfig", "AcdcMetric", "AcdcRun", "AcdcStep", "BenchmarkConfig", "EdgeRestriction",
-    "RestrictionConfig", "ResumableForward", "check_thresholds", "kl_to_clean", "receiver_order", "roc_points",
+    "RestrictionConfig", "ResumableForward", "check_thresholds", "kl_to_clean", "receiver_order", "roc_points", "run_acdc", "select_batch",
 ]

@@ -9,8 +9,10 @@ value raises one `ConfigError` naming the field (``benchmark.acdc.thresholds``, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from itertools import pairwise
+from typing import Any
 
 from mechflow.errors import ConfigError
 from mechflow.io import canonical_hash
@@ -42,20 +44,27 @@ class RestrictionConfig:
     Attributes:
         last_layers: only edges whose receiver is in the last ``last_layers`` layers or is the
             logits; None = every layer.
+        sender_last_layers: only edges whose sender is a head or MLP of the last
+            ``sender_last_layers`` layers (the embedding is excluded); None = every sender.
         components: ``"all"`` or ``"heads"`` (no edge that starts or ends at an MLP).
     """
 
     last_layers: int | None = None
+    sender_last_layers: int | None = None
     components: str = "all"
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "RestrictionConfig":
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> RestrictionConfig:
         cfg = dict(cfg or {})
         _check_keys("benchmark.restriction", cfg, cls)
         out = cls(**cfg)
         if out.last_layers is not None and (not _is_int(out.last_layers) or out.last_layers < 1):
             raise ConfigError(f"benchmark.restriction.last_layers: {out.last_layers!r} must be null "
                               "(every layer) or an integer >= 1")
+        if out.sender_last_layers is not None and (not _is_int(out.sender_last_layers)
+                                                   or out.sender_last_layers < 1):
+            raise ConfigError(f"benchmark.restriction.sender_last_layers: {out.sender_last_layers!r} must be "
+                              "null (every sender) or an integer >= 1")
         if out.components not in COMPONENTS:
             raise ConfigError(f"benchmark.restriction.components: {out.components!r} must be one of "
                               f"{list(COMPONENTS)}")
@@ -75,7 +84,7 @@ def check_thresholds(thresholds: Any) -> tuple[float, ...]:
         raise ConfigError(f"{where}: {bad[0]!r} is not a finite number; every tau must be a number >= 0")
     if any(t < 0 for t in taus):
         raise ConfigError(f"{where}: {min(taus)!r} is negative; tau is a tolerated metric increase, >= 0")
-    if any(b <= a for a, b in zip(taus, taus[1:])):
+    if any(b <= a for a, b in pairwise(taus)):
         raise ConfigError(f"{where}: {taus!r} must be strictly increasing (sorted, no duplicates)")
     return tuple(float(t) for t in taus)
 
@@ -104,7 +113,7 @@ class AcdcConfig:
     prune_dead: bool = True
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "AcdcConfig":
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> AcdcConfig:
         cfg = dict(cfg or {})
         _check_keys("benchmark.acdc", cfg, cls)
         if "thresholds" in cfg:
@@ -147,7 +156,7 @@ class BenchmarkConfig:
     acdc: AcdcConfig = field(default_factory=AcdcConfig)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "BenchmarkConfig":
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> BenchmarkConfig:
         cfg = dict(cfg or {})
         _check_keys("benchmark", cfg, cls)
         n = cfg.get("n_prompts", cls.n_prompts)

@@ -17,7 +17,7 @@ Both are computed in float64 from final-position logits ``[K, n, vocab]`` (K can
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,12 +25,16 @@ from torch import Tensor
 from mechflow.benchmark.config import check_metric
 
 
-def kl_to_clean(clean_logprobs: Tensor, last_logits: Tensor) -> Tensor:
-    """``[K]`` mean over prompts of KL(clean || circuit); ``clean_logprobs`` ``[n, vocab]``."""
-    lq = torch.log_softmax(last_logits.double(), dim=-1)
+def kl_to_clean(clean_logprobs: Tensor, last_logits: Tensor, _neg_entropy: Tensor | None = None) -> Tensor:
+    """``[K]`` mean over prompts of KL(clean || circuit); ``clean_logprobs`` ``[n, vocab]``.
+
+    Computed as ``sum p log p - sum p log q`` (terms with p = 0 contribute 0).
+    """
     p = clean_logprobs.exp()
-    terms = torch.where(p > 0, p * (clean_logprobs - lq), torch.zeros((), dtype=torch.float64))
-    return terms.sum(-1).mean(-1)
+    if _neg_entropy is None:
+        _neg_entropy = torch.where(p > 0, p * clean_logprobs, torch.zeros((), dtype=p.dtype)).sum(-1)
+    lq = torch.log_softmax(last_logits.double(), dim=-1)
+    return (_neg_entropy - (p * lq).sum(-1)).mean(-1)
 
 
 class AcdcMetric:
@@ -46,6 +50,8 @@ class AcdcMetric:
     def __init__(self, name: str, clean_last_logits: Tensor, task_metric: Callable[[Tensor], Tensor] | None = None):
         self.name = check_metric(name)
         self.clean_logprobs = torch.log_softmax(clean_last_logits.double(), dim=-1)
+        p = self.clean_logprobs.exp()
+        self._neg_entropy = torch.where(p > 0, p * self.clean_logprobs, torch.zeros((), dtype=p.dtype)).sum(-1)
         self.task_metric = task_metric
         if name == "task":
             if task_metric is None:
@@ -57,5 +63,5 @@ class AcdcMetric:
 
     def __call__(self, last_logits: Tensor) -> Tensor:
         if self.name == "kl":
-            return kl_to_clean(self.clean_logprobs, last_logits)
+            return kl_to_clean(self.clean_logprobs, last_logits, self._neg_entropy)
         return torch.stack([(self._task_mean(copy) - self.reference).abs() for copy in last_logits])

@@ -36,7 +36,7 @@ class EdgeRestriction:
     spec: RestrictionConfig
 
     @classmethod
-    def build(cls, graph: EdgeGraph, spec: RestrictionConfig | dict | None = None) -> "EdgeRestriction":
+    def build(cls, graph: EdgeGraph, spec: RestrictionConfig | dict | None = None) -> EdgeRestriction:
         spec = spec if isinstance(spec, RestrictionConfig) else RestrictionConfig.from_dict(spec)
         mask = graph.valid.clone()
         if spec.last_layers is not None:
@@ -45,6 +45,11 @@ class EdgeRestriction:
                                   f"model's {graph.n_layers} layers; use null for every layer")
             first = graph.first_receiver(graph.n_layers - spec.last_layers)
             mask[:, :first] = False
+        if spec.sender_last_layers is not None:
+            if spec.sender_last_layers > graph.n_layers:
+                raise ConfigError(f"benchmark.restriction.sender_last_layers: {spec.sender_last_layers} exceeds "
+                                  f"the model's {graph.n_layers} layers; use null for every sender")
+            mask[:graph.first_sender(graph.n_layers - spec.sender_last_layers), :] = False
         if spec.components == "heads":
             for L in range(graph.n_layers):
                 mask[graph.mlp_sender(L), :] = False

@@ -10,7 +10,8 @@ beyond float round-off (tested against `graph_forward` in ``tests/unit/benchmark
    CLEAN run; so the clean residual at each stage and the clean sender outputs are cached once and
    a run starts at stage ``t`` (ACDC visits receivers in reverse topological order, so this holds
    for every candidate it evaluates).
-2. Only the final position's logits are computed (the metrics read nothing else).
+2. Only the final position's output is computed after the last layer's attention (the metrics
+   read nothing else): the last MLP and the unembedding run on one position per prompt.
 3. Batched candidates: ``K`` copies of the prompts run side by side; copy ``k`` additionally
    removes the edges ``cand[k]`` into the current receiver ``cur`` (all from senders before the
    start stage). Removed edges into receivers of later stages are shared by all copies.
@@ -65,6 +66,9 @@ class ResumableForward:
             self.clean_last_logits = self.run(0, x0, None, record=True)[0]
         self.diff = self.corrupted - self.clean  # [n_senders, n, pos, d]
         self.n_forward = 0
+        # TL's Unembed transposes W_U into a contiguous copy on every call (113 MB for SmolLM2);
+        # keep one copy so the result is the same F.linear without the per-call copy.
+        self._w_u = model.unembed.W_U.detach().T.contiguous()
 
     # ------------------------------------------------------------------ stage bookkeeping
     @property
@@ -183,8 +187,10 @@ class ResumableForward:
             """Record sender ``s``'s output ``[B, p, d]`` (clean pass) or its per-copy diff."""
             if record:
                 self.clean[s] = out
-            if s in down_rows:
-                diff_down[down_rows[s]] = (self.corrupted[s].unsqueeze(0) - out.reshape(K, n, p, d)).reshape(B, p, d)
+            if s in down_rows:  # out may hold only the last position (last MLP)
+                pp = out.shape[1]
+                diff_down[down_rows[s], :, p - pp:] = (self.corrupted[s, :, p - pp:].unsqueeze(0)
+                                                       - out.reshape(K, n, pp, d)).reshape(B, pp, d)
 
         if K > 1:
             x = x.repeat(K, 1, 1)
@@ -194,14 +200,14 @@ class ResumableForward:
                 block = model.blocks[L]
                 if record:
                     self.x.append(x)
-                corr = correction(t)
+                corr = correction(t) if not (is_mlp and L == g.n_layers - 1 and not record) else None
                 if not is_mlp:
                     qkv_in = x.unsqueeze(2).expand(B, p, 3 * H, d)
                     if corr is not None:
                         qkv_in = (qkv_in.view(K, n, p, 3 * H, d) + corr).reshape(B, p, 3 * H, d)
                     normed = block.ln1(qkv_in)
                     z_box: list[Tensor] = []
-                    handle = block.attn.hook_z.register_forward_hook(lambda m, i, o: z_box.append(o))
+                    handle = block.attn.hook_z.register_forward_hook(lambda m, i, o, box=z_box: box.append(o))
                     try:
                         attn_out = block.attn(query_input=normed[:, :, :H], key_input=normed[:, :, H:2 * H],
                                               value_input=normed[:, :, 2 * H:], attention_mask=attn_mask)
@@ -213,7 +219,11 @@ class ResumableForward:
                             emit(s0 + h, z_box[0][:, :, h] @ block.attn.W_O[h])
                     x = x + attn_out
                 else:
-                    mlp_in = x if corr is None else (x.view(K, n, p, d) + corr[..., 0, :]).reshape(B, p, d)
+                    last = L == g.n_layers - 1 and not record
+                    if last:  # nothing after the last MLP reads another position
+                        x, corr = x[:, -1:], correction(t, last_only=True)
+                    pp = x.shape[1]
+                    mlp_in = x if corr is None else (x.view(K, n, pp, d) + corr[..., 0, :]).reshape(B, pp, d)
                     mlp_out = block.mlp(block.ln2(mlp_in))
                     emit(g.mlp_sender(L), mlp_out)
                     x = x + mlp_out
@@ -225,7 +235,9 @@ class ResumableForward:
                 final = (final.reshape(K, n, 1, d) + corr[..., 0, :]).reshape(B, 1, d)
             if model.cfg.normalization_type is not None:
                 final = model.ln_final(final)
-            logits = model.unembed(final)[:, 0]
+            w_u = getattr(self, "_w_u", None)
+            logits = (model.unembed(final) if w_u is None else
+                      torch.nn.functional.linear(final, w_u, model.unembed.b_U))[:, 0]
             cap = getattr(model.cfg, "output_logits_soft_cap", None)
             if cap is not None and cap > 0:
                 logits = cap * torch.tanh(logits / cap)

@@ -135,7 +135,9 @@ def parse_config(model: type[_Cfg], cfg: Any, group: str) -> Any:
 
 
 def json_schemas() -> dict[str, dict]:
-    return {"sae": SAEConfig.model_json_schema(), "transcoder": TranscoderConfig.model_json_schema()}
+    draft = {"$schema": "https://json-schema.org/draft/2020-12/schema"}  # jsonschema/snakemake detect the dialect
+    return {"sae": {**draft, **SAEConfig.model_json_schema()},
+            "transcoder": {**draft, **TranscoderConfig.model_json_schema()}}
 
 
 def write_json_schemas(folder: str | Path = "workflow/schemas/config") -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechflow.attribution.composition import composition_frame, composition_scores, dense_matrices
+from mechflow.attribution.composition import (
+    composition_frame,
+    composition_scores,
+    dense_matrices,
+)
 from mechflow.errors import ConfigError
 
 

@@ -6,7 +6,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from mechflow.attribution.lens import FRAME_COLUMNS, direct_logit_attribution, logit_lens
+from mechflow.attribution.lens import (
+    FRAME_COLUMNS,
+    direct_logit_attribution,
+    logit_lens,
+)
 
 N, POS = 3, 7
 
@@ -78,7 +82,11 @@ def test_dla_of_one_head_matches_manual_projection(biased_llama):
 
 
 def test_plots_write_png_files(tmp_path, biased_llama):
-    from mechflow.attribution.plots import plot_head_grid, plot_logit_lens, plot_token_saliency
+    from mechflow.attribution.plots import (
+        plot_head_grid,
+        plot_logit_lens,
+        plot_token_saliency,
+    )
 
     toks = _tokens(4)
     lens = logit_lens(biased_llama, toks, 1, 2)

@@ -66,7 +66,7 @@ def test_neuron_attribution_patching_is_the_directional_derivative(biased_llama)
         name = f"blocks.{layer}.mlp.hook_post"
         delta = kc[name][:, :, i] - cc[name][:, :, i]
 
-        def f(t):
+        def f(t, i=i, delta=delta, name=name):
             def hook(act, hook):
                 act[:, :, i] = act[:, :, i] + t * delta
                 return act

@@ -54,6 +54,7 @@ def test_bad_thresholds_name_the_field(thresholds):
     ({"acdc": {"tau": [0.1]}}, r"benchmark\.acdc\.tau: unknown key"),
     ({"n_prompts": 0}, r"benchmark\.n_prompts"),
     ({"restriction": {"last_layers": 0}}, r"benchmark\.restriction\.last_layers"),
+    ({"restriction": {"sender_last_layers": -1}}, r"benchmark\.restriction\.sender_last_layers"),
     ({"restriction": {"components": "mlps"}}, r"benchmark\.restriction\.components"),
     ({"method": "acdc"}, r"benchmark\.method: unknown key"),
 ])
@@ -99,5 +100,10 @@ def test_restriction_masks():
     order = last.ranked(scores)
     assert len(order) == last.n_edges and bool(last.mask.flatten()[order].all())
     assert torch.isnan(last.restrict_scores(scores)[~last.mask]).all()
+    window = EdgeRestriction.build(g, {"last_layers": 1, "sender_last_layers": 1})
+    assert {n.split("->")[0] for n in window.edge_names()} == {"a2.h0", "a2.h1", "m2"}
+    assert set(window.edge_names()) == {"a2.h0->m2", "a2.h1->m2", "a2.h0->logits", "a2.h1->logits", "m2->logits"}
     with pytest.raises(ConfigError, match=r"benchmark\.restriction\.last_layers"):
         EdgeRestriction.build(g, {"last_layers": 4})
+    with pytest.raises(ConfigError, match=r"benchmark\.restriction\.sender_last_layers"):
+        EdgeRestriction.build(g, {"sender_last_layers": 4})

@@ -1,0 +1,99 @@
+rule train_sae:
+    """Train a sparse autoencoder with SAELens' trainer, streaming the harvested Parquet shards."""
+    input:
+        harvest_index=rules.harvest.output.index,
+    output:
+        training=f"{R}/dictionaries/sae/training.json",
+    params:
+        cfg=stage_cfg("sae"),
+        model_cfg=stage_cfg("model"),
+        wandb_cfg=stage_cfg("wandb"),
+        manifest=sae_manifest_of,
+        out_dir=dictionary_dir_of("sae"),  # the whole SAELens folder is swapped into place atomically
+    log:
+        f"{R}/logs/train_sae.log",
+    benchmark:
+        f"{R}/benchmarks/train_sae.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/train_sae.py"
+
+
+rule evaluate_sae:
+    """Held-out EV (outliers excluded and included), L0, dead/dense latents, spliced CE and KL."""
+    input:
+        training=rules.train_sae.output.training,
+        tokens=rules.prepare_corpus.output.tokens,
+    output:
+        metrics=f"{R}/dictionaries/sae_metrics.json",
+    params:
+        cfg=stage_cfg("sae"),
+        model_cfg=stage_cfg("model"),
+        manifest=sae_manifest_of,
+        dictionary=dictionary_dir_of("sae"),
+    log:
+        f"{R}/logs/evaluate_sae.log",
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/evaluate_dictionary.py"
+
+
+rule train_transcoder:
+    """Train a JumpReLU transcoder (per-layer, skip or cross-layer) on harvested MLP in/out pairs."""
+    input:
+        harvest_index=rules.harvest.output.index,
+    output:
+        training=f"{R}/dictionaries/transcoder/training.json",
+    params:
+        cfg=stage_cfg("transcoder"),
+        model_cfg=stage_cfg("model"),
+        wandb_cfg=stage_cfg("wandb"),
+        manifests=transcoder_manifests_of,
+        out_dir=dictionary_dir_of("transcoder"),
+    log:
+        f"{R}/logs/train_transcoder.log",
+    benchmark:
+        f"{R}/benchmarks/train_transcoder.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/train_transcoder.py"
+
+
+rule evaluate_transcoder:
+    """Held-out FVU, L0, dead latents, and CE/KL with the transcoder replacing the MLP."""
+    input:
+        training=rules.train_transcoder.output.training,
+        tokens=rules.prepare_corpus.output.tokens,
+    output:
+        metrics=f"{R}/dictionaries/transcoder_metrics.json",
+    params:
+        cfg=stage_cfg("transcoder"),
+        model_cfg=stage_cfg("model"),
+        manifest=transcoder_in_manifest_of,
+        manifest_out=transcoder_out_manifest_of,
+        dictionary=transcoder_eval_dir_of,
+    log:
+        f"{R}/logs/evaluate_transcoder.log",
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/evaluate_dictionary.py"
