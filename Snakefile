@@ -12,6 +12,7 @@ include: "workflow/rules/config.smk"
 include: "workflow/rules/tasks.smk"
 include: "workflow/rules/harvest.smk"
 include: "workflow/rules/dictionaries.smk"
+include: "workflow/rules/attribution.smk"
 include: "workflow/rules/summary.smk"
 
 

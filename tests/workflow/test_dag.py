@@ -89,6 +89,20 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "ioi" in table and "harvest" in table
     index = json.loads((run / "harvest" / "index.json").read_text())
     assert index["hooks"] and all((run / "harvest" / h["manifest"]).exists() for h in index["hooks"])
+    for task in ("ioi", "factual_recall", "greater_than"):
+        folder = run / "circuits" / task
+        for name in ("node_scores.parquet", "head_types.parquet", "circuit.json", "circuit.png", "circuit.dot",
+                     "circuit_prompts.parquet", "curve_prompts.parquet", "edge_scores.parquet"):
+            assert (folder / name).exists(), folder / name
+    # circuit.json alone is enough to recompute faithfulness with independent code
+    from mechflow.circuits.result import read_circuit, reevaluate_circuit
+
+    circuit = read_circuit(run / "circuits" / "ioi" / "circuit.json")
+    again_f = reevaluate_circuit(circuit)
+    assert abs(again_f["faithfulness"] - circuit.faithfulness) < 1e-4
+    for name in ("sae_metrics.json", "transcoder_metrics.json"):
+        metrics = json.loads((run / "dictionaries" / name).read_text())
+        assert metrics["l0"] > 0 and metrics["ce_clean"] > 0
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", "overrides=+experiment=smoke", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr

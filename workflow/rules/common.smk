@@ -26,7 +26,7 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
     # compose_runs already validated with readable errors; this is Snakemake's own check.
     check_harvested_hooks(_run)
-    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder"):
+    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit"):
         validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
     for _task in _run.cfg["task"].values():
         validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
@@ -72,6 +72,17 @@ def dictionary_metrics_of(wildcards):
     else:
         targets.append(f"results/{wildcards.run}/dictionaries/transcoder/training.json")
     return targets
+
+
+def circuit_outputs_of(wildcards):
+    """Attribution outputs of every task; edge circuits only where the model supports them."""
+    run = RUNS[wildcards.run].cfg
+    out = []
+    for task in sorted(run["task"]):
+        out.append(f"results/{wildcards.run}/circuits/{task}/node_scores.parquet")
+        if run["model"].get("edge_circuits", True):
+            out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
+    return out
 
 
 def run_targets(wildcards):

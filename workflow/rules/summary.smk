@@ -33,6 +33,7 @@ rule run_manifest:
         table=rules.summarize.output.table,
         figure=rules.summarize.output.figure,
         dictionary_metrics=dictionary_metrics_of,
+        circuit_outputs=circuit_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

@@ -26,27 +26,13 @@ from mechflow.circuits.faithfulness import CircuitEvaluator
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import DataError
 from mechflow.io import atomic_path, atomic_write_json, sha256_file
-from mechflow.tasks.dataset import TaskBatch, TaskDataset, make_batch
+from mechflow.tasks import select_batch
+from mechflow.tasks.dataset import TaskDataset
 
 log = logging.getLogger(__name__)
 
 ACDC_JSON, ACDC_STEPS = "acdc.json", "acdc_steps.parquet"
 SCHEMA_VERSION = "1"
-
-
-def select_batch(ds: TaskDataset, n_prompts: int, path: Path) -> TaskBatch:
-    """First ``n_prompts`` examples of the largest equal-length bucket (ties: shortest length)."""
-    if not ds.posable or not ds.examples:
-        raise DataError(f"{path}: task {ds.name!r} has no examples ({ds.reason or 'empty dataset'}); "
-                        "ACDC needs prompt pairs")
-    buckets = ds.buckets()
-    best = max(buckets, key=lambda b: (len(b), -b.clean_tokens.shape[1]))
-    n = min(n_prompts, len(best))
-    if n < n_prompts:
-        log.warning("%s: only %d prompts of one length (asked for %d)", path, n, n_prompts)
-    ids = set(best.example_ids[:n])
-    return make_batch([it for it in ds.examples if it.id in ids and it.n_tokens == best.clean_tokens.shape[1]],
-                      ds.metric_kind)
 
 
 def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model: Any = None) -> dict:

@@ -30,16 +30,16 @@ class CircuitConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("eap", "eap-ig"):
-            raise ConfigError(f"circuits.method: {self.method!r} is not one of 'eap', 'eap-ig'.")
+            raise ConfigError(f"circuit.method: {self.method!r} is not one of 'eap', 'eap-ig'.")
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
-            raise ConfigError(f"circuits.ig_steps: {self.ig_steps!r} must be an integer >= 1 (MIB uses 5).")
+            raise ConfigError(f"circuit.ig_steps: {self.ig_steps!r} must be an integer >= 1 (MIB uses 5).")
         if self.ig_rule not in ("left", "midpoint"):
-            raise ConfigError(f"circuits.ig_rule: {self.ig_rule!r} is not one of 'left', 'midpoint'.")
+            raise ConfigError(f"circuit.ig_rule: {self.ig_rule!r} is not one of 'left', 'midpoint'.")
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target <= 1:
-            raise ConfigError(f"circuits.target: {self.target!r} must lie in (0, 1], e.g. 0.8.")
+            raise ConfigError(f"circuit.target: {self.target!r} must lie in (0, 1], e.g. 0.8.")
         pct = tuple(float(p) for p in self.percentages)
         if not pct or any(not 0 < p <= 100 for p in pct) or list(pct) != sorted(set(pct)):
-            raise ConfigError(f"circuits.percentages: {self.percentages!r} must be strictly increasing "
+            raise ConfigError(f"circuit.percentages: {self.percentages!r} must be strictly increasing "
                               "values in (0, 100].")
         object.__setattr__(self, "percentages", pct)
 
@@ -48,7 +48,7 @@ class CircuitConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ConfigError(f"circuits.{unknown[0]}: unknown key; known keys are {sorted(known)}.")
+            raise ConfigError(f"circuit.{unknown[0]}: unknown key; known keys are {sorted(known)}.")
         return cls(**{k: (tuple(v) if k == "percentages" else v) for k, v in cfg.items()})
 
     def to_dict(self) -> dict:

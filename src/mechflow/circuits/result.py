@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field, BaseModel, ConfigDict
 from torch import Tensor
 
 from mechflow.circuits.faithfulness import normalized_faithfulness
@@ -48,6 +48,33 @@ class LogitDiffSpec(_Doc):
         def metric(logits: Tensor) -> Tensor:
             rows = torch.arange(logits.shape[0])
             return logits[rows, pos, correct] - logits[rows, pos, incorrect]
+
+        return metric
+
+
+class TargetMetricSpec(_Doc):
+    """metric(logits)[i] = sum_j sign[i][j] * v[i, position, target_ids[i][j]] with v = logits (``logit``)
+    or their softmax (``prob``): the tasks' logit and probability differences (`TaskBatch.metric`)."""
+
+    kind: Literal["targets"] = "targets"
+    value: Literal["logit", "prob"]
+    position: int = -1
+    target_ids: list[list[int]]
+    target_signs: list[list[float]]
+
+    @classmethod
+    def from_task_batch(cls, batch) -> "TargetMetricSpec":
+        return cls(value="prob" if batch.metric_kind == "prob_diff" else "logit",
+                   target_ids=batch.target_ids.tolist(), target_signs=batch.target_signs.double().tolist())
+
+    def build(self):
+        pos = self.position
+        ids, signs = torch.tensor(self.target_ids), torch.tensor(self.target_signs)
+
+        def metric(logits: Tensor) -> Tensor:
+            last = logits[:, pos, :]
+            values = last.softmax(dim=-1) if self.value == "prob" else last
+            return (values.gather(-1, ids) * signs.to(values.dtype)).sum(dim=-1)
 
         return metric
 
@@ -99,7 +126,7 @@ class CircuitFile(_Doc):
     cpr: float
     cmd: float
     n_evaluations: int
-    metric: LogitDiffSpec
+    metric: Annotated[LogitDiffSpec | TargetMetricSpec, Field(discriminator="kind")]
     prompts: PromptSet
 
 

@@ -279,3 +279,18 @@ def write_dataset(path: Path, items: list[TaskItem], meta: dict) -> dict:
     atomic_write_json(meta_path_of(path), full_meta)
     atomic_write_text(path, text)
     return full_meta
+
+
+def select_batch(ds: TaskDataset, n_prompts: int, path: Path) -> TaskBatch:
+    """First ``n_prompts`` examples of the largest equal-length bucket (ties: shortest length)."""
+    if not ds.posable or not ds.examples:
+        raise DataError(f"{path}: task {ds.name!r} has no examples ({ds.reason or 'empty dataset'}); "
+                        "circuit methods need prompt pairs")
+    buckets = ds.buckets()
+    best = max(buckets, key=lambda b: (len(b), -b.clean_tokens.shape[1]))
+    n = min(n_prompts, len(best))
+    if n < n_prompts:
+        log.warning("%s: only %d prompts of one length (asked for %d)", path, n, n_prompts)
+    ids = set(best.example_ids[:n])
+    return make_batch([it for it in ds.examples if it.id in ids and it.n_tokens == best.clean_tokens.shape[1]],
+                      ds.metric_kind)
