@@ -85,5 +85,16 @@ def circuit_outputs_of(wildcards):
     return out
 
 
+def summary_results_of(wildcards):
+    """JSON results whose headline numbers go into the run's summary table."""
+    run = RUNS[wildcards.run].cfg
+    out = [p for p in dictionary_metrics_of(wildcards) if p.endswith("_metrics.json")]
+    for task in sorted(run["task"]):
+        out.append(f"results/{wildcards.run}/circuits/{task}/agreement.json")
+        if run["model"].get("edge_circuits", True):
+            out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
+    return out
+
+
 def run_targets(wildcards):
     return [f"results/{name}/run_manifest.json" for name in RUNS]

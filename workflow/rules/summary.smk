@@ -1,9 +1,10 @@
 rule summarize:
-    """One table of task baselines and harvest statistics, and one figure, per run."""
+    """One table of every stage's headline numbers (each naming its source file), and one figure."""
     input:
         baselines=baselines_of,
         harvest_index=rules.harvest.output.index,
         model_card=rules.model_card.output.model_card,
+        results=summary_results_of,
     output:
         table=report(f"{R}/summary/summary.csv", category="Summary", labels={"run": "{run}", "file": "table"}),
         figure=report(f"{R}/summary/activation_norms.png", category="Summary", labels={"run": "{run}", "file": "figure"}),

@@ -33,7 +33,7 @@ from mechflow.tasks import TaskDataset, select_batch
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "ap", "ig")
-DEFAULTS = {"n_prompts": 16, "ig_steps": 8, "max_batch": 64, "head_type_threshold": 0.4, "head_type_seqs": 8,
+DEFAULTS = {"methods": list(METHODS), "n_prompts": 16, "ig_steps": 8, "max_batch": 64, "head_type_threshold": 0.4, "head_type_seqs": 8,
             "head_type_seq_len": 32, "ioi_roles": False}
 
 
@@ -44,6 +44,10 @@ def _cfg(cfg: dict) -> dict:
     out = {**DEFAULTS, **cfg}
     if out["ig_steps"] < 1 or out["n_prompts"] < 2:
         raise ConfigError("attribution.ig_steps must be >= 1 and attribution.n_prompts >= 2.")
+    bad = [m for m in out["methods"] if m not in METHODS]
+    if bad or "exact" not in out["methods"]:
+        raise ConfigError(f"attribution.methods: {out['methods']} must be a subset of {list(METHODS)} that "
+                          "includes 'exact' (the reference every other method is compared with).")
     return out
 
 
@@ -79,7 +83,7 @@ def _agreement(node_scores: pl.DataFrame) -> dict:
     means = node_scores.group_by("method", "component").agg(pl.col("score").mean()).sort("component")
     exact = means.filter(pl.col("method") == "exact")["score"].to_numpy()
     out = {}
-    for method in ("ap", "ig"):
+    for method in sorted(set(means["method"]) - {"exact"}):
         other = means.filter(pl.col("method") == method)["score"].to_numpy()
         out[method] = {"pearson_vs_exact": float(sps.pearsonr(exact, other).statistic),
                        "spearman_vs_exact": float(sps.spearmanr(exact, other).statistic),
@@ -115,7 +119,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
     n = len(batch)
 
     per_method = {}
-    for method in METHODS:
+    for method in c["methods"]:
         if method == "exact":
             heads = exact_patching(model, batch, "head", per_prompt=True, max_batch=c["max_batch"])
             mlps = exact_patching(model, batch, "mlp", per_prompt=True, max_batch=c["max_batch"])
@@ -129,7 +133,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
                                                  max_batch=c["max_batch"])
         per_method[method] = (heads.detach(), mlps.detach())
         log.info("attribution %s done", method)
-    table = pl.concat([_long_rows(m, *per_method[m]) for m in METHODS])
+    table = pl.concat([_long_rows(m, *per_method[m]) for m in c["methods"]])
     _write_parquet(table, node_scores)
 
     with torch.no_grad():
@@ -174,6 +178,9 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
     top = sorted(((float(exact_heads[lay, h]), f"a{lay}.h{h}") for lay in range(exact_heads.shape[0])
                   for h in range(exact_heads.shape[1])), key=lambda t: -abs(t[0]))[:8]
     lines = "\n".join(f"| {name} | {score:+.4f} |" for score, name in top)
+    names = {"ap": "attribution patching", "ig": f"IG patching ({c['ig_steps']} steps)"}
+    agreement_rows = "\n".join(f"| {names[m]} | {agree[m]['pearson_vs_exact']:.3f} | {agree[m]['spearman_vs_exact']:.3f} |"
+                                for m in c["methods"] if m != "exact")
     atomic_write_text(summary, f"""# Attribution: {model_cfg['name']} × {task}
 
 {n} prompt pairs; scores are m(patched) − m(clean) when one component takes its corrupted value
@@ -182,8 +189,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
 
 | method vs exact patching | Pearson | Spearman |
 |---|---|---|
-| attribution patching | {agree['ap']['pearson_vs_exact']:.3f} | {agree['ap']['spearman_vs_exact']:.3f} |
-| IG patching ({c['ig_steps']} steps) | {agree['ig']['pearson_vs_exact']:.3f} | {agree['ig']['spearman_vs_exact']:.3f} |
+{agreement_rows}
 
 Top heads by |exact effect|:
 

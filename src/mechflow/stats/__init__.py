@@ -34,6 +34,7 @@ from mechflow.stats.stability import (
     top_k_jaccard,
     top_k_set,
 )
+from mechflow.stats.stage import run_cross_model, run_statistics
 
 __all__ = [
     "BootstrapResult", "bootstrap", "bootstrap_faithfulness", "bootstrap_mean_functional", "bootstrap_means",
@@ -45,4 +46,5 @@ __all__ = [
     "summarize_cka", "summarize_fcas", "summarize_pairwise_stability", "write_table",
     "BootstrapStability", "PairwiseStability", "bootstrap_rank_stability", "kendall_tau_b",
     "pairwise_stability", "top_k_jaccard", "top_k_set",
+    "run_cross_model", "run_statistics",
 ]

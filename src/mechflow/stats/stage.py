@@ -21,8 +21,8 @@ MIB (Mueller et al. 2025) for the circuit quantities:
 
 `run_cross_model` (two models, the same task): FCAS between the exact-patching component
 scores with its sampled permutation null (`fcas.py`), and linear CKA by relative depth between
-the residual streams at the last prompt token (Kornblith et al. 2019) on the prompt texts that
-both task datasets contain.
+the residual streams at the last prompt token (Kornblith et al. 2019) on the union of both task
+datasets' prompt texts, each model reading every text with its own tokenization.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from mechflow.circuits.faithfulness import CurvePoint, area_metrics
-from mechflow.circuits.result import CircuitFile, read_circuit
 from mechflow.contracts.models import ModelCard
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, atomic_write_json, atomic_write_text
@@ -49,9 +47,11 @@ from mechflow.stats.stability import (
     PairwiseStability,
     bootstrap_rank_stability,
     pairwise_stability,
-    summarize,
     top_k_set,
 )
+
+if TYPE_CHECKING:
+    from mechflow.circuits.result import CircuitFile
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +253,13 @@ def read_node_scores(path: Path, prompts: Prompts, n_layers: int) -> NodeScores:
                       ids, scores)
 
 
-def _rows_by_prompt(path: Path, df: pl.DataFrame, ids: np.ndarray, what: str) -> np.ndarray:
+def _rows_by_prompt(path: Path, df: pl.DataFrame, ids: np.ndarray, what: str, reference: str) -> np.ndarray:
     """Row order of `df` that puts its prompts in the order of `ids` (same set, no duplicates)."""
     got = df["prompt"].to_numpy().astype(np.int64)
     if np.unique(got).size != got.size or set(got.tolist()) != set(ids.tolist()):
-        raise DataError(f"{path}: column 'prompt' must list each prompt of prompts.parquet once{what} "
+        raise DataError(f"{path}: column 'prompt' must list each prompt of {reference} once{what} "
                         f"(got {got.size} rows, {np.unique(got).size} unique ids, expected the {ids.size} ids "
-                        f"{ids[:5].tolist()}...); the circuits stage must score and evaluate the same batch")
+                        f"{ids[:5].tolist()}...); re-run the circuits stage")
     pos = {int(v): i for i, v in enumerate(got)}
     return np.array([pos[int(i)] for i in ids], dtype=np.int64)
 
@@ -274,13 +274,19 @@ class CircuitData:
         n_edges: edge count per budget.
         curve: [n, len(budgets)] metric per prompt at each budget (None if no curve).
         reference: circuit.json (None if not given).
+        shared: the circuit batch is the node-score batch (same examples in the same order), so
+            circuit quantities share the node scores' resamples; else they get their own.
     """
 
     metrics: np.ndarray
     budgets: list[float]
     n_edges: list[int]
     curve: np.ndarray | None
-    reference: CircuitFile | None
+    reference: "CircuitFile | None"
+    shared: bool
+
+    def __len__(self) -> int:
+        return int(self.metrics.shape[0])
 
 
 def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: Path | None,
@@ -293,16 +299,24 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
         if circuit is not None:
             logger.warning("circuit.json given without circuit_prompts.parquet: circuit quantities get no CIs")
         return None
-    ids = prompts.prompt
+    from mechflow.circuits.result import read_circuit  # imports torch: only when a circuit is given
+
     ref = read_circuit(circuit) if circuit is not None else None
-    cp = read_table(circuit_prompts, CIRCUIT_PROMPTS_COLUMNS)
-    cp = cp[_rows_by_prompt(Path(circuit_prompts), cp, ids, "")]
+    cp = read_table(circuit_prompts, CIRCUIT_PROMPTS_COLUMNS).sort("prompt")
+    ids = cp["prompt"].to_numpy().astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise DataError(f"{circuit_prompts}: column 'prompt' has duplicate ids; one row per prompt; "
+                        "re-run the circuits stage")
+    if ids.size < 2:
+        raise DataError(f"{circuit_prompts}: {ids.size} prompt(s); the bootstrap needs at least 2 "
+                        "(raise circuit.n_prompts)")
+    shared = _same_batch(prompts, ids, ref, Path(circuit_prompts))
     metrics = cp.select("m_full", "m_empty", "m_circuit", "m_without_circuit").to_numpy().astype(np.float64)
     if np.isclose(metrics[:, 0].mean(), metrics[:, 1].mean(), rtol=0, atol=1e-12):
         raise DataError(f"{circuit_prompts}: mean m_full equals mean m_empty, so faithfulness is undefined "
                         "(the corruption does not change the metric; choose another corrupted prompt set)")
     if curve_prompts is None:
-        return CircuitData(metrics, [], [], None, ref)
+        return CircuitData(metrics, [], [], None, ref, shared)
     cv = read_table(curve_prompts, CURVE_PROMPTS_COLUMNS)
     found = sorted(cv["budget_pct"].unique().to_list())
     if ref is not None:
@@ -316,7 +330,7 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
     n_edges = []
     for t, pct in enumerate(budgets):
         sub = cv.filter((pl.col("budget_pct") - pct).abs() <= 1e-9)
-        sub = sub[_rows_by_prompt(Path(curve_prompts), sub, ids, f" at budget_pct={pct}")]
+        sub = sub[_rows_by_prompt(Path(curve_prompts), sub, ids, f" at budget_pct={pct}", "circuit_prompts.parquet")]
         ne = sub["n_edges"].unique().to_list()
         if len(ne) != 1:
             raise DataError(f"{curve_prompts}: column 'n_edges' takes several values {ne} at budget_pct={pct}; "
@@ -326,7 +340,23 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
                             f"{ref.curve[t].n_edges}; both must come from the same circuits run")
         n_edges.append(int(ne[0]))
         curve[:, t] = sub["metric"].to_numpy()
-    return CircuitData(metrics, [float(b) for b in budgets], n_edges, curve, ref)
+    return CircuitData(metrics, [float(b) for b in budgets], n_edges, curve, ref, shared)
+
+
+def _same_batch(prompts: Prompts, ids: np.ndarray, ref: "CircuitFile | None", path: Path) -> bool:
+    """Whether the circuit's prompts are the node-score prompts (by example id when circuit.json has them)."""
+    ex_ids = ref.prompts.prompt_ids if ref is not None else None
+    if ex_ids is not None:
+        if ids.tolist() != list(range(len(ex_ids))):
+            raise DataError(f"{path}: column 'prompt' must be 0..{len(ex_ids) - 1}, one per prompt of circuit.json "
+                            f"(got {ids[:5].tolist()}...); both must come from the same circuits run")
+        same = list(map(str, ex_ids)) == list(prompts.example_id)
+    else:
+        same = ids.tolist() == prompts.prompt.tolist()
+    if not same:
+        logger.warning("%s: the circuit batch (%d prompts) differs from the node-score batch (%d prompts); "
+                       "circuit quantities are resampled over their own prompts", path, ids.size, len(prompts))
+    return same
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -341,6 +371,8 @@ def circuit_functional(budgets: Sequence[float], n_edges: Sequence[int]):
     of the two clipped to [0, 1] (0 when both are 0); CPR/CMD = `area_metrics` of the curve whose
     points are normalised with the same m_N, m_0 (arrays pass through it elementwise).
     """
+    from mechflow.circuits.faithfulness import CurvePoint, area_metrics  # the circuits stage's own area rule
+
     budgets, n_edges = list(budgets), list(n_edges)
 
     def fn(means: np.ndarray) -> np.ndarray:
@@ -382,20 +414,25 @@ class Quantities:
         return lambda m: np.concatenate([m[..., :k], cfn(m[..., k:])], axis=-1)
 
 
-def build_quantities(scores: NodeScores, prompts: Prompts, circuit: CircuitData | None) -> Quantities:
-    """Stack every per-prompt column (step 2) and name the statistics."""
+def build_quantities(scores: NodeScores | None, prompts: Prompts | None, circuit: CircuitData | None) -> Quantities:
+    """Stack every per-prompt column of one prompt set (step 2) and name the statistics.
+
+    Pass `scores` and `prompts` for the node-score batch (with `circuit` when it is the same
+    batch), or only `circuit` for a circuit batch of its own.
+    """
     cols, names, group, method, comp = [], [], [], [], []
-    for m in scores.methods:
-        cols.append(scores.scores[m])
-        names += [f"score:{m}:{c}" for c in scores.components]
-        group += ["score"] * len(scores.components)
-        method += [m] * len(scores.components)
-        comp += list(scores.components)
-    cols.append(np.stack([prompts.clean_metric, prompts.corrupted_metric], axis=1))
-    names += ["task:clean_metric", "task:corrupted_metric"]
-    group += ["task", "task"]
-    method += [None, None]
-    comp += [None, None]
+    if scores is not None and prompts is not None:
+        for m in scores.methods:
+            cols.append(scores.scores[m])
+            names += [f"score:{m}:{c}" for c in scores.components]
+            group += ["score"] * len(scores.components)
+            method += [m] * len(scores.components)
+            comp += list(scores.components)
+        cols.append(np.stack([prompts.clean_metric, prompts.corrupted_metric], axis=1))
+        names += ["task:clean_metric", "task:corrupted_metric"]
+        group += ["task", "task"]
+        method += [None, None]
+        comp += [None, None]
     n_direct = sum(c.shape[1] for c in cols)
     if circuit is not None:
         cols.append(circuit.metrics)
@@ -575,15 +612,26 @@ def run_statistics(
     if scfg.top_k > len(ns.components):
         raise ConfigError(f"stats.top_k: {scfg.top_k} is larger than the {len(ns.components)} components in "
                           f"{node_scores}; set it to at most {len(ns.components)}")
-    q = build_quantities(ns, pr, cd)
+    shared = cd if cd is not None and cd.shared else None
+    q = build_quantities(ns, pr, shared)
     indices = resample_indices(len(pr), scfg.B, scfg.seed)
-    res = bootstrap_mean_functional(q.X, q.functional(), indices=indices, ci_level=scfg.ci_level,
-                                    methods=scfg.ci_methods, seed=scfg.seed, names=q.names)
     refs = reference_values(cd)
-    check_reference(q.names, res.estimate, refs, circuit)
-    table = bootstrap_table(q, res, refs, scfg.seed)
+    table = _bootstrap_block(q, indices, scfg, refs, circuit, "prompts")
+    if cd is not None and not cd.shared:
+        qc = build_quantities(None, None, cd)
+        table = pl.concat([table, _bootstrap_block(qc, resample_indices(len(cd), scfg.B, scfg.seed), scfg, refs,
+                                                   circuit, "circuit_prompts")])
     stab = stability_summary(ns, pr, scfg, indices)
     return _write_statistics(Path(out_dir), scfg, card, ns, table, stab)
+
+
+def _bootstrap_block(q: Quantities, indices: np.ndarray, scfg: StatsConfig, refs: Mapping[str, float],
+                     circuit: Path | None, resample_set: str) -> pl.DataFrame:
+    """Bootstrap one prompt set's quantities on `indices` (steps 3-4) -> its rows of the table."""
+    res = bootstrap_mean_functional(q.X, q.functional(), indices=indices, ci_level=scfg.ci_level,
+                                    methods=scfg.ci_methods, seed=scfg.seed, names=q.names)
+    check_reference(q.names, res.estimate, refs, circuit)
+    return bootstrap_table(q, res, refs, scfg.seed).with_columns(pl.lit(resample_set).alias("resample_set"))
 
 
 def _write_statistics(out_dir: Path, scfg: StatsConfig, card: ModelCard, ns: NodeScores, table: pl.DataFrame,
@@ -697,13 +745,13 @@ def run_cross_model(
         if dataset_a is None or dataset_b is None:
             raise ConfigError("run_cross_model: CKA needs dataset_a and dataset_b (the two task datasets); "
                               "pass them or set activations=False")
-        texts, n_a, n_b = common_prompt_texts(dataset_a, dataset_b)
+        cka_prompts = cka_prompt_texts(dataset_a, dataset_b)
     fres = fcas_test(comp_a, comp_b, k, n_permutations=scfg.n_permutations, null=scfg.fcas_null, seed=scfg.seed)
     doc = fcas_document(fres, comp_a, comp_b, card_a, card_b, scfg, label_source)
     if run_cka:
-        cka_res = representation_cka(model_cfg_a, model_cfg_b, card_a, card_b, dataset_a, dataset_b, texts)
-    return _write_cross_model(Path(out_dir), doc, fres, cka_res, card_a, card_b,
-                              {"n_common": len(texts), "n_a": n_a, "n_b": n_b} if run_cka else None)
+        cka_res = representation_cka(model_cfg_a, model_cfg_b, card_a, card_b, dataset_a, dataset_b,
+                                     cka_prompts.texts)
+    return _write_cross_model(Path(out_dir), doc, fres, cka_res, card_a, card_b, cka_prompts if run_cka else None)
 
 
 FCAS_DEFINITION = (
@@ -732,18 +780,39 @@ def fcas_document(res: FCASResult, a: ModelComponents, b: ModelComponents, card_
     })
 
 
-def common_prompt_texts(dataset_a: Path, dataset_b: Path) -> tuple[list[str], int, int]:
-    """Prompt texts present in both task datasets (A's order, duplicates dropped); >= 8 of them."""
+@dataclass(frozen=True)
+class CKAPrompts:
+    """The prompt texts both models read for CKA.
+
+    Attributes:
+        texts: A's unique prompt texts, then B's that A lacks (the union, deterministic order).
+        n_a / n_b: unique prompt texts in each dataset; n_shared: texts in both.
+    """
+
+    texts: list[str]
+    n_a: int
+    n_b: int
+    n_shared: int
+
+
+def cka_prompt_texts(dataset_a: Path, dataset_b: Path) -> CKAPrompts:
+    """The union of both task datasets' prompt texts (at least `MIN_CKA_PROMPTS`).
+
+    Both models read every text, each tokenized with its own convention, so row i of both
+    activation matrices is the same text. The union, not the intersection: task builders keep
+    only names that are one token for the model's tokenizer, so with different tokenizers the
+    same seed draws different prompts (IOI, 12 prompts: SmolLM2 and Gemma-3 share none).
+    """
     from mechflow.tasks.dataset import TaskDataset
 
     ta = list(dict.fromkeys(it.prompt for it in TaskDataset.load(dataset_a).examples))
-    tb = set(it.prompt for it in TaskDataset.load(dataset_b).examples)
-    common = [t for t in ta if t in tb]
-    if len(common) < MIN_CKA_PROMPTS:
-        raise DataError(f"{dataset_a} and {dataset_b} share {len(common)} prompt text(s) ({len(ta)} and {len(tb)} "
-                        f"unique); CKA needs at least {MIN_CKA_PROMPTS}: prepare both task datasets from the same "
-                        "task config and seed, or raise the task's n_prompts")
-    return common, len(ta), len(tb)
+    tb = list(dict.fromkeys(it.prompt for it in TaskDataset.load(dataset_b).examples))
+    in_a = set(ta)
+    union = ta + [t for t in tb if t not in in_a]
+    if len(union) < MIN_CKA_PROMPTS:
+        raise DataError(f"{dataset_a} and {dataset_b} hold {len(union)} distinct prompt text(s) ({len(ta)} and "
+                        f"{len(tb)}); CKA needs at least {MIN_CKA_PROMPTS}: raise the task's n_prompts")
+    return CKAPrompts(union, len(ta), len(tb), sum(t in in_a for t in tb))
 
 
 def last_token_residuals(loaded: Any, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> dict[int, np.ndarray]:
@@ -764,12 +833,13 @@ def last_token_residuals(loaded: Any, token_ids: Sequence[Sequence[int]], batch_
             rows = rows_all[s:s + batch_size]
             store: dict[int, Any] = {}
 
-            def keep(act, hook):
+            def keep(act, hook, store=store):
                 store[int(hook.name.split(".")[1])] = act[:, -1].detach().to(torch.float64).cpu().numpy()
 
             tokens = torch.tensor([list(token_ids[i]) for i in rows], device=model.cfg.device)
             with torch.inference_mode():
-                model.run_with_hooks(tokens, return_type=None,
+                # stop after the last block: the unembedding (Gemma: 262k vocab) is not needed
+                model.run_with_hooks(tokens, stop_at_layer=n_layers,
                                      fwd_hooks=[(lambda name: name.endswith("hook_resid_post"), keep)])
             for l in range(n_layers):
                 out[l][rows] = store[l]
@@ -778,8 +848,13 @@ def last_token_residuals(loaded: Any, token_ids: Sequence[Sequence[int]], batch_
 
 def representation_cka(model_cfg_a: dict, model_cfg_b: dict, card_a: ModelCard, card_b: ModelCard,
                        dataset_a: Path, dataset_b: Path, texts: Sequence[str]) -> DepthCKA:
-    """Linear CKA by depth between the two models' last-token residual streams on `texts`."""
-    from mechflow.models import load_model_from_cfg
+    """Linear CKA by depth between the two models' last-token residual streams on `texts`.
+
+    Each text is tokenized with the model's own BOS convention (`mechflow.models.encode`, the
+    tokenization the task datasets use); for the texts of the model's own dataset the ids must
+    equal the dataset's `clean_ids`, else the dataset was prepared for another model/convention.
+    """
+    from mechflow.models import encode, load_model_from_cfg
     from mechflow.tasks.dataset import TaskDataset
 
     acts = []
@@ -788,19 +863,18 @@ def representation_cka(model_cfg_a: dict, model_cfg_b: dict, card_a: ModelCard, 
         if loaded.card.name != card.name or loaded.card.n_layers != card.n_layers:
             raise ConfigError(f"model config {mcfg.get('name')!r} loads {loaded.card.name} but the model card says "
                               f"{card.name}; pass the model config of the run that produced the scores")
-        ds = TaskDataset.load(ds_path)
-        tok_model = ds.meta.get("tokenizer", {}).get("model")
-        if tok_model is not None and tok_model != card.name:
-            raise DataError(f"{ds_path}: tokenized for {tok_model!r}, not {card.name!r}; pass each model's own dataset")
-        by_text = {}
-        for it in ds.examples:
-            by_text.setdefault(it.prompt, it.clean_ids)
-        acts.append(last_token_residuals(loaded, [by_text[t] for t in texts]))
+        ids = [encode(loaded.tokenizer, t, loaded.card.prepend_bos, loaded.card.bos_token_id) for t in texts]
+        own = {it.prompt: it.clean_ids for it in TaskDataset.load(ds_path).examples}
+        for t, row in zip(texts, ids):
+            if t in own and own[t] != row:
+                raise DataError(f"{ds_path}: clean_ids of {t!r} differ from {card.name}'s tokenization with its BOS "
+                                "convention; pass each model's own dataset (or re-run prepare_task)")
+        acts.append(last_token_residuals(loaded, ids))
     return cka_by_depth(acts[0], acts[1], n_layers_a=card_a.n_layers, n_layers_b=card_b.n_layers)
 
 
 def _write_cross_model(out_dir: Path, doc: dict[str, Any], fres: FCASResult, cka_res: DepthCKA | None,
-                       card_a: ModelCard, card_b: ModelCard, cka_prompts: dict[str, int] | None) -> dict[str, Any]:
+                       card_a: ModelCard, card_b: ModelCard, cka_prompts: CKAPrompts | None) -> dict[str, Any]:
     from mechflow.stats import report
 
     paths: dict[str, Path] = {}

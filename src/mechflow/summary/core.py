@@ -49,9 +49,41 @@ def _activation_norms(manifest_path: Path, manifest: HarvestManifest, limit: int
     return np.linalg.norm(acts, axis=1), frame["position"].to_numpy()
 
 
+CIRCUIT_QUANTITIES = ("n_edges", "n_edges_total", "faithfulness", "sufficiency", "comprehensiveness", "f1", "cpr", "cmd",
+                      "m_full", "m_empty", "m_circuit")
+DICTIONARY_QUANTITIES = ("explained_variance", "explained_variance_with_outliers", "fvu", "l0", "dead_fraction",
+                         "dense_fraction", "ce_clean", "ce_spliced", "ce_increase", "ce_recovered_zero",
+                         "ce_recovered_mean", "kl_spliced")
+
+
+def _json_rows(kind: str, name: str, path: Path, keys: tuple[str, ...]) -> list[dict]:
+    data = json.loads(Path(path).read_text())
+    return [{"kind": kind, "name": name, "quantity": k, "value": str(data[k]), "source": str(path)}
+            for k in keys if data.get(k) is not None]
+
+
+def _result_rows(paths: list[Path]) -> list[dict]:
+    """Headline numbers of circuit.json / agreement.json / *_metrics.json files, by file name."""
+    rows = []
+    for path in map(Path, paths):
+        if path.name == "circuit.json":
+            rows += _json_rows("circuit", path.parent.name, path, CIRCUIT_QUANTITIES)
+        elif path.name == "agreement.json":
+            data = json.loads(path.read_text())
+            rows += [{"kind": "attribution", "name": path.parent.name, "quantity": f"{m}_{k}", "value": str(v),
+                      "source": str(path)} for m in ("ap", "ig") for k, v in data.get(m, {}).items()]
+        elif path.name.endswith("_metrics.json"):
+            rows += _json_rows("dictionary", path.name.removesuffix("_metrics.json"), path, DICTIONARY_QUANTITIES)
+    return rows
+
+
 def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_card: Path,
-              table: Path, figure: Path) -> pl.DataFrame:
-    """Write `table` (CSV: kind, name, quantity, value, source) and `figure` (PNG)."""
+              table: Path, figure: Path, results: list[Path] = ()) -> pl.DataFrame:
+    """Write `table` (CSV: kind, name, quantity, value, source) and `figure` (PNG).
+
+    `results` are later stages' JSON files (circuit.json, agreement.json, *_metrics.json) whose
+    headline numbers join the table.
+    """
     rows: list[dict] = []
     card = json.loads(Path(model_card).read_text())
     for key in ("name", "n_layers", "d_model", "source_sha256"):
@@ -89,6 +121,7 @@ def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_ca
         fig.savefig(tmp, dpi=int(cfg.get("figure_dpi", 120)), format="png")
     plt.close(fig)
 
+    rows.extend(_result_rows(list(results)))
     frame = pl.DataFrame(rows, schema={c: pl.Utf8 for c in TABLE_COLUMNS})
     with atomic_path(table) as tmp:
         frame.write_csv(tmp)
