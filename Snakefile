@@ -13,6 +13,7 @@ include: "workflow/rules/tasks.smk"
 include: "workflow/rules/harvest.smk"
 include: "workflow/rules/dictionaries.smk"
 include: "workflow/rules/attribution.smk"
+include: "workflow/rules/statistics.smk"
 include: "workflow/rules/summary.smk"
 
 

@@ -224,7 +224,7 @@ def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
 def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
               baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
               run_manifest: Path, run: str, dictionary_metrics: list[Path] = (),
-              circuit_outputs: list[Path] = ()) -> RunManifest:
+              circuit_outputs: list[Path] = (), statistics: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
     import json
 
@@ -235,7 +235,7 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         resolved_config=resolved_config,
         inputs=[*datasets, tokens],
         outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
-                 *dictionary_metrics, *circuit_outputs],
+                 *dictionary_metrics, *circuit_outputs, *statistics],
         model_card=model_card,
         run_manifest=run_manifest,
         run=run,
@@ -309,3 +309,72 @@ def check_harvested_hooks(run: Run) -> None:
             raise ConfigError(
                 f"{field_name}: {hook!r} is not harvested in run {run.name!r} (harvested: {sorted(harvested)}). "
                 f"Add it with an override, e.g. harvest.hooks=[{hook}], or change {field_name}.")
+
+
+# ---------------------------------------------------------------- statistics: params / input functions
+
+PAIR_SEPARATOR = "__vs__"
+
+
+def model_pairs(runs: dict[str, Run]) -> dict[str, tuple[str, str]]:
+    """Pairs of runs that differ only in the model (same other overrides): cross-model comparisons."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, run in runs.items():
+        key = tuple(o for o in run.overrides if not o.split("=", 1)[0].lstrip("+~") == "model")
+        groups.setdefault(key, []).append(name)
+    pairs = {}
+    for names in groups.values():
+        names = sorted(names, key=lambda n: runs[n].cfg["model"]["name"])
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if runs[a].cfg["model"]["name"] != runs[b].cfg["model"]["name"]:
+                    pairs[f"{a}{PAIR_SEPARATOR}{b}"] = (a, b)
+    return pairs
+
+
+def statistics_inputs_of(wildcards) -> dict[str, str]:
+    """Named inputs of `statistics`: node scores always; the circuit's files where it exists."""
+    base = f"results/{wildcards.run}"
+    folder = f"{base}/circuits/{wildcards.task}"
+    inputs = {"node_scores": f"{folder}/node_scores.parquet", "prompts": f"{folder}/prompts.parquet",
+              "model_card": f"{base}/model_card.json"}
+    if RUNS[wildcards.run].cfg["model"].get("edge_circuits", True):
+        inputs.update(circuit=f"{folder}/circuit.json", circuit_prompts=f"{folder}/circuit_prompts.parquet",
+                      curve_prompts=f"{folder}/curve_prompts.parquet")
+    return inputs
+
+
+def stats_dir_of(wildcards) -> Path:
+    return Path("results") / wildcards.run / "stats" / wildcards.task
+
+
+def _pair(wildcards) -> tuple[str, str]:
+    return model_pairs(RUNS)[wildcards.pair]
+
+
+def cross_model_inputs_of(wildcards) -> dict[str, str]:
+    inputs = {}
+    for side, run in zip("ab", _pair(wildcards)):
+        folder = f"results/{run}/circuits/{wildcards.task}"
+        inputs.update({f"node_scores_{side}": f"{folder}/node_scores.parquet",
+                       f"head_types_{side}": f"{folder}/head_types.parquet",
+                       f"prompts_{side}": f"{folder}/prompts.parquet",
+                       f"model_card_{side}": f"results/{run}/model_card.json",
+                       f"dataset_{side}": f"results/{run}/tasks/{wildcards.task}/dataset.jsonl"})
+    return inputs
+
+
+def pair_stats_cfg(wildcards) -> dict:
+    return RUNS[_pair(wildcards)[0]].cfg["stats"]
+
+
+def pair_model_cfg(side: str) -> Callable[[Any], dict]:
+    def params(wildcards) -> dict:
+        return RUNS[_pair(wildcards)["ab".index(side)]].cfg["model"]
+
+    params.__name__ = f"pair_model_cfg_{side}"
+    return params
+
+
+def cross_model_dir_of(wildcards) -> Path:
+    return Path("results") / "cross_model" / wildcards.pair / wildcards.task

@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 SPINE_RULES = {"resolve_config", "model_card", "prepare_task", "evaluate_task", "prepare_corpus", "harvest",
-               "summarize", "run_manifest", "all"}
+               "summarize", "run_manifest", "all", "attribute", "circuit", "statistics", "train_sae",
+               "evaluate_sae", "train_transcoder", "evaluate_transcoder"}
 
 
 def snakemake(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -42,7 +43,8 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = planned_rules(result.stdout)
     assert SPINE_RULES <= set(counts), counts
-    assert counts["prepare_task"] == counts["evaluate_task"] == 3  # ioi, factual_recall, greater_than
+    assert counts["prepare_task"] == counts["evaluate_task"] == counts["attribute"] == counts["circuit"] == 3
+    assert counts["statistics"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
     assert not (tmp_path / "results").exists()  # a dry run writes no results
 
 
@@ -51,7 +53,10 @@ def test_sweep_plans_one_run_folder_per_point(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "results/smollm2_135m/run_manifest.json" in result.stdout
     assert "results/gemma3_270m/run_manifest.json" in result.stdout
-    assert planned_rules(result.stdout)["harvest"] == 2
+    counts = planned_rules(result.stdout)
+    assert counts["harvest"] == 2 and counts["cross_model"] == 3  # one comparison per shared task
+    assert counts["circuit"] == 3  # edge circuits only for SmolLM2 (Gemma-3's post-norms: node level only)
+    assert "results/cross_model/gemma3_270m__vs__smollm2_135m/ioi/fcas.json" in result.stdout
 
 
 def test_bad_override_fails_with_one_clear_message(tmp_path):
@@ -77,7 +82,8 @@ def test_dag_draws_as_mermaid(tmp_path):
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """The whole default DAG on SmolLM2 with the smoke experiment's tiny sizes."""
-    result = snakemake("--cores", "2", "--config", "overrides=+experiment=smoke", cwd=tmp_path, timeout=1500)
+    overrides = "overrides=+experiment=smoke task=[ioi,greater_than]"  # two metric kinds, less CI time
+    result = snakemake("--cores", "2", "--config", overrides, cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     run = tmp_path / "results" / "smollm2_135m"
     manifest = json.loads((run / "run_manifest.json").read_text())
@@ -89,7 +95,8 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "ioi" in table and "harvest" in table
     index = json.loads((run / "harvest" / "index.json").read_text())
     assert index["hooks"] and all((run / "harvest" / h["manifest"]).exists() for h in index["hooks"])
-    for task in ("ioi", "factual_recall", "greater_than"):
+    for task in ("ioi", "greater_than"):
+        assert (run / "stats" / task / "bootstrap.parquet").exists() and (run / "stats" / task / "statistics.md").exists()
         folder = run / "circuits" / task
         for name in ("node_scores.parquet", "head_types.parquet", "circuit.json", "circuit.png", "circuit.dot",
                      "circuit_prompts.parquet", "curve_prompts.parquet", "edge_scores.parquet"):
@@ -104,5 +111,5 @@ def test_smoke_run_end_to_end(tmp_path):
         metrics = json.loads((run / "dictionaries" / name).read_text())
         assert metrics["l0"] > 0 and metrics["ce_clean"] > 0
     # a second invocation has nothing to do
-    again = snakemake("-n", "--cores", "2", "--config", "overrides=+experiment=smoke", cwd=tmp_path)
+    again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -7,7 +7,15 @@ from snakemake.utils import validate
 from mechflow.workflow import (
     RUN_PATTERN,
     TASK_PATTERN,
+    PAIR_SEPARATOR,
     check_harvested_hooks,
+    cross_model_dir_of,
+    cross_model_inputs_of,
+    model_pairs,
+    pair_model_cfg,
+    pair_stats_cfg,
+    statistics_inputs_of,
+    stats_dir_of,
     dictionary_dir_of,
     load_runs,
     run_cfg,
@@ -26,17 +34,19 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
     # compose_runs already validated with readable errors; this is Snakemake's own check.
     check_harvested_hooks(_run)
-    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit"):
+    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit", "stats"):
         validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
     for _task in _run.cfg["task"].values():
         validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
 
 R = "results/{run}"
+PAIRS = model_pairs(RUNS)
 
 
 wildcard_constraints:
     run=RUN_PATTERN,
     task=TASK_PATTERN,
+    pair=f"{RUN_PATTERN}{PAIR_SEPARATOR}{RUN_PATTERN}",
 
 
 def tasks_of(wildcards):
@@ -96,5 +106,14 @@ def summary_results_of(wildcards):
     return out
 
 
+def statistics_of(wildcards):
+    return [f"results/{wildcards.run}/stats/{task}/bootstrap.parquet" for task in sorted(RUNS[wildcards.run].cfg["task"])]
+
+
 def run_targets(wildcards):
-    return [f"results/{name}/run_manifest.json" for name in RUNS]
+    """Every run's manifest, and the cross-model comparison of every pair of runs that differ only in the model."""
+    targets = [f"results/{name}/run_manifest.json" for name in RUNS]
+    for pair, (a, b) in PAIRS.items():
+        shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
+        targets += [f"results/cross_model/{pair}/{task}/fcas.json" for task in shared]
+    return targets

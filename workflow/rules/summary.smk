@@ -35,6 +35,7 @@ rule run_manifest:
         figure=rules.summarize.output.figure,
         dictionary_metrics=dictionary_metrics_of,
         circuit_outputs=circuit_outputs_of,
+        statistics=statistics_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

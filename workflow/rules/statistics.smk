@@ -1,0 +1,46 @@
+rule statistics:
+    """Bootstrap CIs (percentile, BCa), ranking stability (Kendall τ-b, top-k Jaccard) of a task."""
+    input:
+        unpack(statistics_inputs_of),
+    output:
+        bootstrap=f"{R}/stats/{{task}}/bootstrap.parquet",
+        stability=f"{R}/stats/{{task}}/stability.json",
+        summary=f"{R}/stats/{{task}}/statistics.md",
+        forest=report(f"{R}/stats/{{task}}/forest.png", category="Statistics", labels={"run": "{run}", "task": "{task}", "figure": "CIs"}),
+    params:
+        cfg=stage_cfg("stats"),
+        out_dir=stats_dir_of,
+    log:
+        f"{R}/logs/statistics/{{task}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/statistics.py"
+
+
+rule cross_model:
+    """FCAS alignment of two models' top components with a permutation null, and CKA by depth."""
+    input:
+        unpack(cross_model_inputs_of),
+    output:
+        fcas="results/cross_model/{pair}/{task}/fcas.json",
+        summary="results/cross_model/{pair}/{task}/cross_model.md",
+    params:
+        cfg=pair_stats_cfg,
+        model_cfg_a=pair_model_cfg("a"),
+        model_cfg_b=pair_model_cfg("b"),
+        out_dir=cross_model_dir_of,
+    log:
+        "results/cross_model/{pair}/logs/{task}.log",
+    threads: 2
+    resources:
+        mem_mb=12000,
+        runtime=30,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/cross_model.py"
