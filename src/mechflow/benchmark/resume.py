@@ -2,7 +2,7 @@
 
 Adapter to `mechflow.circuits.forward`: same graph, same edge semantics (a removed edge s -> r adds
 ``corrupted_s - current_s`` to r's input BEFORE r's norm; the norm belongs to the receiver; K/V
-per query head), same model flags (`_edge_mode`). Differences, all for speed, none changing a value
+per query head), same model flags (`edge_mode`). Differences, all for speed, none changing a value
 beyond float round-off (tested against `graph_forward` in ``tests/unit/benchmark``):
 
 1. Stages: ``2L`` = attention of layer L, ``2L+1`` = MLP of layer L, ``2 n_layers`` = logits. When
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mechflow.circuits.forward import _edge_mode, check_edge_model, graph_forward
+from mechflow.circuits.forward import check_edge_model, edge_mode, graph_forward
 from mechflow.circuits.graph import EdgeGraph
 
 
@@ -58,7 +58,7 @@ class ResumableForward:
         self.n, self.pos = clean_tokens.shape
         with torch.no_grad():
             self.corrupted = graph_forward(model, corrupted_tokens, graph, record=True)[1]
-            with _edge_mode(model):
+            with edge_mode(model):
                 x0, _, _, self.attention_mask = model.input_to_embed(clean_tokens)
             self.x: list[Tensor] = []
             self.clean = torch.empty_like(self.corrupted)
@@ -194,7 +194,7 @@ class ResumableForward:
 
         if K > 1:
             x = x.repeat(K, 1, 1)
-        with _edge_mode(model):
+        with edge_mode(model):
             for t in range(stage, 2 * g.n_layers):
                 L, is_mlp = divmod(t, 2)
                 block = model.blocks[L]

@@ -59,7 +59,7 @@ def edge_scores(
     """
     check_batch(batch)
     if method not in METHODS:
-        raise ConfigError(f"circuits.method: {method!r} is not one of {METHODS}.")
+        raise ConfigError(f"circuit.method: {method!r} is not one of {METHODS}.")
     ts = torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
     graph = graph or EdgeGraph.from_cfg(model.cfg)
     n = batch.clean_tokens.shape[0]

@@ -16,7 +16,7 @@ Everything downstream of a patched edge is recomputed: this is exact circuit eva
 cached-activation approximation. Models whose head outputs are normalised after summation
 (Gemma-2/3 ``use_normalization_before_and_after``) have no additive per-head sender and are refused.
 
-The model's config flags are switched only inside `_edge_mode` and restored afterwards (the model
+The model's config flags are switched only inside `edge_mode` and restored afterwards (the model
 object is shared between callers).
 """
 
@@ -49,17 +49,15 @@ def check_edge_model(model) -> None:
         problems.append("shortformer position embeddings are added inside attention")
     if problems:
         raise ConfigError(
-            f"circuits.level=edge is not defined for model {cfg.model_name!r}: " + "; ".join(problems)
+            f"edge-level circuits are not defined for model {cfg.model_name!r} (set model.edge_circuits: false): " + "; ".join(problems)
             + ". Use node-level patching (mechflow.attribution.patching) for this model.")
 
 
 @contextlib.contextmanager
-def _edge_mode(model) -> Iterator[None]:
-    """Per-head q/k/v inputs, per-query-head K/V weights; restore every cfg object afterwards."""
+def tl_flags(model, **flags) -> Iterator[None]:
+    """Set config flags on the model and every submodule's cfg; restore them afterwards."""
     cfgs = {id(m.cfg): m.cfg for m in model.modules() if hasattr(m, "cfg")}
     cfgs[id(model.cfg)] = model.cfg
-    flags = {"use_split_qkv_input": True, "ungroup_grouped_query_attention": True,
-             "use_attn_result": False}
     saved = [(c, k, getattr(c, k)) for c in cfgs.values() for k in flags]
     try:
         for c in cfgs.values():
@@ -69,6 +67,14 @@ def _edge_mode(model) -> Iterator[None]:
     finally:
         for c, k, v in saved:
             setattr(c, k, v)
+
+
+@contextlib.contextmanager
+def edge_mode(model) -> Iterator[None]:
+    """Per-head q/k/v inputs, per-query-head K/V weights; restore every cfg object afterwards."""
+    with tl_flags(model, use_split_qkv_input=True, ungroup_grouped_query_attention=True, use_attn_result=False):
+        yield
+
 
 
 def _patch(diff: Tensor | None, removed: Tensor | None, n_prev: int, cols: slice | int) -> Tensor | None:
@@ -127,7 +133,7 @@ def graph_forward(
         if corrupted is None:
             raise ValueError("graph_forward: `removed` needs `corrupted` sender outputs")
         removed = removed & graph.valid
-    with _edge_mode(model):
+    with edge_mode(model):
         x, _, _, attention_mask = model.input_to_embed(tokens)
         if input_embed is not None:
             x = input_embed

@@ -12,7 +12,6 @@ moves it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,6 +21,7 @@ from pydantic import Field, BaseModel, ConfigDict
 from torch import Tensor
 
 from mechflow.circuits.faithfulness import normalized_faithfulness
+from mechflow.circuits.forward import tl_flags
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_text
@@ -141,21 +141,6 @@ def read_circuit(path: str | Path) -> CircuitFile:
         raise DataError(f"{path}: not a valid circuit.json ({exc}); regenerate it with the circuits stage.") from exc
 
 
-@contextlib.contextmanager
-def _tl_flags(model, **flags):
-    cfgs = {id(m.cfg): m.cfg for m in model.modules() if hasattr(m, "cfg")}
-    cfgs[id(model.cfg)] = model.cfg
-    saved = [(c, k, getattr(c, k)) for c in cfgs.values() for k in flags]
-    try:
-        for c in cfgs.values():
-            for k, v in flags.items():
-                setattr(c, k, v)
-        yield
-    finally:
-        for c, k, v in saved:
-            setattr(c, k, v)
-
-
 @torch.no_grad()
 def tl_edge_patched_logits(model, clean: Tensor, corrupted: Tensor, removed: Tensor) -> Tensor:
     """Reference edge patching through TransformerLens hooks, one receiver at a time.
@@ -185,7 +170,7 @@ def tl_edge_patched_logits(model, clean: Tensor, corrupted: Tensor, removed: Ten
             hooks.append((f"blocks.{L}.hook_mlp_out", lambda a, hook, L=L: put_mlp(a, hook, L)))
         return hooks
 
-    with _tl_flags(model, **flags):
+    with tl_flags(model, **flags):
         corr: dict[int, Tensor] = {}
         model.run_with_hooks(corrupted, fwd_hooks=sender_acts(corr))
         cur: dict[int, Tensor] = {}

@@ -91,5 +91,5 @@ def test_target_outside_unit_interval_is_config_error(setup, target):
 def test_config_validation():
     assert CircuitConfig.from_dict({"target": 1.0, "percentages": [1, 50, 100]}).percentages == (1.0, 50.0, 100.0)
     for bad in [{"method": "acdc"}, {"ig_steps": 0}, {"ig_rule": "simpson"}, {"percentages": [5, 1]}, {"nope": 1}]:
-        with pytest.raises(ConfigError, match="circuits."):
+        with pytest.raises(ConfigError, match="circuit\\."):
             CircuitConfig.from_dict(bad)

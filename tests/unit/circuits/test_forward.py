@@ -67,5 +67,5 @@ def test_model_flags_restored_and_postnorm_models_refused(tiny_llama):
                       tiny_llama.cfg.use_attn_result, tiny_llama.cfg.use_hook_mlp_in)
     gemma_like = make_tiny_llama(seed=9)
     gemma_like.cfg.use_normalization_before_and_after = True
-    with pytest.raises(ConfigError, match="circuits.level=edge.*post-norms"):
+    with pytest.raises(ConfigError, match="edge-level circuits are not defined.*post-norms"):
         graph_forward(gemma_like, pairs(0).clean_tokens)
