@@ -14,6 +14,7 @@ include: "workflow/rules/harvest.smk"
 include: "workflow/rules/dictionaries.smk"
 include: "workflow/rules/attribution.smk"
 include: "workflow/rules/statistics.smk"
+include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/summary.smk"
 
 

@@ -224,7 +224,8 @@ def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
 def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
               baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
               run_manifest: Path, run: str, dictionary_metrics: list[Path] = (),
-              circuit_outputs: list[Path] = (), statistics: list[Path] = ()) -> RunManifest:
+              circuit_outputs: list[Path] = (), statistics: list[Path] = (),
+              benchmarks: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
     import json
 
@@ -235,7 +236,7 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         resolved_config=resolved_config,
         inputs=[*datasets, tokens],
         outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
-                 *dictionary_metrics, *circuit_outputs, *statistics],
+                 *dictionary_metrics, *circuit_outputs, *statistics, *benchmarks],
         model_card=model_card,
         run_manifest=run_manifest,
         run=run,

@@ -113,3 +113,10 @@ def test_smoke_run_end_to_end(tmp_path):
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_benchmark_rule_is_opt_in(tmp_path):
+    off = planned_rules(snakemake("-n", "--cores", "2", cwd=tmp_path).stdout)
+    on = snakemake("-n", "--cores", "2", "--config", "overrides=benchmark.enabled=true", cwd=tmp_path)
+    assert "benchmark" not in off
+    assert on.returncode == 0 and planned_rules(on.stdout)["benchmark"] == 1, on.stderr[-2000:]

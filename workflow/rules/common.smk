@@ -34,7 +34,7 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
     # compose_runs already validated with readable errors; this is Snakemake's own check.
     check_harvested_hooks(_run)
-    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit", "stats"):
+    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit", "stats", "benchmark"):
         validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
     for _task in _run.cfg["task"].values():
         validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
@@ -104,6 +104,22 @@ def summary_results_of(wildcards):
         if run["model"].get("edge_circuits", True):
             out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
     return out
+
+
+def benchmark_dir_of(wildcards):
+    return Path(f"results/{wildcards.run}/benchmark/{wildcards.task}")
+
+
+def benchmarks_of(wildcards):
+    """The benchmark tables of the run, when `benchmark.enabled` (opt in: it is slow)."""
+    run = RUNS[wildcards.run].cfg
+    bench = run.get("benchmark", {})
+    if not bench.get("enabled", False):
+        return []
+    missing = sorted(set(bench.get("tasks", [])) - set(run["task"]))
+    if missing:
+        raise ValueError(f"benchmark.tasks: {missing} are not selected in `task`; add them, e.g. task=[ioi,...]")
+    return [f"results/{wildcards.run}/benchmark/{task}/table.csv" for task in bench.get("tasks", [])]
 
 
 def statistics_of(wildcards):

@@ -36,6 +36,7 @@ rule run_manifest:
         dictionary_metrics=dictionary_metrics_of,
         circuit_outputs=circuit_outputs_of,
         statistics=statistics_of,
+        benchmarks=benchmarks_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

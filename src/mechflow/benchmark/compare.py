@@ -151,7 +151,7 @@ class CompareConfig:
 
 def parse_config(cfg: Mapping[str, Any] | None) -> tuple[BenchmarkConfig, CompareConfig]:
     """Split the ``benchmark`` group into the ACDC/restriction config and ``compare``."""
-    cfg = dict(cfg or {})
+    cfg = {k: v for k, v in dict(cfg or {}).items() if k not in ("enabled", "tasks")}  # read by the rule
     cmp = CompareConfig.from_dict(cfg.pop("compare", None))
     return BenchmarkConfig.from_dict(cfg), cmp
 

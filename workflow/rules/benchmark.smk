@@ -1,0 +1,25 @@
+rule benchmark:
+    """ACDC vs EAP, EAP-IG, our circuit search and exhaustive patching on one restricted graph."""
+    input:
+        dataset=rules.prepare_task.output.dataset,
+    output:
+        table=f"{R}/benchmark/{{task}}/table.csv",
+        table_tex=f"{R}/benchmark/{{task}}/table.tex",
+        timings=f"{R}/benchmark/{{task}}/timings.json",
+        summary=f"{R}/benchmark/{{task}}/benchmark.md",
+        roc=report(f"{R}/benchmark/{{task}}/roc.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "ROC"}),
+        curves=report(f"{R}/benchmark/{{task}}/faithfulness_curves.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "faithfulness"}),
+    params:
+        cfg=stage_cfg("benchmark"),
+        model_cfg=stage_cfg("model"),
+        out_dir=benchmark_dir_of,
+    log:
+        f"{R}/logs/benchmark/{{task}}.log",
+    threads: threads_of_run
+    resources:
+        mem_mb=12000,
+        runtime=240,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/benchmark.py"
