@@ -154,8 +154,22 @@ def compose_config(overrides: list[str] | None = None, config_dir: Path = DEFAUL
         raise ConfigError(f"cannot compose config with overrides {overrides}: {exc}".strip()) from exc
     finally:
         GlobalHydra.instance().clear()
+    _drop_unselected_tasks(resolved)
     validate_config(resolved, schema_dir)
     return resolved
+
+
+def _drop_unselected_tasks(cfg: dict) -> None:
+    """Remove `task.<name>` entries that only an experiment's size overrides created.
+
+    An experiment (e.g. `+experiment=smoke`) may set `task.factual_recall.n_prompts` for every task
+    it knows; when the user selects fewer tasks (`task=[ioi]`), that leaves an entry without `kind`
+    (no task config file was selected for it). Such an entry is not a task: drop it.
+    """
+    tasks = cfg.get("task")
+    if isinstance(tasks, dict):
+        for name in [n for n, t in tasks.items() if isinstance(t, dict) and "kind" not in t and "name" not in t]:
+            del tasks[name]
 
 
 def config_hash(cfg: dict) -> str:

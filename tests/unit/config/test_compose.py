@@ -30,6 +30,11 @@ def test_task_selection_override():
     assert list(cfg["task"]) == ["ioi"]
 
 
+def test_experiment_sizes_do_not_resurrect_unselected_tasks():
+    cfg = compose_config(["+experiment=smoke", "task=[ioi,greater_than]"])
+    assert sorted(cfg["task"]) == ["greater_than", "ioi"] and cfg["task"]["ioi"]["n_prompts"] == 16
+
+
 @pytest.mark.parametrize(
     "value, expected",
     [
