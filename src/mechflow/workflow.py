@@ -293,12 +293,10 @@ def transcoder_eval_dir_of(wildcards) -> Path:
 def check_harvested_hooks(run: Run) -> None:
     """Fail early when a dictionary trains on a hook the harvest does not produce."""
     from mechflow.errors import ConfigError
+    from mechflow.harvest.config import HOOK_POINTS
 
     harvest = run.cfg["harvest"]
-    names = {"resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
-             "resid_post": "blocks.{l}.hook_resid_post", "mlp_in": "blocks.{l}.ln2.hook_normalized",
-             "mlp_out": "blocks.{l}.hook_mlp_out", "attn_out": "blocks.{l}.hook_attn_out"}
-    harvested = {names[p].format(l=layer) for layer in harvest["layers"] for p in harvest["hook_points"]}
+    harvested = {HOOK_POINTS[p].format(layer=layer) for layer in harvest["layers"] for p in harvest["hook_points"]}
     harvested |= set(harvest.get("hooks", []))
     needed = []
     if "sae" in run.cfg:

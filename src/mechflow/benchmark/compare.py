@@ -528,19 +528,11 @@ def run_benchmark(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, m
             ``faithfulness_curves.png``, ``benchmark.md``).
         model: an already-loaded `LoadedModel` (default: load from ``model_cfg``).
     """
-    from mechflow.models import load_model_from_cfg
-    from mechflow.tasks import select_batch
-    from mechflow.tasks.dataset import TaskDataset
+    from mechflow.benchmark.core import load_task_batch
 
     bench, cmp = parse_config(cfg)
     dataset, out_dir = Path(dataset), Path(out_dir)
-    loaded = model if model is not None else load_model_from_cfg(model_cfg)
-    ds = TaskDataset.load(dataset)
-    tok_model = ds.meta.get("tokenizer", {}).get("model")
-    if tok_model != loaded.card.name:
-        raise DataError(f"{dataset} was tokenized for model {tok_model!r}, not {loaded.card.name!r}; "
-                        "re-run prepare_task with the same model config")
-    batch = select_batch(ds, bench.n_prompts, dataset)
+    loaded, ds, batch = load_task_batch(model_cfg, dataset, bench.n_prompts, model)
     meta = {"model": model_cfg, "task": ds.name, "prompt_ids": list(batch.example_ids)}
     try:
         return compare_methods(loaded.model, batch, bench, cmp, out_dir, meta)

@@ -35,6 +35,22 @@ ACDC_JSON, ACDC_STEPS = "acdc.json", "acdc_steps.parquet"
 SCHEMA_VERSION = "1"
 
 
+def load_task_batch(model_cfg: dict, dataset: Path, n_prompts: int, model: Any = None):
+    """The model (given or loaded), the task dataset, and its first `n_prompts` equal-length pairs.
+
+    Raises DataError when the dataset was tokenized for another model.
+    """
+    from mechflow.models import load_model_from_cfg
+
+    loaded = model if model is not None else load_model_from_cfg(model_cfg)
+    ds = TaskDataset.load(dataset)
+    tok_model = ds.meta.get("tokenizer", {}).get("model")
+    if tok_model != loaded.card.name:
+        raise DataError(f"{dataset} was tokenized for model {tok_model!r}, not {loaded.card.name!r}; "
+                        "re-run prepare_task with the same model config")
+    return loaded, ds, select_batch(ds, n_prompts, dataset)
+
+
 def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model: Any = None) -> dict:
     """Run steps 1-5; returns the ``acdc.json`` document.
 
@@ -45,17 +61,9 @@ def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model:
         out_dir: output folder (``acdc.json``, ``acdc_steps.parquet``).
         model: an already-loaded `LoadedModel` (default: load from ``model_cfg``).
     """
-    from mechflow.models import load_model_from_cfg
-
     bench = BenchmarkConfig.from_dict(cfg)
     dataset, out_dir = Path(dataset), Path(out_dir)
-    loaded = model if model is not None else load_model_from_cfg(model_cfg)
-    ds = TaskDataset.load(dataset)
-    tok_model = ds.meta.get("tokenizer", {}).get("model")
-    if tok_model != loaded.card.name:
-        raise DataError(f"{dataset} was tokenized for model {tok_model!r}, not {loaded.card.name!r}; "
-                        "re-run prepare_task with the same model config")
-    batch = select_batch(ds, bench.n_prompts, dataset)
+    loaded, ds, batch = load_task_batch(model_cfg, dataset, bench.n_prompts, model)
     graph = EdgeGraph.from_cfg(loaded.model.cfg)
     restriction = EdgeRestriction.build(graph, bench.restriction)
     acdc = Acdc(loaded.model, batch, bench.acdc, restriction)
