@@ -27,32 +27,3 @@ rule attribute:
         "../../envs/mechflow.yaml"
     script:
         "../scripts/attribute.py"
-
-
-rule circuit:
-    """Minimal faithful edge circuit (EAP-IG ranking, exact evaluation), curve, CPR/CMD, drawing."""
-    input:
-        dataset=rules.prepare_task.output.dataset,
-    output:
-        circuit=f"{R}/circuits/{{task}}/circuit.json",
-        edge_scores=f"{R}/circuits/{{task}}/edge_scores.parquet",
-        circuit_prompts=f"{R}/circuits/{{task}}/circuit_prompts.parquet",
-        curve_prompts=f"{R}/circuits/{{task}}/curve_prompts.parquet",
-        dot=f"{R}/circuits/{{task}}/circuit.dot",
-        figure=report(f"{R}/circuits/{{task}}/circuit.png", category="Circuits", labels={"run": "{run}", "task": "{task}", "figure": "circuit"}),
-        summary=f"{R}/circuits/{{task}}/circuit.md",
-    params:
-        cfg=stage_cfg("circuit"),
-        model_cfg=stage_cfg("model"),
-    log:
-        f"{R}/logs/circuit/{{task}}.log",
-    benchmark:
-        f"{R}/benchmarks/circuit/{{task}}.tsv"
-    threads: threads_of_run
-    resources:
-        mem_mb=8000,
-        runtime=120,
-    conda:
-        "../../envs/mechflow.yaml"
-    script:
-        "../scripts/circuit.py"
