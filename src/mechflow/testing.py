@@ -43,3 +43,39 @@ def load_configured_model(name: str, config_dir: Path | None = None):
 
     path = (config_dir or DEFAULT_CONFIG_DIR) / "model" / f"{name}.yaml"
     return load_model_from_cfg(yaml.safe_load(path.read_text()))
+
+
+def random_token_pairs(seed: int = 0, n: int = 4, pos: int = 6, d_vocab: int = 50):
+    """Random clean/corrupted token pairs for a tiny model, with a logit-difference metric
+    (a random correct and a different random wrong answer per prompt, at the last position)."""
+    from mechflow.attribution.patching import TokenPairs
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (n, pos), generator=gen)
+    corrupted = torch.randint(0, d_vocab, (n, pos), generator=gen)
+    good, bad = torch.randint(0, d_vocab, (n,), generator=gen), torch.randint(0, d_vocab, (n,), generator=gen)
+    bad = torch.where(bad == good, (bad + 1) % d_vocab, bad)
+
+    def metric(logits):
+        rows = torch.arange(logits.shape[0])
+        return logits[rows, -1, good] - logits[rows, -1, bad]
+
+    return TokenPairs(clean, corrupted, metric)
+
+
+def add_random_biases(model, seed: int, attn: bool = True, mlp: bool = True, unembed: bool = True, scale: float = 0.3):
+    """Give a tiny model non-zero b_O / b_out / b_U (in place) so tests exercise the bias terms."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def fill(p: torch.Tensor, s: float) -> None:
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * s)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            if attn:
+                fill(block.attn.b_O, scale)
+            if mlp:
+                fill(block.mlp.b_out, scale)
+        if unembed:
+            fill(model.unembed.b_U, 1.0)
+    return model

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from mechflow.attribution.lens import (
     FRAME_COLUMNS,
     direct_logit_attribution,
     logit_lens,
 )
+from mechflow.testing import add_random_biases, make_tiny_llama
 
 N, POS = 3, 7
 
@@ -19,12 +19,7 @@ N, POS = 3, 7
 def biased_llama():
     """Tiny llama with non-zero b_O, b_out and b_U, so bias terms are exercised."""
     model = make_tiny_llama(seed=3)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.b_O.copy_(torch.randn(block.attn.b_O.shape, generator=g, dtype=torch.float64) * 0.3)
-            block.mlp.b_out.copy_(torch.randn(block.mlp.b_out.shape, generator=g, dtype=torch.float64) * 0.3)
-        model.unembed.b_U.copy_(torch.randn(model.unembed.b_U.shape, generator=g, dtype=torch.float64))
+    add_random_biases(model, seed=1)
     return model
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from mechflow.attribution.lens import direct_logit_attribution
 from mechflow.attribution.neurons import (
@@ -18,6 +17,7 @@ from mechflow.attribution.neurons import (
 )
 from mechflow.corpus import contexts_table
 from mechflow.harvest import harvest
+from mechflow.testing import add_random_biases, make_tiny_llama
 
 N, POS = 3, 6
 
@@ -25,10 +25,7 @@ N, POS = 3, 6
 @pytest.fixture(scope="module")
 def biased_llama():
     model = make_tiny_llama(seed=4)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for block in model.blocks:
-            block.mlp.b_out.copy_(torch.randn(block.mlp.b_out.shape, generator=g, dtype=torch.float64) * 0.3)
+    add_random_biases(model, seed=2, attn=False, unembed=False)
     return model
 
 

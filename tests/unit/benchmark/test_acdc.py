@@ -21,21 +21,11 @@ from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.resume import ResumableForward, StageCache
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.testing import random_token_pairs
 
 
 def pairs(seed: int = 0, n: int = 4, pos: int = 6) -> TokenPairs:
-    """Random clean/corrupted token pairs for the 50-token tiny llama; logit-diff metric."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 50, (n, pos), generator=gen)
-    corrupted = torch.randint(0, 50, (n, pos), generator=gen)
-    good, bad = torch.randint(0, 50, (n,), generator=gen), torch.randint(0, 50, (n,), generator=gen)
-    bad = torch.where(bad == good, (bad + 1) % 50, bad)
-
-    def metric(logits):
-        rows = torch.arange(logits.shape[0])
-        return logits[rows, -1, good] - logits[rows, -1, bad]
-
-    return TokenPairs(clean, corrupted, metric)
+    return random_token_pairs(seed, n, pos)
 
 
 def plain_acdc(model, batch, tau, metric="kl", allowed=None, prune_dead=True):

@@ -34,6 +34,7 @@ from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError
+from mechflow.testing import random_token_pairs
 
 CFG = {"n_prompts": 4, "restriction": {"last_layers": 1},
        "acdc": {"thresholds": [0.003, 0.03, 0.3], "speculation": 4},
@@ -41,18 +42,7 @@ CFG = {"n_prompts": 4, "restriction": {"last_layers": 1},
 
 
 def pairs(seed: int = 0, n: int = 4, pos: int = 6) -> TokenPairs:
-    """Random clean/corrupted token pairs for the 50-token tiny llama; logit-diff metric."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 50, (n, pos), generator=gen)
-    corrupted = torch.randint(0, 50, (n, pos), generator=gen)
-    good, bad = torch.randint(0, 50, (n,), generator=gen), torch.randint(0, 50, (n,), generator=gen)
-    bad = torch.where(bad == good, (bad + 1) % 50, bad)
-
-    def metric(logits):
-        rows = torch.arange(logits.shape[0])
-        return logits[rows, -1, good] - logits[rows, -1, bad]
-
-    return TokenPairs(clean, corrupted, metric)
+    return random_token_pairs(seed, n, pos)
 
 
 @pytest.fixture(scope="module")
