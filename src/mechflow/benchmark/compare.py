@@ -295,7 +295,8 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     t0 = time.perf_counter()
     acdc = Acdc(model, batch, bench.acdc, restriction)
     acdc_setup = time.perf_counter() - t0
-    runs = acdc.sweep(bench.acdc.thresholds)
+    log.info("ACDC on %d restricted edges, %d taus (setup %.1fs)", n_r, len(bench.acdc.thresholds), acdc_setup)
+    runs = acdc.sweep(bench.acdc.thresholds, progress=True)
 
     # EAP and EAP-IG (forwards: corrupted + clean recording, then one forward+backward per point)
     t0 = time.perf_counter()
@@ -304,6 +305,7 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     t0 = time.perf_counter()
     ig = edge_scores(model, batch, "eap-ig", steps=cmp.ig_steps, rule=cmp.ig_rule, graph=graph)
     ig_s = time.perf_counter() - t0
+    log.info("EAP %.1fs, EAP-IG (%d steps) %.1fs", eap_s, cmp.ig_steps, ig_s)
 
     # ours: EAP-IG ranking over the restricted edges + exact bisection (own evaluator, timed)
     t0 = time.perf_counter()
@@ -313,11 +315,13 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     search_s = time.perf_counter() - t0
     search_fwd = 1 + ours_ev.n_evaluations  # corrupted recording + every exact evaluation
     ours_circuit = prefix_mask(ig_order, found.n_edges, graph)
+    log.info("ours: %d edges, search %.1fs (%d exact evaluations)", found.n_edges, search_s, ours_ev.n_evaluations)
 
     # exhaustive exact reference
     t0 = time.perf_counter()
     effects, m_full_ref, ex_fwd = exhaustive_effects(model, batch, restriction, bench.acdc.max_batch_rows)
     ex_s = time.perf_counter() - t0
+    log.info("exhaustive reference: %d edges in %.1fs", n_r, ex_s)
 
     # evaluation (not counted as any method's cost)
     ev = RestrictedEvaluator(CircuitEvaluator(model, batch, graph), restriction)

@@ -211,9 +211,11 @@ def summarize_cka(res: DepthCKA, out_dir: str | Path, *, stem: str = "cka", mode
     df = pl.DataFrame({
         "layer_a": np.repeat(la, len(lb)), "layer_b": np.tile(lb, len(la)),
         "depth_a": np.repeat(res.depth_a, len(lb)), "depth_b": np.tile(res.depth_b, len(la)),
-        "cka": res.matrix.ravel()})
+        "cka": res.matrix.ravel(),
+        "cka_debiased": (res.debiased if res.debiased is not None else np.full_like(res.matrix, np.nan)).ravel()})
     paths = write_table(df, out_dir, stem)
+    shown, what = (res.debiased, "debiased linear CKA") if res.debiased is not None else (res.matrix, "linear CKA")
     paths["heatmap"] = matrix_heatmap([f"{model_a} L{l}" for l in la], [f"{model_b} L{l}" for l in lb],
-                                      res.matrix, out_dir / f"{stem}.png", vmin=0.0, vmax=1.0,
-                                      cmap="viridis", label="linear CKA", title="linear CKA by layer")
+                                      shown, out_dir / f"{stem}.png", vmin=0.0, vmax=1.0,
+                                      cmap="viridis", label=what, title=f"{what} by layer")
     return paths

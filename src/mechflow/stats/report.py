@@ -225,19 +225,34 @@ def statistics_markdown(model: str, table: pl.DataFrame, stab: Mapping[str, Any]
 
 
 def cka_headline(res: DepthCKA, prompts: Any, model_a: str, model_b: str) -> dict[str, Any]:
-    """`cka.json`: the prompt counts and, per layer of A, the depth-matched and best-matching layer of B."""
-    da, db = np.asarray(res.depth_a), np.asarray(res.depth_b)
-    nearest = np.argmin(np.abs(da[:, None] - db[None, :]), axis=1)
+    """`cka.json`: the prompt counts and, per layer of A, the depth-matched and best-matching layer of B,
+    with the plug-in and the debiased CKA and (when computed) the row-shuffled baseline of both."""
+    nearest = res.depth_matched_b
     best = np.argmax(res.matrix, axis=1)
-    rows = [{"layer_a": int(la), "depth_a": float(da[i]),
+    deb = res.debiased if res.debiased is not None else np.full_like(res.matrix, np.nan)
+    rows = [{"layer_a": int(la), "depth_a": float(res.depth_a[i]),
              "depth_matched_layer_b": int(res.layers_b[nearest[i]]), "depth_matched_cka": float(res.matrix[i, nearest[i]]),
+             "depth_matched_cka_debiased": float(deb[i, nearest[i]]),
              "best_layer_b": int(res.layers_b[best[i]]), "best_cka": float(res.matrix[i, best[i]])}
             for i, la in enumerate(res.layers_a)]
-    return {"model_a": model_a, "model_b": model_b, "hook": "blocks.{l}.hook_resid_post", "position": "last prompt token",
-            "n_prompts": len(prompts.texts), "n_prompts_a": prompts.n_a, "n_prompts_b": prompts.n_b,
-            "n_shared": prompts.n_shared,
-            "prompts": "union of both task datasets' prompt texts, each model with its own tokenization",
-            "mean_depth_matched_cka": float(np.mean([r["depth_matched_cka"] for r in rows])), "by_layer_a": rows}
+    if res.shuffled is not None:
+        for row, base in zip(rows, res.shuffled):
+            row.update(shuffled_cka=base["linear"], shuffled_cka_debiased=base["debiased"])
+    out = {"model_a": model_a, "model_b": model_b, "hook": "blocks.{l}.hook_resid_post", "position": "last prompt token",
+           "n_prompts": len(prompts.texts), "n_prompts_a": prompts.n_a, "n_prompts_b": prompts.n_b,
+           "n_shared": prompts.n_shared,
+           "prompts": "union of both task datasets' prompt texts, each model with its own tokenization",
+           "estimators": "cka: plug-in linear CKA (Kornblith et al. 2019), biased upward when n_prompts < d_model; "
+                         "cka_debiased: unbiased HSIC (Song et al. 2012; Nguyen et al. 2021), ~0 for unrelated "
+                         "representations; shuffled_*: mean over row permutations of B (no token correspondence)",
+           "mean_depth_matched_cka": float(np.mean([r["depth_matched_cka"] for r in rows])),
+           "mean_depth_matched_cka_debiased": float(np.nanmean([r["depth_matched_cka_debiased"] for r in rows])),
+           "by_layer_a": rows}
+    if res.shuffled is not None:
+        out["mean_shuffled_cka"] = float(np.mean([r["shuffled_cka"] for r in rows]))
+        out["mean_shuffled_cka_debiased"] = float(np.nanmean([r["shuffled_cka_debiased"] for r in rows]))
+        out["n_shuffles"] = int(res.shuffled[0]["n_shuffles"])
+    return out
 
 
 def cross_model_markdown(fcas: Mapping[str, Any], cka: Mapping[str, Any] | None) -> str:
@@ -263,10 +278,18 @@ def cross_model_markdown(fcas: Mapping[str, Any], cka: Mapping[str, Any] | None)
           f"{cka['n_prompts']} prompt texts, read by both models: the union of {a}'s {cka['n_prompts_a']} and "
           f"{b}'s {cka['n_prompts_b']} task prompts ({cka['n_shared']} shared); residual stream after each "
           "block at the last prompt token. "
-          f"Mean CKA between depth-matched layers: {_fmt(cka['mean_depth_matched_cka'])}.", "",
-          f"| {a} layer | depth | depth-matched {b} layer | CKA | best {b} layer | CKA |", "|---|---|---|---|---|---|"]
+          f"Mean CKA between depth-matched layers: plug-in {_fmt(cka['mean_depth_matched_cka'])}, debiased "
+          f"{_fmt(cka.get('mean_depth_matched_cka_debiased'))}"
+          + (f"; with B's rows shuffled ({cka['n_shuffles']} permutations, no token correspondence): plug-in "
+             f"{_fmt(cka['mean_shuffled_cka'])}, debiased {_fmt(cka['mean_shuffled_cka_debiased'])}"
+             if "mean_shuffled_cka" in cka else "")
+          + ". The plug-in estimate is biased upward when prompts are fewer than dimensions; read the debiased one "
+          "against its shuffled level.", "",
+          f"| {a} layer | depth | depth-matched {b} layer | CKA | debiased | shuffled debiased | best {b} layer | CKA |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in cka["by_layer_a"]:
         L.append(f"| {r['layer_a']} | {_fmt(r['depth_a'])} | {r['depth_matched_layer_b']} | {_fmt(r['depth_matched_cka'])} "
+                 f"| {_fmt(r.get('depth_matched_cka_debiased'))} | {_fmt(r.get('shuffled_cka_debiased'))} "
                  f"| {r['best_layer_b']} | {_fmt(r['best_cka'])} |")
     L.append("")
     return "\n".join(L)

@@ -870,7 +870,7 @@ def representation_cka(model_cfg_a: dict, model_cfg_b: dict, card_a: ModelCard, 
                 raise DataError(f"{ds_path}: clean_ids of {t!r} differ from {card.name}'s tokenization with its BOS "
                                 "convention; pass each model's own dataset (or re-run prepare_task)")
         acts.append(last_token_residuals(loaded, ids))
-    return cka_by_depth(acts[0], acts[1], n_layers_a=card_a.n_layers, n_layers_b=card_b.n_layers)
+    return cka_by_depth(acts[0], acts[1], n_layers_a=card_a.n_layers, n_layers_b=card_b.n_layers, n_shuffles=20)
 
 
 def _write_cross_model(out_dir: Path, doc: dict[str, Any], fres: FCASResult, cka_res: DepthCKA | None,

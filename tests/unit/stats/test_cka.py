@@ -63,3 +63,41 @@ def test_errors():
     X[4, 1] = np.inf
     with pytest.raises(DataError, match=r"NaN/inf.*\(4, 1\)"):
         linear_cka(X, X)
+
+
+def test_debiased_matches_song_gram_formula_and_is_one_on_identity(reps):
+    from mechflow.stats.cka import debiased_linear_cka, unbiased_hsic_cka
+
+    X, Y = reps
+    assert debiased_linear_cka(X, Y) == pytest.approx(unbiased_hsic_cka(X, Y), rel=1e-9)
+    assert debiased_linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    Q = ortho_group.rvs(12, random_state=2)
+    assert debiased_linear_cka(X @ Q * 3.0, Y) == pytest.approx(debiased_linear_cka(X, Y), rel=1e-9)
+
+
+def test_debiased_removes_the_few_rows_bias_of_independent_representations():
+    """n = 40 rows, 300 dims: plug-in CKA of independent Gaussians is large, the debiased one ~ 0."""
+    from mechflow.stats.cka import debiased_linear_cka, shuffled_baseline
+
+    rng = np.random.default_rng(5)
+    biased, debiased = [], []
+    for _ in range(20):
+        X, Y = rng.normal(size=(40, 300)), rng.normal(size=(40, 300))
+        biased.append(linear_cka(X, Y))
+        debiased.append(debiased_linear_cka(X, Y))
+    assert np.mean(biased) > 0.5
+    assert abs(np.mean(debiased)) < 0.02
+    X = rng.normal(size=(40, 300))
+    base = shuffled_baseline(X, X @ ortho_group.rvs(300, random_state=6), n_shuffles=10)
+    assert base["linear"] > 0.5 and abs(base["debiased"]) < 0.05
+
+
+def test_by_depth_carries_debiased_matrix():
+    rng = np.random.default_rng(7)
+    acts_a = [rng.normal(size=(30, 6)) for _ in range(2)]
+    acts_b = [rng.normal(size=(30, 5)) for _ in range(3)]
+    from mechflow.stats.cka import debiased_linear_cka
+
+    res = cka_by_depth(acts_a, acts_b)
+    assert res.debiased.shape == (2, 3)
+    assert res.debiased[1, 2] == pytest.approx(debiased_linear_cka(acts_a[1], acts_b[2]), rel=1e-12)
