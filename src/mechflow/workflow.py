@@ -48,11 +48,16 @@ def load_runs(snakemake_config: dict) -> dict[str, Run]:
     return runs
 
 
-def stage_cfg(group: str) -> Callable[[Any], dict]:
-    """A Snakemake `params` function returning the resolved config group of the job's run."""
+def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict]:
+    """A Snakemake `params` function returning the resolved config group of the job's run.
+
+    ``without``: keys of the group the rule does not read (e.g. ``sae.features`` for `train_sae`),
+    dropped so that editing them does not re-run the rule (params are a rerun trigger).
+    """
 
     def params(wildcards) -> dict:
-        return RUNS[wildcards.run].stage(group)
+        cfg = RUNS[wildcards.run].stage(group)
+        return {k: v for k, v in cfg.items() if k not in without} if without else cfg
 
     params.__name__ = f"stage_cfg_{group}"
     return params
@@ -225,7 +230,8 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
               baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
               run_manifest: Path, run: str, dictionary_metrics: list[Path] = (),
               circuit_outputs: list[Path] = (), statistics: list[Path] = (),
-              benchmarks: list[Path] = ()) -> RunManifest:
+              benchmarks: list[Path] = (), feature_outputs: list[Path] = (), analysis_outputs: list[Path] = (),
+              reference_outputs: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
     import json
 
@@ -236,7 +242,8 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         resolved_config=resolved_config,
         inputs=[*datasets, tokens],
         outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
-                 *dictionary_metrics, *circuit_outputs, *statistics, *benchmarks],
+                 *dictionary_metrics, *circuit_outputs, *statistics, *benchmarks, *feature_outputs,
+                 *analysis_outputs, *reference_outputs],
         model_card=model_card,
         run_manifest=run_manifest,
         run=run,

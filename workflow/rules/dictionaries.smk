@@ -5,7 +5,7 @@ rule train_sae:
     output:
         training=f"{R}/dictionaries/sae/training.json",
     params:
-        cfg=stage_cfg("sae"),
+        cfg=stage_cfg("sae", without=("features",)),
         model_cfg=stage_cfg("model"),
         wandb_cfg=stage_cfg("wandb"),
         manifest=sae_manifest_of,
@@ -32,7 +32,7 @@ rule evaluate_sae:
     output:
         metrics=f"{R}/dictionaries/sae_metrics.json",
     params:
-        cfg=stage_cfg("sae"),
+        cfg=stage_cfg("sae", without=("features",)),
         model_cfg=stage_cfg("model"),
         manifest=sae_manifest_of,
         dictionary=dictionary_dir_of("sae"),

@@ -37,6 +37,7 @@ rule run_manifest:
         circuit_outputs=circuit_outputs_of,
         statistics=statistics_of,
         benchmarks=benchmarks_of,
+        feature_outputs=feature_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

@@ -16,8 +16,12 @@ from mechflow.io import sha256_file
 
 def write_shards(folder: Path, acts: np.ndarray, *, hook: str = "blocks.0.hook_resid_post",
                  prepend_bos: bool = True, contexts_per_shard: int = 4, row_group_rows: int = 64,
-                 tokens: np.ndarray | None = None, model: str = "test_model", dtype: str = "float32") -> Path:
-    """Write `acts` (``[n_contexts, context_size, d]``) as shards of whole contexts; return the manifest."""
+                 tokens: np.ndarray | None = None, model: str = "test_model", dtype: str = "float32",
+                 corpus_sha256: str = "0" * 64) -> Path:
+    """Write `acts` (``[n_contexts, context_size, d]``) as shards of whole contexts; return the manifest.
+
+    `corpus_sha256`: the sha256 of the corpus `tokens.parquet` the manifest claims to come from.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_ctx, T, d = acts.shape
@@ -44,7 +48,7 @@ def write_shards(folder: Path, acts: np.ndarray, *, hook: str = "blocks.0.hook_r
         shards.append(ShardInfo(file=name, rows=table.num_rows, sha256=sha256_file(folder / name),
                                 first_context=c0, last_context=c1 - 1))
     manifest = HarvestManifest(model=model, model_sha256=None, hook=hook, layer=0, d=d, dtype=dtype,
-                               context_size=T, prepend_bos=prepend_bos, corpus_sha256="0" * 64,
+                               context_size=T, prepend_bos=prepend_bos, corpus_sha256=corpus_sha256,
                                n_contexts=n_ctx, n_rows=n_ctx * T, shards=shards, config_hash="test")
     (folder / SHARD_MANIFEST).write_text(manifest.model_dump_json(indent=2))
     return folder / SHARD_MANIFEST

@@ -1,0 +1,36 @@
+# Feature analysis of the run's SAE: top contexts, logit effects, histograms, task attribution.
+# feature_outputs_of(wildcards) lists this rule's outputs for one run (for run_manifest).
+from mechflow.dictionaries.features import feature_datasets_of, feature_outputs_of
+
+FEATURES = f"{R}/dictionaries/sae_features"
+
+
+rule feature_analysis:
+    """Top-activating contexts, logit effects, histograms and task attribution (verified by ablation) per SAE latent."""
+    input:
+        training=rules.train_sae.output.training,
+        tokens=rules.prepare_corpus.output.tokens,
+        datasets=feature_datasets_of,  # tasks of sae.features.tasks
+    output:
+        features=f"{FEATURES}/features.jsonl",
+        html=f"{FEATURES}/features.html",
+        histograms=f"{FEATURES}/histograms.png",
+        attribution=f"{FEATURES}/task_attribution.parquet",
+        summary=f"{FEATURES}/summary.json",
+    params:
+        cfg=stage_cfg("sae"),
+        model_cfg=stage_cfg("model"),
+        manifest=sae_manifest_of,
+        dictionary=dictionary_dir_of("sae"),
+    log:
+        f"{R}/logs/feature_analysis.log",
+    benchmark:
+        f"{R}/benchmarks/feature_analysis.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/feature_analysis.py"
