@@ -17,6 +17,7 @@ include: "workflow/rules/attribution.smk"
 include: "workflow/rules/circuit.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/reference.smk"
 include: "workflow/rules/summary.smk"
 
 

@@ -38,6 +38,7 @@ rule run_manifest:
         statistics=statistics_of,
         benchmarks=benchmarks_of,
         feature_outputs=feature_outputs_of,
+        reference_outputs=reference_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

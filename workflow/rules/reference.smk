@@ -1,0 +1,56 @@
+# Exact-patching reference and the ROC AUC of every attribution method against it (issue 4).
+# Two rules so that the expensive exact edge effects are cached: `edge_reference` reads only the
+# exact part of the `reference` group; editing the method part (EAP-IG, positives) re-runs `reference`.
+from mechflow.reference.rules import circuit_scores_of, edge_reference_cfg_of, reference_outputs_of
+
+
+rule edge_reference:
+    """Exact effect of removing each edge alone: restricted graph + stratified full-graph sample."""
+    input:
+        dataset=rules.prepare_task.output.dataset,
+    output:
+        edge_reference=f"{R}/reference/{{task}}/edge_reference.parquet",
+    params:
+        cfg=edge_reference_cfg_of,  # exact part only: method settings do not re-run this rule
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/edge_reference/{{task}}.log",
+    benchmark:
+        f"{R}/benchmarks/edge_reference/{{task}}.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/edge_reference.py"
+
+
+rule reference:
+    """ROC AUC and correlations of AP, IG (nodes) and EAP, EAP-IG (edges) against exact patching."""
+    input:
+        unpack(circuit_scores_of),
+        dataset=rules.prepare_task.output.dataset,
+        node_scores=rules.attribute.output.node_scores,
+        node_prompts=rules.attribute.output.prompts,
+        edge_reference=rules.edge_reference.output.edge_reference,
+    output:
+        auc=f"{R}/reference/{{task}}/auc.json",
+        roc=report(f"{R}/reference/{{task}}/roc.png", category="Reference", labels={"run": "{run}", "task": "{task}", "figure": "ROC vs exact"}),
+        summary=f"{R}/reference/{{task}}/reference.md",
+    params:
+        cfg=stage_cfg("reference"),
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/reference/{{task}}.log",
+    benchmark:
+        f"{R}/benchmarks/reference/{{task}}.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/reference.py"
