@@ -20,6 +20,7 @@ from mechflow.benchmark.compare import (
     TIMING_COLUMNS,
     TIMINGS_JSON,
     RestrictedEvaluator,
+    ResumedRestrictedEvaluator,
     compare_methods,
     exhaustive_effects,
     parse_config,
@@ -123,6 +124,23 @@ def test_restricted_faithfulness_is_zero_without_and_one_with_all_restricted_edg
     assert point["n_edges"] == k
     m = direct.metric(restriction.full_kept(prefix_mask(order, k, g)))
     assert point["faithfulness"] == pytest.approx((m - ev.m_empty) / (ev.m_full - ev.m_empty), abs=1e-10)
+
+
+@pytest.mark.parametrize("spec", [RestrictionConfig(last_layers=1), RestrictionConfig(),
+                                  RestrictionConfig(last_layers=2, sender_last_layers=1)])
+def test_resumed_evaluator_equals_the_full_forward_evaluator(tiny_llama, batch, spec):
+    """Our search's evaluator (started mid-model from the cached clean state) = `RestrictedEvaluator`."""
+    g = EdgeGraph.from_cfg(tiny_llama.cfg)
+    restriction = EdgeRestriction.build(g, spec)
+    slow = RestrictedEvaluator(CircuitEvaluator(tiny_llama, batch, g), restriction)
+    fast = ResumedRestrictedEvaluator(tiny_llama, batch, restriction)
+    assert fast.m_full == pytest.approx(slow.m_full, abs=1e-10)
+    assert fast.m_empty == pytest.approx(slow.m_empty, abs=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        kept = (torch.rand(g.valid.shape, generator=gen) < 0.5) & restriction.mask
+        assert fast.metric(kept) == pytest.approx(slow.metric(kept), abs=1e-9)
+    assert fast.n_evaluations == 4
 
 
 def test_perfect_scorer_has_auc_one_and_auc_matches_trapezoid_of_the_roc(tiny_llama, batch):
