@@ -45,6 +45,9 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert SPINE_RULES <= set(counts), counts
     assert counts["prepare_task"] == counts["evaluate_task"] == counts["attribute"] == counts["circuit"] == 3
     assert counts["statistics"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
+    assert counts["analyze"] == 3 and counts["causal_trace"] == 1  # causal tracing: factual recall only
+    assert counts["edge_reference"] == counts["reference"] == 1  # reference.tasks: [ioi]
+    assert counts["feature_analysis"] == 1
     assert not (tmp_path / "results").exists()  # a dry run writes no results
 
 
@@ -110,6 +113,17 @@ def test_smoke_run_end_to_end(tmp_path):
     for name in ("sae_metrics.json", "transcoder_metrics.json"):
         metrics = json.loads((run / "dictionaries" / name).read_text())
         assert metrics["l0"] > 0 and metrics["ce_clean"] > 0
+    for task in ("ioi", "greater_than"):
+        for name in ("ablations.parquet", "saliency.parquet", "neurons.parquet", "analysis.md"):
+            assert (run / "circuits" / task / name).exists(), name
+    auc = json.loads((run / "reference" / "ioi" / "auc.json").read_text())
+    assert "nodes" in auc and "edges" in auc
+    features = (run / "dictionaries" / "sae_features" / "features.jsonl").read_text().splitlines()
+    assert features and json.loads(features[0])["top_contexts"] is not None
+    produced = set(manifest["outputs"])
+    assert any(p.endswith("reference/ioi/auc.json") for p in produced)
+    assert any(p.endswith("sae_features/features.jsonl") for p in produced)
+    assert any(p.endswith("circuits/ioi/ablations.parquet") for p in produced)
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr

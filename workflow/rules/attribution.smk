@@ -13,7 +13,7 @@ rule attribute:
         lens_figure=report(f"{R}/circuits/{{task}}/logit_lens.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "logit lens"}),
         summary=f"{R}/circuits/{{task}}/attribution.md",
     params:
-        cfg=stage_cfg("attribution"),
+        cfg=stage_cfg("attribution", without=("analysis",)),
         model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/attribute/{{task}}.log",
@@ -27,3 +27,70 @@ rule attribute:
         "../../envs/mechflow.yaml"
     script:
         "../scripts/attribute.py"
+
+
+# Input/params functions of `analyze` and `causal_trace`; `analysis_outputs_of(wildcards)` lists a
+# run's analysis outputs (causal tracing only for tasks with subjects) for run-level consumers.
+from mechflow.attribution.analysis import (
+    analysis_cfg_of,
+    analysis_outputs_of,
+    causal_tracing_cfg_of,
+    causal_tracing_of,
+    neuron_harvest_of,
+)
+
+
+rule analyze:
+    """Ablations (zero/mean/resample), token saliency with IG completeness, top neurons and their contexts."""
+    input:
+        dataset=rules.prepare_task.output.dataset,
+        tokens=rules.prepare_corpus.output.tokens,
+        harvest_index=neuron_harvest_of,
+        causal_tracing=causal_tracing_of,
+    output:
+        ablations=f"{R}/circuits/{{task}}/ablations.parquet",
+        ablations_figure=report(f"{R}/circuits/{{task}}/ablations.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "ablations"}),
+        saliency=f"{R}/circuits/{{task}}/saliency.parquet",
+        saliency_figure=report(f"{R}/circuits/{{task}}/saliency.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "token saliency"}),
+        neurons=f"{R}/circuits/{{task}}/neurons.parquet",
+        neurons_md=f"{R}/circuits/{{task}}/neurons.md",
+        summary=f"{R}/circuits/{{task}}/analysis.md",
+    params:
+        cfg=analysis_cfg_of,
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/analyze/{{task}}.log",
+    benchmark:
+        f"{R}/benchmarks/analyze/{{task}}.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=90,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/analyze.py"
+
+
+rule causal_trace:
+    """Causal tracing (Meng et al. 2022): noise the subject, restore states per layer × position."""
+    input:
+        dataset=rules.prepare_task.output.dataset,
+    output:
+        causal_tracing=f"{R}/circuits/{{task}}/causal_tracing.parquet",
+        figure=report(f"{R}/circuits/{{task}}/causal_tracing.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "causal tracing"}),
+    params:
+        cfg=causal_tracing_cfg_of,
+        model_cfg=stage_cfg("model"),
+    log:
+        f"{R}/logs/causal_trace/{{task}}.log",
+    benchmark:
+        f"{R}/benchmarks/causal_trace/{{task}}.tsv"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/mechflow.yaml"
+    script:
+        "../scripts/causal_trace.py"

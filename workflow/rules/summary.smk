@@ -39,6 +39,7 @@ rule run_manifest:
         benchmarks=benchmarks_of,
         feature_outputs=feature_outputs_of,
         reference_outputs=reference_outputs_of,
+        analysis_outputs=analysis_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     params:

@@ -38,7 +38,7 @@ DEFAULTS = {"methods": list(METHODS), "n_prompts": 16, "ig_steps": 8, "max_batch
 
 
 def _cfg(cfg: dict) -> dict:
-    unknown = sorted(set(cfg) - set(DEFAULTS))
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"analysis"})  # analysis: rule `analyze` (attribution/analysis.py)
     if unknown:
         raise ConfigError(f"attribution.{unknown[0]}: unknown key; known keys are {sorted(DEFAULTS)}.")
     out = {**DEFAULTS, **cfg}
