@@ -21,3 +21,16 @@ class ModelLoadError(MechflowError, RuntimeError):
 
 class IntegrityError(DataError):
     """A file on disk does not match its recorded checksum (names the file)."""
+
+
+def check_known_keys(where: str, cfg, cls) -> None:
+    """Raise the unknown-key `ConfigError` of a typed config: ``cls`` is the dataclass whose fields
+    are the valid keys of the config section ``where`` (e.g. ``"corpus"``)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        group = where.split(".")[0]
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {sorted(known)} "
+                          f"(check config/{group}/*.yaml or the override for a typo)")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from mechflow.errors import ConfigError
+from mechflow.errors import ConfigError, check_known_keys
 from mechflow.io import canonical_hash
 
 METRICS = ("kl", "task")
@@ -30,11 +30,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _check_keys(where: str, cfg: Mapping[str, Any], cls) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {sorted(known)} "
-                          "(check config/benchmark/*.yaml or the override for a typo)")
+    check_known_keys(where, cfg, cls)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from mechflow.errors import ConfigError
+from mechflow.errors import ConfigError, check_known_keys
 
 SOURCES = ("stdlib_docs", "text_files", "jsonl", "hf_dataset")
 
@@ -27,10 +27,7 @@ class CorpusConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "CorpusConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"corpus.{unknown[0]}: unknown key; valid keys are {sorted(known)}")
+        check_known_keys("corpus", cfg, cls)
         values = dict(cfg)
         if "paths" in values:
             paths = values["paths"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from mechflow.contracts.parquet import ACTIVATION_DTYPES
-from mechflow.errors import ConfigError
+from mechflow.errors import ConfigError, check_known_keys
 
 # Short names for the per-layer hook points; expanded by `mechflow.harvest.hooks.expand_hooks`.
 HOOK_POINTS: dict[str, str] = {
@@ -38,10 +38,7 @@ class HarvestConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "HarvestConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"harvest.{unknown[0]}: unknown key; valid keys are {sorted(known)}")
+        check_known_keys("harvest", cfg, cls)
         values = dict(cfg)
         for key in ("layers", "hook_points", "hooks"):
             if key in values:
