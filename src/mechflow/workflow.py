@@ -339,15 +339,14 @@ def model_pairs(runs: dict[str, Run]) -> dict[str, tuple[str, str]]:
 
 
 def statistics_inputs_of(wildcards) -> dict[str, str]:
-    """Named inputs of `statistics`: node scores always; the circuit's files where it exists."""
+    """Named inputs of `statistics`: node scores and the circuit's files, for every model (the
+    `circuit` rule finds an edge circuit where edge patching is defined, else a node circuit)."""
     base = f"results/{wildcards.run}"
     folder = f"{base}/circuits/{wildcards.task}"
-    inputs = {"node_scores": f"{folder}/node_scores.parquet", "prompts": f"{folder}/prompts.parquet",
-              "model_card": f"{base}/model_card.json"}
-    if RUNS[wildcards.run].cfg["model"].get("edge_circuits", True):
-        inputs.update(circuit=f"{folder}/circuit.json", circuit_prompts=f"{folder}/circuit_prompts.parquet",
-                      curve_prompts=f"{folder}/curve_prompts.parquet")
-    return inputs
+    return {"node_scores": f"{folder}/node_scores.parquet", "prompts": f"{folder}/prompts.parquet",
+            "model_card": f"{base}/model_card.json", "circuit": f"{folder}/circuit.json",
+            "circuit_prompts": f"{folder}/circuit_prompts.parquet",
+            "curve_prompts": f"{folder}/curve_prompts.parquet"}
 
 
 def stats_dir_of(wildcards) -> Path:

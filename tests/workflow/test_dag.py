@@ -58,7 +58,7 @@ def test_sweep_plans_one_run_folder_per_point(tmp_path):
     assert "results/gemma3_270m/run_manifest.json" in result.stdout
     counts = planned_rules(result.stdout)
     assert counts["harvest"] == 2 and counts["cross_model"] == 3  # one comparison per shared task
-    assert counts["circuit"] == 3  # edge circuits only for SmolLM2 (Gemma-3's post-norms: node level only)
+    assert counts["circuit"] == 6  # edge circuits on SmolLM2, node circuits on Gemma-3 (post-norms)
     assert "results/cross_model/gemma3_270m__vs__smollm2_135m/ioi/fcas.json" in result.stdout
 
 

@@ -1,5 +1,6 @@
 rule circuit:
-    """Minimal faithful edge circuit (EAP-IG ranking, exact evaluation), curve, CPR/CMD, drawing."""
+    """Minimal faithful circuit (EAP-IG ranking, exact evaluation), curve, CPR/CMD, drawing; edges where
+    edge patching is defined, else nodes (`circuit.unit`; edge_scores then holds the node ranking)."""
     input:
         dataset=rules.prepare_task.output.dataset,
     output:

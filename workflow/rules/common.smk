@@ -85,13 +85,12 @@ def dictionary_metrics_of(wildcards):
 
 
 def circuit_outputs_of(wildcards):
-    """Attribution outputs of every task; edge circuits only where the model supports them."""
+    """Attribution outputs and the circuit (edges or nodes, `circuit.unit`) of every task."""
     run = RUNS[wildcards.run].cfg
     out = []
     for task in sorted(run["task"]):
         out.append(f"results/{wildcards.run}/circuits/{task}/node_scores.parquet")
-        if run["model"].get("edge_circuits", True):
-            out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
+        out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
     return out
 
 
@@ -101,8 +100,7 @@ def summary_results_of(wildcards):
     out = [p for p in dictionary_metrics_of(wildcards) if p.endswith("_metrics.json")]
     for task in sorted(run["task"]):
         out.append(f"results/{wildcards.run}/circuits/{task}/agreement.json")
-        if run["model"].get("edge_circuits", True):
-            out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
+        out.append(f"results/{wildcards.run}/circuits/{task}/circuit.json")
     return out
 
 

@@ -1,8 +1,9 @@
-"""Edge-level circuits on the MIB graph: EAP / EAP-IG scores, exact circuit evaluation,
-minimal faithful circuits, faithfulness curves (CPR/CMD) and ``circuit.json``."""
+"""Circuits on the MIB graph: EAP / EAP-IG scores, exact circuit evaluation, minimal faithful
+circuits, faithfulness curves (CPR/CMD) and ``circuit.json``; edge circuits where edge patching is
+defined, node circuits (input, heads, MLPs) everywhere, including Gemma-3."""
 
 from mechflow.circuits.config import CircuitConfig
-from mechflow.circuits.core import discover_circuit
+from mechflow.circuits.core import discover_circuit, resolve_unit
 from mechflow.circuits.eap import edge_scores
 from mechflow.circuits.faithfulness import (
     MIB_PERCENTAGES,
@@ -12,10 +13,16 @@ from mechflow.circuits.faithfulness import (
     normalized_faithfulness,
     prefix_mask,
     ranked_edges,
+    reads_last_position_only,
     sufficiency_comprehensiveness,
 )
-from mechflow.circuits.forward import check_edge_model, graph_forward
+from mechflow.circuits.forward import (
+    check_edge_model,
+    edge_model_problems,
+    graph_forward,
+)
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.circuits.nodes import NodeEvaluator, node_scores, ranked_nodes
 from mechflow.circuits.result import (
     CircuitFile,
     LogitDiffSpec,
@@ -23,14 +30,16 @@ from mechflow.circuits.result import (
     read_circuit,
     reevaluate_circuit,
     tl_edge_patched_logits,
+    tl_node_patched_logits,
     write_circuit,
 )
 from mechflow.circuits.search import SearchResult, check_target, minimal_faithful_prefix
 
 __all__ = [
     "MIB_PERCENTAGES", "CircuitConfig", "CircuitEvaluator", "CircuitFile", "EdgeGraph", "LogitDiffSpec",
-    "PromptSet", "SearchResult", "area_metrics", "check_edge_model", "check_target", "discover_circuit",
-    "edge_scores", "faithfulness_curve", "graph_forward", "minimal_faithful_prefix", "normalized_faithfulness",
-    "prefix_mask", "ranked_edges", "read_circuit", "reevaluate_circuit", "sufficiency_comprehensiveness",
-    "tl_edge_patched_logits", "write_circuit",
+    "NodeEvaluator", "PromptSet", "SearchResult", "area_metrics", "check_edge_model", "check_target",
+    "discover_circuit", "edge_model_problems", "edge_scores", "faithfulness_curve", "graph_forward",
+    "minimal_faithful_prefix", "node_scores", "normalized_faithfulness", "prefix_mask", "ranked_edges",
+    "ranked_nodes", "read_circuit", "reads_last_position_only", "reevaluate_circuit", "resolve_unit",
+    "sufficiency_comprehensiveness", "tl_edge_patched_logits", "tl_node_patched_logits", "write_circuit",
 ]

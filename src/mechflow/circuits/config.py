@@ -7,20 +7,27 @@ from dataclasses import asdict, dataclass, fields
 from mechflow.errors import ConfigError
 from mechflow.io import canonical_hash
 
+UNITS = ("edges", "nodes", "auto")
+
 
 @dataclass(frozen=True)
 class CircuitConfig:
     """Circuit discovery settings.
 
     Attributes:
-        method: edge ranking, ``"eap-ig"`` (default) or ``"eap"``.
+        unit: what the circuit is made of: ``"edges"`` (MIB edge graph), ``"nodes"`` (input, heads,
+            MLPs; `mechflow.circuits.nodes`) or ``"auto"`` (default): edges where the model supports
+            edge patching (`check_edge_model` and ``model.edge_circuits``), else nodes (Gemma-3).
+        method: ranking, ``"eap-ig"`` (default) or ``"eap"`` (edge scores, or the same estimator
+            on node activations for node circuits).
         ig_steps: EAP-IG interpolation points (MIB uses 5).
         ig_rule: ``"left"`` (points of the reference EAP-IG code, t = k/steps) or ``"midpoint"``.
         target: normalised faithfulness the minimal circuit must reach, in (0, 1].
         absolute: rank edges by |score| (MIB default) instead of signed score.
-        percentages: edge budgets (percent of all edges) of the faithfulness curve / CPR / CMD.
+        percentages: budgets (percent of all edges, or nodes) of the faithfulness curve / CPR / CMD.
     """
 
+    unit: str = "auto"
     method: str = "eap-ig"
     ig_steps: int = 5
     ig_rule: str = "left"
@@ -29,6 +36,8 @@ class CircuitConfig:
     percentages: tuple[float, ...] = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
     def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ConfigError(f"circuit.unit: {self.unit!r} is not one of {', '.join(map(repr, UNITS))}.")
         if self.method not in ("eap", "eap-ig"):
             raise ConfigError(f"circuit.method: {self.method!r} is not one of 'eap', 'eap-ig'.")
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
@@ -44,7 +53,7 @@ class CircuitConfig:
         object.__setattr__(self, "percentages", pct)
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "CircuitConfig":
+    def from_dict(cls, cfg: dict) -> CircuitConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:

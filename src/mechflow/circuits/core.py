@@ -1,10 +1,12 @@
 """Find, evaluate and describe a minimal faithful circuit (the circuits stage's computation).
 
 Steps:
-1. Score every edge of the MIB graph with EAP or EAP-IG (`mechflow.circuits.eap`).
-2. Rank edges (|score| by default) and evaluate the faithfulness curve exactly (CPR, CMD).
-3. Bracketed bisection for the smallest faithful prefix (`mechflow.circuits.search`).
-4. Exact sufficiency / comprehensiveness of that circuit; assemble a `CircuitFile`.
+1. Resolve the unit (`resolve_unit`): edges of the MIB graph where edge patching is defined,
+   else nodes (input, heads, MLPs; `mechflow.circuits.nodes`), or as configured.
+2. Score every unit with EAP or EAP-IG (`mechflow.circuits.eap` / `nodes.node_scores`).
+3. Rank units (|score| by default) and evaluate the faithfulness curve exactly (CPR, CMD).
+4. Bracketed bisection for the smallest faithful prefix (`mechflow.circuits.search`).
+5. Exact sufficiency / comprehensiveness of that circuit; assemble a `CircuitFile`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,37 @@ from mechflow.circuits.faithfulness import (
     ranked_edges,
     sufficiency_comprehensiveness,
 )
+from mechflow.circuits.forward import check_edge_model, edge_model_problems
 from mechflow.circuits.graph import EdgeGraph
-from mechflow.circuits.result import CircuitFile, LogitDiffSpec, PromptSet
-from mechflow.circuits.search import minimal_faithful_prefix
+from mechflow.circuits.nodes import NodeEvaluator, node_scores, ranked_nodes
+from mechflow.circuits.result import (
+    CircuitFile,
+    LogitDiffSpec,
+    PromptSet,
+    TargetMetricSpec,
+)
+from mechflow.circuits.search import SearchResult, minimal_faithful_prefix
+from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_unit(unit: str, model, model_cfg: dict | None = None) -> str:
+    """``"edges"`` or ``"nodes"``: ``"auto"`` is edges iff the model supports edge patching
+    (`edge_model_problems` is empty and ``model.edge_circuits`` is not false)."""
+    flagged = bool((model_cfg or {}).get("edge_circuits", True))
+    if unit == "nodes":
+        return "nodes"
+    if unit == "edges":
+        if not flagged:
+            raise ConfigError(f"circuit.unit: 'edges' but model {(model_cfg or {}).get('name')!r} sets "
+                              "model.edge_circuits: false (edge patching is not defined there); "
+                              "set circuit.unit: nodes or auto.")
+        check_edge_model(model)
+        return "edges"
+    if unit != "auto":
+        raise ConfigError(f"circuit.unit: {unit!r} is not one of 'edges', 'nodes', 'auto'.")
+    return "edges" if flagged and not edge_model_problems(model) else "nodes"
 
 
 def discover_circuit(
@@ -36,30 +64,45 @@ def discover_circuit(
     cfg: CircuitConfig,
     *,
     model_cfg: dict,
-    metric_spec: LogitDiffSpec,
+    metric_spec: LogitDiffSpec | TargetMetricSpec,
     prompt_ids: list[str] | None = None,
     dataset_sha256: str | None = None,
     progress: bool = False,
 ) -> tuple[CircuitFile, Tensor]:
-    """Run steps 1-4; returns the circuit document and the full ``[n_senders, n_receivers]`` scores.
+    """Run steps 1-5; returns the circuit document and the full scores: ``[n_senders, n_receivers]``
+    for an edge circuit, ``[n_senders]`` (one per node) for a node circuit (``doc.unit``).
 
     ``metric_spec`` must describe ``batch.metric`` (it is what an independent re-evaluator rebuilds).
     """
+    unit = resolve_unit(cfg.unit, model, model_cfg)
     graph = EdgeGraph.from_cfg(model.cfg)
-    scores = edge_scores(model, batch, cfg.method, cfg.ig_steps, cfg.ig_rule, graph=graph, progress=progress)
-    order = ranked_edges(scores, graph, absolute=cfg.absolute)
-    ev = CircuitEvaluator(model, batch, graph)
+    if unit == "edges":
+        scores = edge_scores(model, batch, cfg.method, cfg.ig_steps, cfg.ig_rule, graph=graph, progress=progress)
+        order = ranked_edges(scores, graph, absolute=cfg.absolute)
+        ev = CircuitEvaluator(model, batch, graph)
+    else:
+        scores = node_scores(model, batch, cfg.method, cfg.ig_steps, cfg.ig_rule, graph=graph, progress=progress)
+        order = ranked_nodes(scores, absolute=cfg.absolute)
+        ev = NodeEvaluator(model, batch, graph)
     found = minimal_faithful_prefix(ev, order, cfg.target, cfg.percentages)
-    kept = prefix_mask(order, found.n_edges, graph)
+    kept = ev.prefix(order, found.n_edges)
     sc = sufficiency_comprehensiveness(ev, kept)
     areas = area_metrics(found.curve)
-    top = order[:found.n_edges]
-    edges = [{"name": graph.edge_name(int(i) // graph.n_receivers, int(i) % graph.n_receivers),
-              "score": float(scores.flatten()[i])} for i in top]
+    top = order[:found.n_edges].tolist()
+    if unit == "edges":
+        parts = {"edges": [{"name": graph.edge_name(i // graph.n_receivers, i % graph.n_receivers),
+                            "score": float(scores.flatten()[i])} for i in top],
+                 "nodes": graph.nodes_of(prefix_mask(order, found.n_edges, graph)),
+                 "n_edges": found.n_edges, "n_edges_total": graph.n_edges}
+    else:
+        names = graph.sender_names
+        parts = {"edges": [], "nodes": [names[i] for i in top],
+                 "node_scores": [{"name": names[i], "score": float(scores[i])} for i in top],
+                 "n_edges": None, "n_edges_total": None}
     doc = CircuitFile(
-        model=model_cfg, n_layers=graph.n_layers, n_heads=graph.n_heads, n_edges_total=graph.n_edges,
-        method=cfg.method, config=cfg.to_dict(), config_hash=cfg.hash(), target=cfg.target,
-        edges=edges, nodes=graph.nodes_of(kept), n_edges=found.n_edges,
+        model=model_cfg, n_layers=graph.n_layers, n_heads=graph.n_heads, unit=unit, level=unit[:-1],
+        n_units=found.n_edges, n_units_total=ev.n_units,
+        method=cfg.method, config=cfg.to_dict(), config_hash=cfg.hash(), target=cfg.target, **parts,
         m_full=ev.m_full, m_empty=ev.m_empty, m_circuit=found.metric, faithfulness=found.faithfulness,
         faithfulness_one_fewer=found.faithfulness_one_fewer, **sc,
         curve=[vars(p) for p in found.curve], cpr=areas["cpr"], cmd=areas["cmd"],
@@ -68,6 +111,10 @@ def discover_circuit(
                           corrupted_tokens=batch.corrupted_tokens.tolist(),
                           prompt_ids=prompt_ids, dataset_sha256=dataset_sha256),
     )
-    log.info("circuit: %d/%d edges, f=%.3f, CPR=%.3f, CMD=%.3f", found.n_edges, graph.n_edges,
-             found.faithfulness, areas["cpr"], areas["cmd"])
+    _log(found, ev.n_units, unit, areas)
     return doc, scores
+
+
+def _log(found: SearchResult, total: int, unit: str, areas: dict[str, float]) -> None:
+    log.info("circuit: %d/%d %s, f=%.3f, CPR=%.3f, CMD=%.3f", found.n_edges, total, unit,
+             found.faithfulness, areas["cpr"], areas["cmd"])

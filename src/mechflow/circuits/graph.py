@@ -31,7 +31,7 @@ class EdgeGraph:
     n_heads: int
 
     @classmethod
-    def from_cfg(cls, cfg) -> "EdgeGraph":
+    def from_cfg(cls, cfg) -> EdgeGraph:
         """From a TransformerLens config (or anything with ``n_layers`` and ``n_heads``)."""
         return cls(int(cfg.n_layers), int(cfg.n_heads))
 

@@ -1,10 +1,12 @@
 """``circuit.json``: a circuit with everything needed to recompute its faithfulness from the file.
 
-The file holds the model config, the graph size, the circuit's edges (with scores) and nodes,
+The file holds the model config, the graph size, the circuit's unit (``"edges"`` or ``"nodes"``),
+its edges (with scores; empty for a node circuit) and nodes (with scores for a node circuit),
 m(N), m(empty), m(C), f, the target, the token ids of every clean/corrupted prompt, the metric
 spec, the search config and its hash. `reevaluate_circuit` recomputes m(N), m(empty), m(C) and f
-from the file alone with an implementation INDEPENDENT of `graph_forward`: TransformerLens' own
-split-q/k/v-input and attention-result hooks, patched in Python per receiver.
+from the file alone with implementations INDEPENDENT of the search's: for edges TransformerLens'
+own split-q/k/v-input and attention-result hooks, patched in Python per receiver (not
+`graph_forward`); for nodes the per-head ``hook_result`` (not the search's ``hook_z``).
 
 The pydantic model is a proposal for `mechflow.contracts.models` (it lives here until the lead
 moves it).
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from mechflow.circuits.faithfulness import normalized_faithfulness
@@ -63,7 +65,7 @@ class TargetMetricSpec(_Doc):
     target_signs: list[list[float]]
 
     @classmethod
-    def from_task_batch(cls, batch) -> "TargetMetricSpec":
+    def from_task_batch(cls, batch) -> TargetMetricSpec:
         return cls(value="prob" if batch.metric_kind == "prob_diff" else "logit",
                    target_ids=batch.target_ids.tolist(), target_signs=batch.target_signs.double().tolist())
 
@@ -91,29 +93,55 @@ class CircuitEdgeEntry(_Doc):
     score: float
 
 
+class CircuitNodeEntry(_Doc):
+    name: str
+    score: float
+
+
 class CurvePointEntry(_Doc):
+    """One budget of the faithfulness curve; ``n_units`` counts the circuit's unit (edges or nodes).
+
+    Files written before node circuits existed name it ``n_edges``; both spellings are read.
+    """
+
     percent: float
-    n_edges: int
+    n_units: int = Field(validation_alias=AliasChoices("n_units", "n_edges"))
     metric: float
     faithfulness: float
 
+    @property
+    def n_edges(self) -> int:
+        """Alias of ``n_units`` (the count is of edges in an edge circuit)."""
+        return self.n_units
+
 
 class CircuitFile(_Doc):
-    """``results/circuits/{model}/{task}/circuit.json``."""
+    """``results/circuits/{model}/{task}/circuit.json``.
+
+    ``unit`` says what the circuit is made of. Edge circuits: ``edges`` (best first, with scores),
+    ``nodes`` the nodes they touch, ``n_edges`` / ``n_edges_total`` their counts. Node circuits:
+    ``edges`` empty, ``nodes`` the circuit's nodes best first (scores in ``node_scores``),
+    ``n_edges`` / ``n_edges_total`` null. ``n_units`` / ``n_units_total`` count the unit either
+    way, and the curve's budgets are percentages of ``n_units_total``.
+    """
 
     schema_version: Literal["1"] = "1"
     model: dict
     n_layers: int
     n_heads: int
-    n_edges_total: int
-    level: Literal["edge"] = "edge"
+    unit: Literal["edges", "nodes"] = "edges"
+    n_units_total: int | None = None
+    n_units: int | None = None
+    n_edges_total: int | None
+    level: Literal["edge", "node"] = "edge"
     method: str
     config: dict
     config_hash: str
     target: float
     edges: list[CircuitEdgeEntry]
     nodes: list[str]
-    n_edges: int
+    node_scores: list[CircuitNodeEntry] = []
+    n_edges: int | None
     m_full: float
     m_empty: float
     m_circuit: float
@@ -128,6 +156,24 @@ class CircuitFile(_Doc):
     n_evaluations: int
     metric: Annotated[LogitDiffSpec | TargetMetricSpec, Field(discriminator="kind")]
     prompts: PromptSet
+
+    @model_validator(mode="after")
+    def _consistent_unit(self) -> CircuitFile:
+        if self.unit == "edges":
+            if self.n_edges is None or self.n_edges_total is None:
+                raise ValueError("an edge circuit needs n_edges and n_edges_total")
+            self.n_units = self.n_edges if self.n_units is None else self.n_units
+            self.n_units_total = self.n_edges_total if self.n_units_total is None else self.n_units_total
+            if (self.n_units, self.n_units_total) != (self.n_edges, self.n_edges_total):
+                raise ValueError("an edge circuit's n_units/n_units_total must equal n_edges/n_edges_total")
+        else:
+            if self.edges or self.n_edges is not None or self.n_edges_total is not None:
+                raise ValueError("a node circuit lists no edges (edges: [], n_edges and n_edges_total null)")
+            if self.n_units is None or self.n_units_total is None or self.n_units != len(self.nodes):
+                raise ValueError("a node circuit needs n_units == len(nodes) and n_units_total")
+        if self.level != self.unit[:-1]:
+            raise ValueError(f"level {self.level!r} contradicts unit {self.unit!r}")
+        return self
 
 
 def write_circuit(path: str | Path, circuit: CircuitFile) -> Path:
@@ -153,8 +199,8 @@ def tl_edge_patched_logits(model, clean: Tensor, corrupted: Tensor, removed: Ten
     g = EdgeGraph.from_cfg(model.cfg)
     H = g.n_heads
     removed = removed & g.valid
-    flags = dict(use_split_qkv_input=True, ungroup_grouped_query_attention=True,
-                 use_attn_result=True, use_hook_mlp_in=True)
+    flags = {"use_split_qkv_input": True, "ungroup_grouped_query_attention": True,
+                 "use_attn_result": True, "use_hook_mlp_in": True}
 
     def sender_acts(store: dict[int, Tensor]):
         def put_input(act, hook):
@@ -200,11 +246,48 @@ def tl_edge_patched_logits(model, clean: Tensor, corrupted: Tensor, removed: Ten
         return model.run_with_hooks(clean, fwd_hooks=hooks)
 
 
+@torch.no_grad()
+def tl_node_patched_logits(model, clean: Tensor, corrupted: Tensor, kept: Tensor) -> Tensor:
+    """Reference node patching through TransformerLens hooks: every node NOT in ``kept`` (bool
+    ``[n_senders]``, the edge graph's sender order) gets its corrupted-run value.
+
+    Nodes: ``blocks.0.hook_resid_pre`` (input), ``blocks.L.attn.hook_result`` per head (the
+    head's ``z W_O``; bias and any post-attention norm are applied after it, i.e. recomputed), and
+    ``blocks.L.hook_mlp_out`` (after any post-MLP norm: the MLP's contribution to the residual).
+    Independent of `mechflow.circuits.nodes.NodeEvaluator`, which patches ``hook_z``.
+    """
+    g = EdgeGraph.from_cfg(model.cfg)
+    kept = kept.bool()
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{L}.{h}" for L in range(g.n_layers)
+                                           for h in ("attn.hook_result", "hook_mlp_out")]
+    with tl_flags(model, use_attn_result=True):
+        _, cache = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
+
+        def put(name: str, heads: list[int] | None):
+            def hook(act: Tensor, hook=None) -> Tensor:
+                act = act.clone()
+                if heads is None:
+                    act[:] = cache[name]
+                else:
+                    act[:, :, heads] = cache[name][:, :, heads]
+                return act
+            return hook
+
+        hooks = [] if bool(kept[0]) else [("blocks.0.hook_resid_pre", put("blocks.0.hook_resid_pre", None))]
+        for L in range(g.n_layers):
+            heads = [h for h in range(g.n_heads) if not bool(kept[g.head_sender(L, h)])]
+            if heads:
+                hooks.append((f"blocks.{L}.attn.hook_result", put(f"blocks.{L}.attn.hook_result", heads)))
+            if not bool(kept[g.mlp_sender(L)]):
+                hooks.append((f"blocks.{L}.hook_mlp_out", put(f"blocks.{L}.hook_mlp_out", None)))
+        return model.run_with_hooks(clean, fwd_hooks=hooks)
+
+
 def reevaluate_circuit(path_or_file: str | Path | CircuitFile, model=None) -> dict[str, float]:
     """Recompute m(N), m(empty), m(C) and f from a circuit.json alone (independent code path).
 
     Args:
-        path_or_file: the file or its parsed `CircuitFile`.
+        path_or_file: the file or its parsed `CircuitFile` (edge or node circuit).
         model: the model to use; default loads ``file.model`` with `mechflow.models.load_model_from_cfg`.
     """
     cf = path_or_file if isinstance(path_or_file, CircuitFile) else read_circuit(path_or_file)
@@ -220,13 +303,27 @@ def reevaluate_circuit(path_or_file: str | Path | CircuitFile, model=None) -> di
     clean = torch.tensor(cf.prompts.clean_tokens)
     corrupted = torch.tensor(cf.prompts.corrupted_tokens)
     metric = cf.metric.build()
-    kept = g.mask_from_names([e.name for e in cf.edges])
+    if cf.unit == "nodes":
+        lookup = {n: i for i, n in enumerate(g.sender_names)}
+        unknown = [n for n in cf.nodes if n not in lookup]
+        if unknown:
+            raise DataError(f"circuit.json: node {unknown[0]!r} is not a node of a {g.n_layers} x {g.n_heads} model "
+                            f"(names: input, a{{L}}.h{{h}}, m{{L}}); regenerate the file with the circuit stage.")
+        kept = torch.zeros(g.n_senders, dtype=torch.bool)
+        kept[[lookup[n] for n in cf.nodes]] = True
 
-    def m(removed: Tensor) -> float:
-        return float(metric(tl_edge_patched_logits(model, clean, corrupted, removed)).double().mean())
+        def m_nodes(keep: Tensor) -> float:
+            return float(metric(tl_node_patched_logits(model, clean, corrupted, keep)).double().mean())
 
-    m_full = m(torch.zeros_like(g.valid))
-    m_empty = m(g.valid.clone())
-    m_c = m(g.valid & ~kept)
+        m_full, m_empty, m_c = m_nodes(torch.ones_like(kept)), m_nodes(torch.zeros_like(kept)), m_nodes(kept)
+    else:
+        kept = g.mask_from_names([e.name for e in cf.edges])
+
+        def m(removed: Tensor) -> float:
+            return float(metric(tl_edge_patched_logits(model, clean, corrupted, removed)).double().mean())
+
+        m_full = m(torch.zeros_like(g.valid))
+        m_empty = m(g.valid.clone())
+        m_c = m(g.valid & ~kept)
     return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c,
             "faithfulness": normalized_faithfulness(m_c, m_full, m_empty)}

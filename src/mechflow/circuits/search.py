@@ -1,4 +1,4 @@
-"""Minimal faithful circuit: the shortest prefix of the ranked edge list with f >= target.
+"""Minimal faithful circuit: the shortest prefix of the ranked edge (or node) list with f >= target.
 
 Steps:
 
@@ -26,7 +26,8 @@ from mechflow.circuits.faithfulness import (
     CircuitEvaluator,
     CurvePoint,
     faithfulness_curve,
-    prefix_mask,
+    n_units,
+    unit_prefix,
 )
 from mechflow.errors import ConfigError
 
@@ -41,6 +42,8 @@ def check_target(target: float) -> None:
 
 @dataclass
 class SearchResult:
+    """``n_edges``: units in the circuit (edges, or nodes for a node evaluator)."""
+
     n_edges: int
     faithfulness: float
     metric: float
@@ -51,36 +54,40 @@ class SearchResult:
 
 def minimal_faithful_prefix(evaluator: CircuitEvaluator, order: Tensor, target: float = 0.8,
                             percentages: tuple[float, ...] = MIB_PERCENTAGES) -> SearchResult:
-    """Smallest ``k`` found by bracketed bisection with f(top-k) >= target (see module doc)."""
+    """Smallest ``k`` found by bracketed bisection with f(top-k) >= target (see module doc).
+
+    Works for any evaluator with the `CircuitEvaluator` interface: edges, or nodes
+    (`mechflow.circuits.nodes.NodeEvaluator`, ``n_edges`` then counts nodes).
+    """
     check_target(target)
-    g = evaluator.graph
+    total = n_units(evaluator)
     start = evaluator.n_evaluations
     curve = faithfulness_curve(evaluator, order, percentages)
     cache: dict[int, tuple[float, float]] = {0: (evaluator.m_empty, 0.0)}
     for p in curve:
-        cache[p.n_edges] = (p.metric, p.faithfulness)
+        cache[p.n_units] = (p.metric, p.faithfulness)
 
     def f(k: int) -> float:
         if k not in cache:
-            m = evaluator.metric(prefix_mask(order, k, g))
+            m = evaluator.metric(unit_prefix(evaluator, order, k))
             cache[k] = (m, (m - evaluator.m_empty) / (evaluator.m_full - evaluator.m_empty))
         return cache[k][1]
 
-    lo, hi = 0, g.n_edges
+    lo, hi = 0, total
     if f(hi) < target:  # cannot happen in exact arithmetic (f(N) = 1); guard float round-off
         raise ValueError(f"the full edge set reaches f = {f(hi):.6f} < target {target}")
     for p in curve:
         if p.faithfulness >= target:
-            hi = p.n_edges
+            hi = p.n_units
             break
-        lo = max(lo, p.n_edges)
+        lo = max(lo, p.n_units)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if f(mid) >= target:
             hi = mid
         else:
             lo = mid
-    log.info("minimal faithful circuit: %d edges, f=%.4f (target %.2f)", hi, f(hi), target)
+    log.info("minimal faithful circuit: %d units, f=%.4f (target %.2f)", hi, f(hi), target)
     return SearchResult(n_edges=hi, faithfulness=f(hi), metric=cache[hi][0],
                         faithfulness_one_fewer=f(hi - 1) if hi > 0 else float("nan"), curve=curve,
                         n_evaluations=evaluator.n_evaluations - start)

@@ -168,7 +168,8 @@ def statistics_markdown(model: str, table: pl.DataFrame, stab: Mapping[str, Any]
     if head["circuit"]:
         circ = table.filter(pl.col("group") == "circuit")
         checked = "; point estimates equal `circuit.json`" if circ["reference"].null_count() == 0 else ""
-        L += [f"## Edge circuit (`bootstrap.csv`{checked})", ""]
+        kind = "Node" if head.get("circuit_unit") == "nodes" else "Edge"
+        L += [f"## {kind} circuit (`bootstrap.csv`{checked})", ""]
         if circ["resample_set"][0] != "prompts":
             L += [f"The circuit stage evaluated its own batch of {circ['n_prompts'][0]} prompts, not the "
                   f"{head['n_prompts']} node-score prompts: these intervals resample that batch "
@@ -178,7 +179,7 @@ def statistics_markdown(model: str, table: pl.DataFrame, stab: Mapping[str, Any]
             L.append(f"| circuit:{q} | {_fmt(v['estimate'])} | {_fmt(v['se'])} | {_fmt(v['lo'])} | {_fmt(v['hi'])} |")
         L.append("")
     else:
-        L += ["No edge-level circuit for this model: no circuit quantities.", ""]
+        L += ["No circuit files were given: no circuit quantities.", ""]
     comps = head["top_components"][:MAX_MD_COMPONENTS]
     methods = list(head["methods"])
     L += [f"## Top {len(comps)} components by |mean {ranking_method(methods)} score| (`bootstrap.csv`)", "",

@@ -3,8 +3,9 @@
 `run_statistics` (one model, one task), after Efron & Tibshirani (1993) for the bootstrap and
 MIB (Mueller et al. 2025) for the circuit quantities:
     1. Read and check the circuits-stage tables (`node_scores.parquet`, `prompts.parquet`, and
-       when the model has an edge-level circuit `circuit.json`, `circuit_prompts.parquet`,
-       `curve_prompts.parquet`); every problem is one `DataError` naming the file and column.
+       and the circuit rule's `circuit.json`, `circuit_prompts.parquet`, `curve_prompts.parquet`
+       (an edge circuit, or a node circuit on models without edge patching such as Gemma-3);
+       every problem is one `DataError` naming the file and column.
     2. Stack every per-prompt quantity into one matrix X [n_prompts, q]: each method's score of
        each component, the clean and corrupted task metric, m(N), m(empty), m(C), m(N minus C)
        and the metric at every curve budget.
@@ -68,6 +69,8 @@ HEAD_TYPES_COLUMNS = {"component": "str", "layer": "int", "head": "int", "label"
 CIRCUIT_PROMPTS_COLUMNS = {"prompt": "int", "m_full": "float", "m_empty": "float", "m_circuit": "float",
                            "m_without_circuit": "float"}
 CURVE_PROMPTS_COLUMNS = {"budget_pct": "float", "n_edges": "int", "prompt": "int", "metric": "float"}
+# node circuits (circuit.json "unit": "nodes") count nodes per budget in column n_nodes instead of n_edges
+CURVE_COUNT_COLUMNS = {"edges": "n_edges", "nodes": "n_nodes"}
 
 CIRCUIT_QUANTITIES = ("m_full", "m_empty", "m_circuit", "faithfulness", "sufficiency", "comprehensiveness", "f1")
 CURVE_QUANTITIES = ("cpr", "cmd")
@@ -271,11 +274,12 @@ class CircuitData:
     Attributes:
         metrics: [n, 4] columns m_full, m_empty, m_circuit, m_without_circuit.
         budgets: curve budgets in percent (circuit.json's order, else ascending); empty if no curve.
-        n_edges: edge count per budget.
+        n_edges: unit count per budget (edges, or nodes for a node circuit).
         curve: [n, len(budgets)] metric per prompt at each budget (None if no curve).
         reference: circuit.json (None if not given).
         shared: the circuit batch is the node-score batch (same examples in the same order), so
             circuit quantities share the node scores' resamples; else they get their own.
+        unit: "edges" or "nodes" (circuit.json's ``unit``; from the curve table without it).
     """
 
     metrics: np.ndarray
@@ -284,6 +288,7 @@ class CircuitData:
     curve: np.ndarray | None
     reference: "CircuitFile | None"
     shared: bool
+    unit: str = "edges"
 
     def __len__(self) -> int:
         return int(self.metrics.shape[0])
@@ -291,7 +296,7 @@ class CircuitData:
 
 def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: Path | None,
                       curve_prompts: Path | None) -> CircuitData | None:
-    """Read the edge-circuit files (None when the model has no edge-level circuit)."""
+    """Read the circuit files, edge or node circuit (None when no circuit is given)."""
     if circuit_prompts is None:
         if curve_prompts is not None:
             raise DataError(f"{curve_prompts}: given without circuit_prompts.parquet, which holds the m(N) and "
@@ -315,9 +320,11 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
     if np.isclose(metrics[:, 0].mean(), metrics[:, 1].mean(), rtol=0, atol=1e-12):
         raise DataError(f"{circuit_prompts}: mean m_full equals mean m_empty, so faithfulness is undefined "
                         "(the corruption does not change the metric; choose another corrupted prompt set)")
+    unit = ref.unit if ref is not None else _curve_unit(curve_prompts)
     if curve_prompts is None:
-        return CircuitData(metrics, [], [], None, ref, shared)
-    cv = read_table(curve_prompts, CURVE_PROMPTS_COLUMNS)
+        return CircuitData(metrics, [], [], None, ref, shared, unit)
+    count = CURVE_COUNT_COLUMNS[unit]
+    cv = read_table(curve_prompts, {**{k: v for k, v in CURVE_PROMPTS_COLUMNS.items() if k != "n_edges"}, count: "int"})
     found = sorted(cv["budget_pct"].unique().to_list())
     if ref is not None:
         budgets = [pt.percent for pt in ref.curve]
@@ -331,16 +338,27 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
     for t, pct in enumerate(budgets):
         sub = cv.filter((pl.col("budget_pct") - pct).abs() <= 1e-9)
         sub = sub[_rows_by_prompt(Path(curve_prompts), sub, ids, f" at budget_pct={pct}", "circuit_prompts.parquet")]
-        ne = sub["n_edges"].unique().to_list()
+        ne = sub[count].unique().to_list()
         if len(ne) != 1:
-            raise DataError(f"{curve_prompts}: column 'n_edges' takes several values {ne} at budget_pct={pct}; "
+            raise DataError(f"{curve_prompts}: column '{count}' takes several values {ne} at budget_pct={pct}; "
                             "re-run the circuits stage")
-        if ref is not None and ref.curve[t].n_edges != ne[0]:
-            raise DataError(f"{curve_prompts}: n_edges={ne[0]} at budget_pct={pct} but circuit.json says "
-                            f"{ref.curve[t].n_edges}; both must come from the same circuits run")
+        if ref is not None and ref.curve[t].n_units != ne[0]:
+            raise DataError(f"{curve_prompts}: {count}={ne[0]} at budget_pct={pct} but circuit.json says "
+                            f"{ref.curve[t].n_units}; both must come from the same circuits run")
         n_edges.append(int(ne[0]))
         curve[:, t] = sub["metric"].to_numpy()
-    return CircuitData(metrics, [float(b) for b in budgets], n_edges, curve, ref, shared)
+    return CircuitData(metrics, [float(b) for b in budgets], n_edges, curve, ref, shared, unit)
+
+
+def _curve_unit(curve_prompts: Path | None) -> str:
+    """The unit of a curve table without circuit.json: node circuits have an ``n_nodes`` column."""
+    if curve_prompts is None or not Path(curve_prompts).exists():
+        return "edges"
+    try:
+        names = pl.read_parquet_schema(curve_prompts).keys()
+    except (OSError, pl.exceptions.PolarsError):  # unreadable: read_table reports it with the file name
+        return "edges"
+    return "nodes" if "n_nodes" in names and "n_edges" not in names else "edges"
 
 
 def _same_batch(prompts: Prompts, ids: np.ndarray, ref: "CircuitFile | None", path: Path) -> bool:
@@ -597,8 +615,8 @@ def run_statistics(
         node_scores, prompts: the circuits stage's per-prompt component scores and prompt table.
         model_card: `results/{run}/model_card.json`.
         out_dir: destination folder (created).
-        circuit, circuit_prompts, curve_prompts: the edge-level circuit and its per-prompt
-            metrics (absent for models without an edge-level circuit).
+        circuit, circuit_prompts, curve_prompts: the circuit rule's circuit (edge or node circuit)
+            and its per-prompt metrics (optional).
 
     Returns:
         Headline numbers (JSON-ready): n_prompts, B, seed, the task and circuit estimates with
@@ -622,7 +640,7 @@ def run_statistics(
         table = pl.concat([table, _bootstrap_block(qc, resample_indices(len(cd), scfg.B, scfg.seed), scfg, refs,
                                                    circuit, "circuit_prompts")])
     stab = stability_summary(ns, pr, scfg, indices)
-    return _write_statistics(Path(out_dir), scfg, card, ns, table, stab)
+    return _write_statistics(Path(out_dir), scfg, card, ns, table, stab, cd.unit if cd is not None else None)
 
 
 def _bootstrap_block(q: Quantities, indices: np.ndarray, scfg: StatsConfig, refs: Mapping[str, float],
@@ -635,7 +653,7 @@ def _bootstrap_block(q: Quantities, indices: np.ndarray, scfg: StatsConfig, refs
 
 
 def _write_statistics(out_dir: Path, scfg: StatsConfig, card: ModelCard, ns: NodeScores, table: pl.DataFrame,
-                      stab: dict[str, Any]) -> dict[str, Any]:
+                      stab: dict[str, Any], circuit_unit: str | None = None) -> dict[str, Any]:
     from mechflow.stats import report
 
     interval = "bca" if "bca" in scfg.ci_methods else "percentile"
@@ -648,6 +666,7 @@ def _write_statistics(out_dir: Path, scfg: StatsConfig, card: ModelCard, ns: Nod
                                                model=card.name)
     paths["tau_heatmap.png"] = report.tau_heatmap(stab, out_dir / "tau_heatmap.png")
     headline = report.headline_numbers(table, stab, interval)
+    headline["circuit_unit"] = circuit_unit
     paths["statistics.md"] = atomic_write_text(out_dir / "statistics.md",
                                                report.statistics_markdown(card.name, table, stab, headline, interval))
     headline["outputs"] = {k: str(v) for k, v in paths.items()}

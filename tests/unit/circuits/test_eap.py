@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from circuit_fixtures import linear_tail, pairs  # noqa: F401  (fixture)
+from circuit_fixtures import make_linear_tail, pairs
 
 from mechflow.circuits.eap import edge_scores
 from mechflow.circuits.faithfulness import CircuitEvaluator
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError
+
+
+@pytest.fixture(scope="module", name="linear_tail")
+def _linear_tail():
+    return make_linear_tail()
 
 
 def test_eap_equals_exact_edge_patching_where_metric_is_linear(linear_tail):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from circuit_fixtures import pairs
-from mechflow.testing import make_tiny_llama
+from circuit_fixtures import make_tiny, pairs
 
+from mechflow.circuits.faithfulness import reads_last_position_only
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.circuits.result import tl_edge_patched_logits
 from mechflow.errors import ConfigError
+from mechflow.testing import make_tiny_llama
 
 
 @torch.no_grad()
@@ -69,3 +70,56 @@ def test_model_flags_restored_and_postnorm_models_refused(tiny_llama):
     gemma_like.cfg.use_normalization_before_and_after = True
     with pytest.raises(ConfigError, match="edge-level circuits are not defined.*post-norms"):
         graph_forward(gemma_like, pairs(0).clean_tokens)
+
+
+def _structured_masks(g: EdgeGraph, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Removal patterns that exercise every branch of the fast path."""
+    valid = g.valid
+    rand = lambda p: (torch.rand(valid.shape, generator=gen) < p) & valid
+    whole_senders = torch.zeros_like(valid)
+    whole_senders[torch.rand(g.n_senders, generator=gen) < 0.5] = True  # shared columns, uniform KV groups
+    receivers = torch.zeros_like(valid)
+    receivers[:, torch.rand(g.n_receivers, generator=gen) < 0.5] = True  # fully removed receivers
+    k_group0 = torch.zeros_like(valid)
+    for h in (0, 1):  # k of both query heads of KV group 0 in layer 1: one K for the group
+        k_group0[:, g.qkv_receiver(1, "k", h)] = True
+    return {"none": torch.zeros_like(valid), "all": valid.clone(), "sparse": rand(0.05), "half": rand(0.5),
+            "dense": rand(0.95), "senders": whole_senders & valid, "receivers": receivers & valid,
+            "mixed": (whole_senders | rand(0.1)) & valid, "k_group": k_group0 & valid}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["gqa", "mha", "qk_norm"])
+def test_fast_path_equals_direct_path(variant):
+    """Complement form, shared receiver inputs and K/V per (input, KV group) change nothing."""
+    model = {"gqa": lambda: make_tiny_llama(seed=3),  # 4 query heads, 2 KV heads
+             "mha": lambda: make_tiny_llama(seed=4, n_kv=4),
+             "qk_norm": lambda: make_tiny(5, use_qk_norm=True, original_architecture="Qwen3ForCausalLM")}[variant]()
+    b = pairs(4, n=3, pos=7)
+    g = EdgeGraph.from_cfg(model.cfg)
+    _, corr_fast = graph_forward(model, b.corrupted_tokens, record=True)
+    _, corr_direct = graph_forward(model, b.corrupted_tokens, record=True, fast=False)
+    torch.testing.assert_close(corr_fast, corr_direct, rtol=0, atol=1e-12)
+    for name, removed in _structured_masks(g, torch.Generator().manual_seed(1)).items():
+        fast, rec_fast = graph_forward(model, b.clean_tokens, corrupted=corr_fast, removed=removed, record=True)
+        direct, rec_direct = graph_forward(model, b.clean_tokens, corrupted=corr_fast, removed=removed, record=True,
+                                           fast=False)
+        torch.testing.assert_close(fast, direct, rtol=0, atol=1e-11, msg=name)
+        torch.testing.assert_close(rec_fast, rec_direct, rtol=0, atol=1e-11, msg=name)
+        last, _ = graph_forward(model, b.clean_tokens, corrupted=corr_fast, removed=removed,
+                                logit_positions=slice(-1, None))
+        torch.testing.assert_close(last, fast[:, -1:], rtol=0, atol=1e-11, msg=name)
+    # the patterns are not trivial: the half-removed circuit changes the output
+    half, _ = graph_forward(model, b.clean_tokens, corrupted=corr_fast, removed=_structured_masks(
+        g, torch.Generator().manual_seed(1))["half"])
+    assert (half - model(b.clean_tokens)).abs().max() > 1e-3
+
+
+def test_metric_position_probe():
+    b = pairs(0)
+    logits = torch.randn(3, 6, 50, dtype=torch.float64)
+    assert reads_last_position_only(b.metric, logits)
+    first = lambda lg: lg[:, 0, 3] - lg[:, 0, 7]
+    assert not reads_last_position_only(first, logits)
+    mean_pos = lambda lg: lg[..., 3].mean(1)
+    assert not reads_last_position_only(mean_pos, logits)

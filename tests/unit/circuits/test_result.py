@@ -16,7 +16,7 @@ from mechflow.errors import DataError
 def test_discover_write_reevaluate(tiny_llama, tmp_path):
     b = pairs(8, n=3)
     cfg = CircuitConfig(target=0.7, ig_steps=3)
-    doc, scores = discover_circuit(tiny_llama, b, cfg, model_cfg={"name": "tiny_llama", "dtype": "float64"},
+    doc, _ = discover_circuit(tiny_llama, b, cfg, model_cfg={"name": "tiny_llama", "dtype": "float64"},
                                    metric_spec=spec(), prompt_ids=["p0", "p1", "p2"], dataset_sha256="0" * 64)
     path = write_circuit(tmp_path / "circuit.json", doc)
     back = read_circuit(path)
