@@ -10,7 +10,7 @@ rule benchmark:
         roc=report(f"{R}/benchmark/{{task}}/roc.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "ROC"}),
         curves=report(f"{R}/benchmark/{{task}}/faithfulness_curves.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "faithfulness"}),
     params:
-        cfg=stage_cfg("benchmark"),
+        cfg=stage_cfg("benchmark", without=("enabled", "tasks")),  # selection keys: no rerun
         model_cfg=stage_cfg("model"),
         out_dir=benchmark_dir_of,
     log:
