@@ -79,3 +79,21 @@ def add_random_biases(model, seed: int, attn: bool = True, mlp: bool = True, une
         if unembed:
             fill(model.unembed.b_U, 1.0)
     return model
+
+
+def write_tiny_task_dataset(path, model_name: str, n: int = 5, pos: int = 6, d_vocab: int = 50, seed: int = 7):
+    """A task dataset of ``n`` random clean/corrupted id pairs (``pos`` tokens) for a tiny model
+    named ``model_name``, logit-difference metric; the stages' dataset format (`write_dataset`)."""
+    from mechflow.tasks.dataset import TaskItem, write_dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        clean, corrupted = torch.randint(0, d_vocab, (2, pos), generator=gen).tolist()
+        good, bad = 3 + i, 20 + i
+        items.append(TaskItem(id=f"e{i}", prompt=f"p{i}", corrupted_prompt=f"c{i}", answer=" a", wrong_answer=" b",
+                              template=None, clean_ids=clean, corrupted_ids=corrupted, answer_id=good,
+                              wrong_id=bad, good_ids=[good], bad_ids=[bad]))
+    write_dataset(path, items, {"task": "t", "kind": "jsonl", "metric": "logit_diff",
+                                "tokenizer": {"model": model_name}})
+    return path

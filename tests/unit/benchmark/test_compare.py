@@ -35,7 +35,7 @@ from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError
-from mechflow.testing import random_token_pairs
+from mechflow.testing import random_token_pairs, write_tiny_task_dataset
 
 CFG = {"n_prompts": 4, "restriction": {"last_layers": 1},
        "acdc": {"thresholds": [0.003, 0.03, 0.3], "speculation": 4},
@@ -189,19 +189,7 @@ def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
 
 
 def _dataset(path, model_name: str, n: int = 5, pos: int = 6):
-    from mechflow.tasks.dataset import TaskItem, write_dataset
-
-    gen = torch.Generator().manual_seed(7)
-    items = []
-    for i in range(n):
-        clean, corrupted = torch.randint(0, 50, (2, pos), generator=gen).tolist()
-        good, bad = 3 + i, 20 + i
-        items.append(TaskItem(id=f"e{i}", prompt=f"p{i}", corrupted_prompt=f"c{i}", answer=" a", wrong_answer=" b",
-                              template=None, clean_ids=clean, corrupted_ids=corrupted, answer_id=good,
-                              wrong_id=bad, good_ids=[good], bad_ids=[bad]))
-    write_dataset(path, items, {"task": "t", "kind": "jsonl", "metric": "logit_diff",
-                                "tokenizer": {"model": model_name}})
-    return path
+    return write_tiny_task_dataset(path, model_name, n, pos)
 
 
 def test_stage_reads_the_dataset_and_records_prompt_ids(tiny_llama, tmp_path):

@@ -36,6 +36,7 @@ from mechflow.reference import (
 )
 from mechflow.reference.auc import positives
 from mechflow.reference.sampling import receiver_layers
+from mechflow.testing import write_tiny_task_dataset
 
 CFG = {"n_prompts": 4, "restriction": {"last_layers": 1}, "n_sampled_edges": 30, "min_per_layer": 3, "seed": 0,
        "max_batch_rows": 8, "ig_steps": 3, "positives": {"top_fraction": 0.2, "threshold": 0.05}}
@@ -43,19 +44,7 @@ MODEL_CFG = {"name": "tiny", "edge_circuits": True}
 
 
 def write_task(path, model_name: str, n: int = 5, pos: int = 6):
-    from mechflow.tasks.dataset import TaskItem, write_dataset
-
-    gen = torch.Generator().manual_seed(7)
-    items = []
-    for i in range(n):
-        clean, corrupted = torch.randint(0, 50, (2, pos), generator=gen).tolist()
-        good, bad = 3 + i, 20 + i
-        items.append(TaskItem(id=f"e{i}", prompt=f"p{i}", corrupted_prompt=f"c{i}", answer=" a", wrong_answer=" b",
-                              template=None, clean_ids=clean, corrupted_ids=corrupted, answer_id=good,
-                              wrong_id=bad, good_ids=[good], bad_ids=[bad]))
-    write_dataset(path, items, {"task": "t", "kind": "jsonl", "metric": "logit_diff",
-                                "tokenizer": {"model": model_name}})
-    return path
+    return write_tiny_task_dataset(path, model_name, n, pos)
 
 
 def write_node_tables(model, batch, folder):
