@@ -383,3 +383,26 @@ def pair_model_cfg(side: str) -> Callable[[Any], dict]:
 
 def cross_model_dir_of(wildcards) -> Path:
     return Path("results") / "cross_model" / wildcards.pair / wildcards.task
+
+
+def feature_matching_inputs_of(wildcards) -> dict[str, Any]:
+    """Named inputs of `feature_matching`: each run's SAE (train_sae's training.json, in the SAELens
+    folder) and the task datasets of the pair's shared tasks (their prompts are shared texts)."""
+    a, b = _pair(wildcards)
+    shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
+    inputs: dict[str, Any] = {}
+    for side, run in zip("ab", (a, b)):
+        inputs[f"training_{side}"] = f"results/{run}/dictionaries/sae/training.json"
+        inputs[f"datasets_{side}"] = [f"results/{run}/tasks/{task}/dataset.jsonl" for task in shared]
+    return inputs
+
+
+def pair_feature_stats_cfg(wildcards) -> dict:
+    """The `stats` keys feature matching reads (so editing B or top_k does not re-run it)."""
+    cfg = RUNS[_pair(wildcards)[0]].cfg["stats"]
+    return {k: cfg[k] for k in ("seed", "feature_null", "feature_n_permutations") if k in cfg}
+
+
+def pair_corpus_cfg(wildcards) -> dict:
+    """The `corpus` group of the pair (its runs differ only in the model): shared passages."""
+    return RUNS[_pair(wildcards)[0]].cfg["corpus"]

@@ -46,7 +46,7 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert counts["prepare_task"] == counts["evaluate_task"] == counts["attribute"] == counts["circuit"] == 3
     assert counts["statistics"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
     assert counts["analyze"] == 3 and counts["causal_trace"] == 1  # causal tracing: factual recall only
-    assert counts["edge_reference"] == counts["reference"] == 1  # reference.tasks: [ioi]
+    assert counts["edge_reference"] == counts["reference"] == 3  # reference.tasks: null = every task
     assert counts["feature_analysis"] == 1
     assert not (tmp_path / "results").exists()  # a dry run writes no results
 
@@ -59,6 +59,7 @@ def test_sweep_plans_one_run_folder_per_point(tmp_path):
     counts = planned_rules(result.stdout)
     assert counts["harvest"] == 2 and counts["cross_model"] == 3  # one comparison per shared task
     assert counts["circuit"] == 6  # edge circuits on SmolLM2, node circuits on Gemma-3 (post-norms)
+    assert counts["feature_matching"] == 1  # one SAE feature matching per model pair
     assert "results/cross_model/gemma3_270m__vs__smollm2_135m/ioi/fcas.json" in result.stdout
 
 

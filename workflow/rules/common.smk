@@ -130,4 +130,6 @@ def run_targets(wildcards):
     for pair, (a, b) in PAIRS.items():
         shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
         targets += [f"results/cross_model/{pair}/{task}/fcas.json" for task in shared]
+        if "sae" in RUNS[a].cfg and "sae" in RUNS[b].cfg:  # SAE feature matching needs both SAEs
+            targets.append(f"results/cross_model/{pair}/features/feature_matching.json")
     return targets

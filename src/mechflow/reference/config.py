@@ -61,10 +61,10 @@ class ReferenceConfig:
             scores are reused when prompts and these settings match).
         positives: the positives definition for ROC AUC.
         tasks: the tasks that get a reference (read by the rules; each must be one of the run's
-            tasks). Default IOI only: the exact edge part costs ~15-20 CPU-minutes per task on SmolLM2.
+            tasks); None (default) = every task of the run.
     """
 
-    n_prompts: int = 16
+    n_prompts: int = 8
     restriction: RestrictionConfig = field(default_factory=lambda: RestrictionConfig(4, 4, "all"))
     n_sampled_edges: int = 2000
     min_per_layer: int = 20
@@ -73,7 +73,7 @@ class ReferenceConfig:
     ig_steps: int = 5
     ig_rule: str = "left"
     positives: PositivesConfig = field(default_factory=PositivesConfig)
-    tasks: tuple[str, ...] = ("ioi",)
+    tasks: tuple[str, ...] | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> ReferenceConfig:
@@ -86,10 +86,10 @@ class ReferenceConfig:
         pos = dict(cfg.pop("positives", None) or {})
         _check_keys("reference.positives", pos, PositivesConfig)
         positives = PositivesConfig(**pos)
-        tasks = cfg.pop("tasks", list(cls().tasks))
-        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
-            raise ConfigError(f"reference.tasks: {tasks!r} must be a list of task names, e.g. [ioi]")
-        out = cls(restriction=restriction, positives=positives, tasks=tuple(tasks), **cfg)
+        tasks = cfg.pop("tasks", None)
+        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks)):
+            raise ConfigError(f"reference.tasks: {tasks!r} must be null (every task) or a list of task names, e.g. [ioi]")
+        out = cls(restriction=restriction, positives=positives, tasks=None if tasks is None else tuple(tasks), **cfg)
         out.validate()
         return out
 

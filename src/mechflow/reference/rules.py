@@ -24,9 +24,11 @@ def circuit_scores_of(wildcards) -> dict[str, str]:
 
 
 def reference_tasks(run: str) -> list[str]:
-    """``reference.tasks`` of the run, each checked against the run's selected tasks."""
+    """``reference.tasks`` of the run (null: every selected task), each checked against the run's tasks."""
     cfg = RUNS[run].cfg
-    tasks = list(cfg["reference"].get("tasks", ["ioi"]))
+    if cfg["reference"].get("tasks") is None:
+        return sorted(cfg["task"])
+    tasks = list(cfg["reference"]["tasks"])
     missing = [t for t in tasks if t not in cfg["task"]]
     if missing:
         raise ConfigError(f"reference.tasks: {missing} not among the run's tasks {sorted(cfg['task'])}; "
