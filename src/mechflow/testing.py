@@ -97,3 +97,21 @@ def write_tiny_task_dataset(path, model_name: str, n: int = 5, pos: int = 6, d_v
     write_dataset(path, items, {"task": "t", "kind": "jsonl", "metric": "logit_diff",
                                 "tokenizer": {"model": model_name}})
     return path
+
+
+def make_tiny_sae(d_in: int = 32, d_sae: int = 24, kind: str = "topk", seed: int = 0, k: int = 6,
+                  dtype: str = "float64"):
+    """A random SAELens SAE (``topk`` with ``k`` or ``standard``) with weights far from init, in eval mode."""
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    if kind == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype=dtype))
+    else:
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, dtype=dtype))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.05)
+    return sae.eval()

@@ -28,6 +28,7 @@ from mechflow.dictionaries.features import (
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import sha256_file
 from mechflow.tasks.dataset import TaskItem, make_batch, write_dataset
+from mechflow.testing import make_tiny_sae
 
 HOOK = "blocks.0.hook_resid_post"
 BOS = 1
@@ -41,19 +42,7 @@ class StubTokenizer:
 
 
 def make_sae(d_in=32, d_sae=24, kind="topk", seed=0, dtype="float64"):
-    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(seed)
-    if kind == "topk":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6, dtype=dtype))
-    else:
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, dtype=dtype))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.normal_(0, 0.3)
-        sae.b_dec.normal_(0, 0.05)
-    return sae.eval()
+    return make_tiny_sae(d_in, d_sae, kind, seed, dtype=dtype)
 
 
 def save_sae(sae, folder: Path, hook: str = HOOK) -> Path:

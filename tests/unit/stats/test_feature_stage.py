@@ -29,7 +29,7 @@ from mechflow.stats.feature_stage import (
     word_spans,
 )
 from mechflow.tasks.dataset import TaskItem, write_dataset
-from mechflow.testing import make_tiny_llama
+from mechflow.testing import make_tiny_llama, make_tiny_sae
 
 HOOK = "blocks.0.hook_resid_post"
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "red", "big", "ran", "fast"]
@@ -90,16 +90,7 @@ def random_texts(n=40, seed=0, extra=("quiz", "zebra", "box", "zq")) -> list[str
 
 
 def make_sae(d_in=32, d_sae=24, seed=0, k=6, dtype="float64"):
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(seed)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype=dtype))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.normal_(0, 0.3)
-        sae.b_dec.normal_(0, 0.05)
-    return sae.eval()
+    return make_tiny_sae(d_in, d_sae, "topk", seed, k, dtype)
 
 
 def save_sae(sae, folder: Path, model: str, hook: str = HOOK) -> Path:
