@@ -23,7 +23,7 @@ from mechflow import __version__
 from mechflow.config import REPO_ROOT, Run, compose_runs, config_hash
 from mechflow.contracts import filenames
 from mechflow.contracts.models import ModelCard, RunManifest
-from mechflow.errors import MechflowError
+from mechflow.errors import ConfigError, MechflowError
 from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
 from mechflow.tracking import stage_run
 
@@ -61,6 +61,20 @@ def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict
 
     params.__name__ = f"stage_cfg_{group}"
     return params
+
+
+def tasks_of_setting(run: str, key: str, wanted) -> list[str]:
+    """The tasks a stage setting selects (``wanted``; None = every task of the run), in their given
+    order, each checked against the run's selected tasks (ConfigError naming ``key`` otherwise)."""
+    selected = RUNS[run].cfg["task"]
+    if wanted is None:
+        return sorted(selected)
+    wanted = list(wanted)
+    missing = sorted(set(wanted) - set(selected))
+    if missing:
+        raise ConfigError(f"{key}: {missing} are not selected in `task` of run {run!r}; add them, e.g. "
+                          f"task=[{','.join(sorted(set(selected) | set(missing)))}], or remove them from {key}")
+    return wanted
 
 
 def task_cfg(wildcards) -> dict:

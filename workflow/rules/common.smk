@@ -22,6 +22,7 @@ from mechflow.workflow import (
     sae_manifest_of,
     stage_cfg,
     task_cfg,
+    tasks_of_setting,
     transcoder_eval_dir_of,
     transcoder_in_manifest_of,
     transcoder_manifests_of,
@@ -114,10 +115,8 @@ def benchmarks_of(wildcards):
     bench = run.get("benchmark", {})
     if not bench.get("enabled", False):
         return []
-    missing = sorted(set(bench.get("tasks", [])) - set(run["task"]))
-    if missing:
-        raise ValueError(f"benchmark.tasks: {missing} are not selected in `task`; add them, e.g. task=[ioi,...]")
-    return [f"results/{wildcards.run}/benchmark/{task}/table.csv" for task in bench.get("tasks", [])]
+    tasks = tasks_of_setting(wildcards.run, "benchmark.tasks", bench.get("tasks", []))
+    return [f"results/{wildcards.run}/benchmark/{task}/table.csv" for task in tasks]
 
 
 def statistics_of(wildcards):

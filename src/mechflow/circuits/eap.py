@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 METHODS = ("eap", "eap-ig")
 
 
+def interpolation_points(method: str, steps: int, rule: str) -> Tensor:
+    """The points t of the scores' path integral: ``[0]`` for EAP, ``ig_points(steps, rule)`` for
+    EAP-IG; a ConfigError names ``circuit.method`` for anything else."""
+    if method not in METHODS:
+        raise ConfigError(f"circuit.method: {method!r} is not one of {METHODS}.")
+    return torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
+
+
 def edge_scores(
     model,
     batch: PairBatch,
@@ -58,9 +66,7 @@ def edge_scores(
     prompt sets upstream and average the scores weighted by batch size.
     """
     check_batch(batch)
-    if method not in METHODS:
-        raise ConfigError(f"circuit.method: {method!r} is not one of {METHODS}.")
-    ts = torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
+    ts = interpolation_points(method, steps, rule)
     graph = graph or EdgeGraph.from_cfg(model.cfg)
     n = batch.clean_tokens.shape[0]
     dtype = model.cfg.dtype

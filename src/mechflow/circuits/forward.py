@@ -283,6 +283,19 @@ def _plan(block: Tensor, dtype: torch.dtype) -> _Plan:
     return _Plan(inverse, flag, flag.nonzero().flatten(), nz, rows, wu[rows][:, nz].to(dtype))
 
 
+def _attend(run: _Run, block, n_prev: int, **inputs) -> Tensor:
+    """``block.attn(**inputs)``; records each head's output ``z_h W_O^h`` as a sender when needed."""
+    z_box: list[Tensor] = []
+    handle = block.attn.hook_z.register_forward_hook(lambda m, i, o: z_box.append(o))
+    try:
+        attn_out = block.attn(**inputs)
+    finally:
+        handle.remove()
+    if run.need_senders:
+        run.emit(n_prev, torch.einsum("bphe,hed->hbpd", z_box[0], block.attn.W_O))
+    return attn_out
+
+
 def _fast_layer(run: _Run, L: int, block, attention_mask, on_receiver) -> Tensor:
     g, x, H = run.graph, run.x, run.graph.n_heads
     n_prev, r0 = g.first_sender(L), g.first_receiver(L)
@@ -293,16 +306,9 @@ def _fast_layer(run: _Run, L: int, block, attention_mask, on_receiver) -> Tensor
         plan = _plan(run.removed[:n_prev, r0:r0 + 3 * H], x.dtype)
         inverse = plan.inverse
         normed = block.ln1(run.unique_inputs(plan).permute(1, 2, 0, 3))  # [b, pos, U, d]
-    z_box: list[Tensor] = []
-    handle = block.attn.hook_z.register_forward_hook(lambda m, i, o: z_box.append(o))
-    try:
-        with _shared_kv(block.attn, inverse[:H], inverse[H:2 * H], inverse[2 * H:]):
-            attn_out = block.attn(query_input=normed, key_input=normed, value_input=normed,
-                                  attention_mask=attention_mask)
-    finally:
-        handle.remove()
-    if run.need_senders:
-        run.emit(n_prev, torch.einsum("bphe,hed->hbpd", z_box[0], block.attn.W_O))
+    with _shared_kv(block.attn, inverse[:H], inverse[H:2 * H], inverse[2 * H:]):
+        attn_out = _attend(run, block, n_prev, query_input=normed, key_input=normed, value_input=normed,
+                           attention_mask=attention_mask)
     x = x + attn_out
     run.x = x
     mlp_out = block.mlp(block.ln2(run.receiver_input(g.mlp_receiver(L), n_prev + H, True)[0]))
@@ -321,16 +327,8 @@ def _direct_layer(run: _Run, L: int, block, attention_mask, on_receiver) -> Tens
     if on_receiver is not None:
         on_receiver(L, "qkv", qkv_in)
     normed = block.ln1(qkv_in)
-    z_box: list[Tensor] = []
-    handle = block.attn.hook_z.register_forward_hook(lambda m, i, o: z_box.append(o))
-    try:
-        attn_out = block.attn(
-            query_input=normed[:, :, :H], key_input=normed[:, :, H:2 * H],
-            value_input=normed[:, :, 2 * H:], attention_mask=attention_mask)
-    finally:
-        handle.remove()
-    if run.need_senders:
-        run.emit(n_prev, torch.einsum("bphe,hed->hbpd", z_box[0], block.attn.W_O))
+    attn_out = _attend(run, block, n_prev, query_input=normed[:, :, :H], key_input=normed[:, :, H:2 * H],
+                       value_input=normed[:, :, 2 * H:], attention_mask=attention_mask)
     x = x + attn_out
     run.x = x
     mlp_in, patched = run.receiver_input(g.mlp_receiver(L), n_prev + H, False)

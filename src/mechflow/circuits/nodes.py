@@ -34,10 +34,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechflow.attribution.gradients import ig_points
 from mechflow.attribution.patching import PairBatch, check_batch
+from mechflow.circuits.eap import interpolation_points
 from mechflow.circuits.graph import EdgeGraph
-from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +140,8 @@ def node_scores(
 ) -> Tensor:
     """EAP / EAP-IG score of every node (step 3 of the module docstring): float64 ``[n_senders]``."""
     check_batch(batch)
-    if method not in ("eap", "eap-ig"):
-        raise ConfigError(f"circuit.method: {method!r} is not one of ('eap', 'eap-ig').")
+    ts = interpolation_points(method, steps, rule)
     graph = graph or EdgeGraph.from_cfg(model.cfg)
-    ts = torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
     clean_acts = cache_nodes(model, batch.clean_tokens)
     corr_acts = cache_nodes(model, batch.corrupted_tokens)
     names = node_hooks(graph.n_layers)

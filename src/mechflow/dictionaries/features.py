@@ -862,15 +862,10 @@ OUTPUT_FILES = ("features.jsonl", "features.html", "histograms.png", "task_attri
 
 def feature_datasets_of(wildcards: Any) -> list[str]:
     """Input function of rule `feature_analysis`: datasets of the tasks in `sae.features.tasks`."""
-    from mechflow.workflow import RUNS
+    from mechflow.workflow import RUNS, tasks_of_setting
 
-    run = RUNS[wildcards.run].cfg
-    wanted = list((run["sae"].get("features") or {}).get("tasks", FeaturesConfig().tasks))
-    missing = sorted(set(wanted) - set(run["task"]))
-    if missing:
-        raise ConfigError(f"sae.features.tasks: {missing} are not selected in `task` of run {wildcards.run!r}; add "
-                          f"them, e.g. task=[{','.join(sorted(set(run['task']) | set(missing)))}], or remove them "
-                          "from sae.features.tasks")
+    features = RUNS[wildcards.run].cfg["sae"].get("features") or {}
+    wanted = tasks_of_setting(wildcards.run, "sae.features.tasks", features.get("tasks", FeaturesConfig().tasks))
     return [f"results/{wildcards.run}/tasks/{task}/dataset.jsonl" for task in wanted]
 
 

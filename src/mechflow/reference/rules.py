@@ -3,9 +3,8 @@ wants functions out of rule files). They read the runs `mechflow.workflow.load_r
 
 from __future__ import annotations
 
-from mechflow.errors import ConfigError
 from mechflow.reference.config import exact_settings
-from mechflow.workflow import RUNS
+from mechflow.workflow import RUNS, tasks_of_setting
 
 OUTPUT_NAMES = ("edge_reference.parquet", "auc.json", "roc.png", "reference.md")
 
@@ -25,15 +24,7 @@ def circuit_scores_of(wildcards) -> dict[str, str]:
 
 def reference_tasks(run: str) -> list[str]:
     """``reference.tasks`` of the run (null: every selected task), each checked against the run's tasks."""
-    cfg = RUNS[run].cfg
-    if cfg["reference"].get("tasks") is None:
-        return sorted(cfg["task"])
-    tasks = list(cfg["reference"]["tasks"])
-    missing = [t for t in tasks if t not in cfg["task"]]
-    if missing:
-        raise ConfigError(f"reference.tasks: {missing} not among the run's tasks {sorted(cfg['task'])}; "
-                          f"select them in `task` or set reference.tasks=[...]")
-    return sorted(tasks)
+    return sorted(tasks_of_setting(run, "reference.tasks", RUNS[run].cfg["reference"].get("tasks")))
 
 
 def reference_outputs_of(wildcards) -> list[str]:
