@@ -203,3 +203,58 @@ def roc_points(runs: list[AcdcRun], reference: Tensor, restriction: EdgeRestrict
         out.append({"threshold": run.threshold, "tpr": tp / max(1, int(ref.sum())),
                     "fpr": fp / max(1, int(neg.sum()))})
     return out
+
+
+def stage_costs(acdc: Acdc, n_points: int = 8, repeats: int = 2) -> dict:
+    """ACDC's cost per candidate evaluation as a function of where it starts, measured.
+
+    A candidate edge into a receiver of stage t is evaluated by a forward from stage t to the
+    logits, so an edge into layer 0 costs about the whole model and one into the logits almost
+    nothing: a per-edge cost measured on a late-layer restriction says little about the full
+    graph. This times one evaluation batch (``speculation`` candidate copies, as ACDC runs them)
+    starting at ``n_points`` evenly spaced stages (min of ``repeats``), fits
+    ``seconds = a + b * (stages recomputed)`` by least squares, and returns the points and the fit.
+    `depth_weighted_factor` turns it into a full-graph / restricted-graph cost ratio.
+    """
+    fwd, g = acdc.forward, acdc.graph
+    k = max(1, min(acdc.cfg.speculation, acdc.cfg.max_batch_rows // acdc.n))
+    n_stages = fwd.n_stages
+    stages = sorted({round(i * (n_stages - 1) / max(1, n_points - 1)) for i in range(n_points)})
+    removed = torch.zeros_like(g.valid)
+    depth, seconds = [], []
+    for t in stages:
+        cur = fwd.cols(t).start
+        senders = g.valid[:, cur].nonzero().flatten()[-k:]
+        cand = torch.zeros(len(senders), g.n_senders)
+        for j, s in enumerate(senders.tolist()):
+            cand[j:, s] = 1.0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fwd.evaluate(removed, cur, cand, StageCache())
+            best = min(best, time.perf_counter() - t0)
+        depth.append(n_stages - t)
+        seconds.append(best / len(senders))
+    fwd.n_forward -= len(stages) * repeats  # calibration is not part of any run's count
+    x = torch.tensor(depth, dtype=torch.float64)
+    y = torch.tensor(seconds, dtype=torch.float64)
+    A = torch.stack([torch.ones_like(x), x], 1)
+    a, b = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.flatten().tolist()
+    return {"stages": stages, "stages_recomputed": depth, "seconds_per_candidate": seconds,
+            "candidates_per_batch": k, "fit": {"intercept_seconds": a, "seconds_per_stage": b},
+            "model": "seconds per candidate = intercept + seconds_per_stage * (n_stages - start stage)"}
+
+
+def depth_weighted_factor(costs: dict, acdc: Acdc, mask: Tensor) -> float:
+    """(modelled ACDC cost of every edge of the graph) / (of the edges in ``mask``), each edge
+    costing ``intercept + slope * stages recomputed from its receiver's stage`` (`stage_costs`)."""
+    fwd, g = acdc.forward, acdc.graph
+    a, b = costs["fit"]["intercept_seconds"], costs["fit"]["seconds_per_stage"]
+
+    def total(m: Tensor) -> float:
+        per_receiver = m.sum(0).double()
+        cost = torch.tensor([a + b * (fwd.n_stages - fwd.stage_of(r)) for r in range(g.n_receivers)],
+                            dtype=torch.float64)
+        return float((per_receiver * cost).sum())
+
+    return total(g.valid) / total(mask & g.valid)

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from mechflow.attribution.patching import PairBatch
-from mechflow.benchmark.acdc import Acdc, AcdcRun, roc_points
+from mechflow.benchmark.acdc import Acdc, AcdcRun, depth_weighted_factor, roc_points, stage_costs
 from mechflow.benchmark.config import BenchmarkConfig, _check_keys, _is_int, _is_number
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.resume import ResumableForward, StageCache
@@ -334,15 +334,20 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     acdc_setup = time.perf_counter() - t0
     log.info("ACDC on %d restricted edges, %d taus (setup %.1fs)", n_r, len(bench.acdc.thresholds), acdc_setup)
     runs = acdc.sweep(bench.acdc.thresholds, progress=True)
+    costs = stage_costs(acdc)  # untimed calibration for the full-graph extrapolation
+    depth_factor = depth_weighted_factor(costs, acdc, restriction.mask)
 
-    # EAP and EAP-IG (forwards: corrupted + clean recording, then one forward+backward per point)
+    # EAP and EAP-IG (forwards: corrupted + clean recording, then one forward+backward per point;
+    # the backward stops at the restriction's first receiver layer: no restricted edge needs more)
+    from_layer = restriction.first_receiver_layer
     t0 = time.perf_counter()
-    eap = edge_scores(model, batch, "eap", graph=graph)
+    eap = edge_scores(model, batch, "eap", graph=graph, from_layer=from_layer)
     eap_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ig = edge_scores(model, batch, "eap-ig", steps=cmp.ig_steps, rule=cmp.ig_rule, graph=graph)
+    ig = edge_scores(model, batch, "eap-ig", steps=cmp.ig_steps, rule=cmp.ig_rule, graph=graph,
+                     from_layer=from_layer)
     ig_s = time.perf_counter() - t0
-    log.info("EAP %.1fs, EAP-IG (%d steps) %.1fs", eap_s, cmp.ig_steps, ig_s)
+    log.info("EAP %.1fs, EAP-IG (%d steps) %.1fs, backward from layer %d", eap_s, cmp.ig_steps, ig_s, from_layer)
 
     # ours: EAP-IG ranking over the restricted edges + exact bisection (own evaluator, timed)
     t0 = time.perf_counter()
@@ -357,11 +362,14 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     # ours on the FULL graph (same EAP-IG scores, all edges ranked): the full-graph time is measured
     if restriction.n_edges < graph.n_edges:
         t0 = time.perf_counter()
+        ig_full = edge_scores(model, batch, "eap-ig", steps=cmp.ig_steps, rule=cmp.ig_rule, graph=graph)
+        ig_full_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         full_ev = CircuitEvaluator(model, batch, graph)
-        full_found = minimal_faithful_prefix(full_ev, ranked_edges(ig, graph), cmp.target, cmp.percentages)
+        full_found = minimal_faithful_prefix(full_ev, ranked_edges(ig_full, graph), cmp.target, cmp.percentages)
         full_search_s = time.perf_counter() - t0
-        full_graph_ours = {"measured": True, "search_seconds": full_search_s, "eap_ig_seconds": ig_s,
-                           "seconds": ig_s + full_search_s, "n_evaluations": full_found.n_evaluations,
+        full_graph_ours = {"measured": True, "search_seconds": full_search_s, "eap_ig_seconds": ig_full_s,
+                           "seconds": ig_full_s + full_search_s, "n_evaluations": full_found.n_evaluations,
                            "n_edges": full_found.n_edges, "faithfulness": full_found.faithfulness}
         log.info("ours on the full graph: %d edges, f=%.3f, search %.1fs", full_found.n_edges,
                  full_found.faithfulness, full_search_s)
@@ -427,8 +435,18 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
         "arithmetic": f"{runs[matched].seconds:.4f} s / {n_r} restricted edges = {per_edge:.6g} s/edge; "
                       f"x {graph.n_edges} full-graph edges = {per_edge * graph.n_edges:.4f} s",
         "caveat": "ACDC's cost per edge grows for receivers in earlier layers (more of the model is "
-                  "recomputed); a late-layer restriction underestimates the full-graph time.",
+                  "recomputed); a late-layer restriction underestimates the full-graph time. The "
+                  "depth-weighted estimate corrects for that with measured per-stage costs; both assume "
+                  "the restriction's share of edges decided without an evaluation (dead nodes) and of "
+                  "wasted speculative copies.",
+        "stage_costs": costs,
+        "depth_weight_factor": depth_factor,
+        "acdc_full_graph_seconds_depth_weighted": runs[matched].seconds * depth_factor,
+        "depth_weighted_arithmetic": f"{runs[matched].seconds:.4f} s x {depth_factor:.4g} (sum over all edges "
+                                     f"of the fitted per-candidate cost at the receiver's stage / the same "
+                                     f"sum over the restricted edges) = {runs[matched].seconds * depth_factor:.1f} s",
         "ours_full_graph": full_graph_ours,
+        "full_graph_ratio_depth_weighted": runs[matched].seconds * depth_factor / full_graph_ours["seconds"],
         "full_graph_ratio": per_edge * graph.n_edges / full_graph_ours["seconds"],
         "full_graph_ratio_arithmetic": f"{per_edge * graph.n_edges:.1f} s ACDC (extrapolated) / "
                                        f"{full_graph_ours['seconds']:.1f} s ours (measured) = "
@@ -448,8 +466,9 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
              "n_evaluations": r.n_evaluations, "n_wasted": r.n_wasted, "n_kept": r.n_kept,
              "acdc_metric": r.metric, "faithfulness": f, **roc}
             for r, f, roc in zip(runs, acdc_f, acdc_roc)]},
-        "eap": {"seconds": eap_s, "n_forward": 3, "n_backward": 1},
-        "eap_ig": {"seconds": ig_s, "n_forward": n_ig_fwd, "n_backward": cmp.ig_steps, "steps": cmp.ig_steps},
+        "eap": {"seconds": eap_s, "n_forward": 3, "n_backward": 1, "backward_from_layer": from_layer},
+        "eap_ig": {"seconds": ig_s, "n_forward": n_ig_fwd, "n_backward": cmp.ig_steps, "steps": cmp.ig_steps,
+                   "backward_from_layer": from_layer},
         "ours": {"eap_ig_seconds": ig_s, "search_seconds": search_s, "search_forwards": search_fwd,
                  "n_evaluations": found.n_evaluations, "n_edges": found.n_edges,
                  "faithfulness": found.faithfulness, "faithfulness_one_fewer": found.faithfulness_one_fewer,
@@ -576,6 +595,9 @@ def _markdown(doc: dict, rows: list[dict]) -> str:
          + (f", {x['ours_full_graph']['n_edges']} edges, f={x['ours_full_graph']['faithfulness']:.4g}"
             if "n_edges" in x["ours_full_graph"] else "")
          + f". Full-graph ratio: {x['full_graph_ratio_arithmetic']}."), "",
+        (f"Depth-weighted ACDC estimate (per-candidate cost measured at {len(x['stage_costs']['stages'])} "
+         f"start stages, linear fit): {x['depth_weighted_arithmetic']}; full-graph ratio "
+         f"{x['full_graph_ratio_depth_weighted']:.1f}."), "",
     ]
     return "\n".join(lines)
 

@@ -62,6 +62,13 @@ class EdgeRestriction:
     def n_edges(self) -> int:
         return int(self.mask.sum())
 
+    @property
+    def first_receiver_layer(self) -> int:
+        """Lowest layer with a restricted receiver (the logits count as the last layer): gradient
+        methods need no backward below it (`mechflow.circuits.eap.edge_scores` ``from_layer``)."""
+        first_col = int(self.mask.any(0).nonzero()[0])
+        return min(first_col // (3 * self.graph.n_heads + 1), self.graph.n_layers - 1)
+
     def full_kept(self, circuit: Tensor) -> Tensor:
         """``kept`` mask for exact evaluation: the circuit's edges plus every unrestricted edge."""
         return (circuit.bool() & self.mask) | (self.graph.valid & ~self.mask)

@@ -136,6 +136,7 @@ def graph_forward(
     on_receiver: ReceiverHook | None = None,
     fast: bool = True,
     logit_positions: slice | None = None,
+    grad_from_layer: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the model through the edge graph.
 
@@ -154,6 +155,11 @@ def graph_forward(
         fast: use the fast path (see module docstring); ``False`` computes every receiver directly.
         logit_positions: unembed only these positions (e.g. ``slice(-1, None)`` when the metric
             reads the last position): the vocabulary projection is the largest single product.
+        grad_from_layer: layers below it run under ``torch.no_grad()`` and report no receivers;
+            the residual entering it is detached into a new leaf that requires grad, reported as
+            ``on_receiver(grad_from_layer, "residual", leaf)`` (differentiate w.r.t. it). For
+            gradients that are only needed at receivers of later layers: the backward then stops
+            there instead of running through the whole model.
 
     Returns:
         (logits ``[b, pos, vocab]`` (``pos`` restricted by ``logit_positions``), recorded sender
@@ -169,9 +175,19 @@ def graph_forward(
         x, _, _, attention_mask = model.input_to_embed(tokens)
         if input_embed is not None:
             x = input_embed
+        if not 0 <= grad_from_layer < graph.n_layers:
+            raise ValueError(f"graph_forward: grad_from_layer {grad_from_layer} is not a layer of the model")
         run = _Run(model, graph, x, corrupted, removed, record)
         layer = _fast_layer if fast and on_receiver is None else _direct_layer
         for L, block in enumerate(model.blocks):
+            if L < grad_from_layer:
+                with torch.no_grad():
+                    run.x = layer(run, L, block, attention_mask, None)
+                continue
+            if L == grad_from_layer > 0:
+                run.x = run.x.detach().requires_grad_(torch.is_grad_enabled())
+                if on_receiver is not None:
+                    on_receiver(L, "residual", run.x)
             run.x = layer(run, L, block, attention_mask, on_receiver)
         final, patched = run.receiver_input(graph.logits_receiver, graph.n_senders, fast)
         if on_receiver is not None:

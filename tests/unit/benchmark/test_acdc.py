@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mechflow.attribution.patching import TokenPairs
-from mechflow.benchmark.acdc import Acdc
+from mechflow.benchmark.acdc import Acdc, depth_weighted_factor, stage_costs
 from mechflow.benchmark.config import AcdcConfig, RestrictionConfig
 from mechflow.benchmark.metrics import kl_to_clean
 from mechflow.benchmark.restriction import EdgeRestriction
@@ -183,3 +183,38 @@ def test_resumed_forward_equals_full_edge_patched_forward_at_every_stage(tiny_ll
         fwd.evaluate(g.valid.clone(), g.logits_receiver)
     with pytest.raises(ValueError, match="already removed"):
         fwd.evaluate(g.valid.clone(), 0, torch.ones(1, g.n_senders))
+
+
+def test_stage_costs_cover_the_stages_and_do_not_count_as_forwards(tiny_llama, batch):
+    acdc = Acdc(tiny_llama, batch, AcdcConfig(speculation=3))
+    before = acdc.forward.n_forward
+    costs = stage_costs(acdc, n_points=4, repeats=1)
+    assert acdc.forward.n_forward == before
+    n_stages = acdc.forward.n_stages
+    assert costs["stages"][0] == 0 and costs["stages"][-1] == n_stages - 1
+    assert costs["stages_recomputed"] == [n_stages - t for t in costs["stages"]]
+    assert costs["candidates_per_batch"] == 3 and all(s > 0 for s in costs["seconds_per_candidate"])
+
+
+def test_depth_weighted_factor_by_hand(tiny_llama, batch):
+    """Flat costs give the edge-count ratio; a cost equal to the stages recomputed gives the
+    ratio of summed receiver depths, computed here edge by edge."""
+    g = EdgeGraph.from_cfg(tiny_llama.cfg)
+    acdc = Acdc(tiny_llama, batch)
+    fwd = acdc.forward
+    mask = EdgeRestriction.build(g, RestrictionConfig(last_layers=1)).mask
+    flat = {"fit": {"intercept_seconds": 2.0, "seconds_per_stage": 0.0}}
+    assert depth_weighted_factor(flat, acdc, mask) == pytest.approx(g.n_edges / int(mask.sum()))
+    linear = {"fit": {"intercept_seconds": 0.0, "seconds_per_stage": 1.0}}
+    depth = {r: fwd.n_stages - fwd.stage_of(r) for r in range(g.n_receivers)}
+    full = sum(depth[r] for _, r in g.valid.nonzero().tolist())
+    part = sum(depth[r] for _, r in mask.nonzero().tolist())
+    assert depth_weighted_factor(linear, acdc, mask) == pytest.approx(full / part)
+    assert full / part > g.n_edges / int(mask.sum())  # earlier receivers recompute more
+
+
+def test_first_receiver_layer_of_a_restriction():
+    g = EdgeGraph(3, 2)
+    assert EdgeRestriction.build(g, RestrictionConfig(last_layers=1)).first_receiver_layer == 2
+    assert EdgeRestriction.build(g, RestrictionConfig(last_layers=2)).first_receiver_layer == 1
+    assert EdgeRestriction.build(g, RestrictionConfig()).first_receiver_layer == 0

@@ -82,6 +82,10 @@ def test_writes_every_file_with_one_row_per_method(result):
     x = doc["full_graph_extrapolation"]
     assert x["acdc_full_graph_seconds_estimate"] == pytest.approx(
         x["acdc_seconds_per_restricted_edge"] * EdgeGraph(2, 4).n_edges)
+    matched = doc["acdc"]["runs"][doc["acdc"]["matched_index"]]
+    assert x["acdc_full_graph_seconds_depth_weighted"] == pytest.approx(matched["seconds"] * x["depth_weight_factor"])
+    assert doc["eap_ig"]["backward_from_layer"] == 1 == doc["eap"]["backward_from_layer"]
+    assert x["ours_full_graph"]["eap_ig_seconds"] != doc["eap_ig"]["seconds"]  # full-depth EAP-IG timed apart
     md = (out / BENCHMARK_MD).read_text()
     assert TIMINGS_JSON in md and TABLE_CSV in md and f"{h['ratio']:.3f}" in md
     assert r"\begin{tabular}" in (out / TABLE_TEX).read_text()

@@ -74,3 +74,26 @@ def test_eap_ig_one_left_point_is_eap_and_invalid_edges_are_zero(tiny_llama):
     assert (ig5 - eap).abs().max() > 1e-6
     with pytest.raises(ConfigError, match="circuit.method"):
         edge_scores(tiny_llama, b, "acdc")
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_from_layer_stops_the_backward_without_changing_later_scores(method):
+    """Scores into receivers of layers >= from_layer equal the full computation; earlier ones are 0."""
+    from mechflow.testing import make_tiny_llama
+
+    model = make_tiny_llama(n_layers=3, seed=3)
+    b = pairs(4)
+    g = EdgeGraph.from_cfg(model.cfg)
+    full = edge_scores(model, b, method, steps=3, graph=g)
+    for layer in (1, 2):
+        cut = edge_scores(model, b, method, steps=3, graph=g, from_layer=layer)
+        first = g.first_receiver(layer)
+        torch.testing.assert_close(cut[:, first:], full[:, first:], rtol=1e-9, atol=1e-12)
+        assert cut[:, :first].abs().max() == 0
+        assert full[:, :first].abs().max() > 0
+
+
+def test_graph_forward_rejects_a_grad_layer_outside_the_model(tiny_llama):
+    b = pairs(2)
+    with pytest.raises(ValueError, match="grad_from_layer"):
+        graph_forward(tiny_llama, b.clean_tokens, grad_from_layer=tiny_llama.cfg.n_layers)
