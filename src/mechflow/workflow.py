@@ -288,27 +288,12 @@ def transcoder_manifests_of(wildcards) -> list[Path]:
     return [_harvest_manifest(wildcards.run, h) for pair in _transcoder_hooks(wildcards.run) for h in pair]
 
 
-def transcoder_in_manifest_of(wildcards) -> Path:
-    return _harvest_manifest(wildcards.run, _transcoder_hooks(wildcards.run)[0][0])
-
-
-def transcoder_out_manifest_of(wildcards) -> Path:
-    return _harvest_manifest(wildcards.run, _transcoder_hooks(wildcards.run)[0][1])
-
-
 def dictionary_dir_of(kind: str) -> Callable[[Any], Path]:
     def params(wildcards) -> Path:
         return Path("results") / wildcards.run / "dictionaries" / kind
 
     params.__name__ = f"dictionary_dir_of_{kind}"
     return params
-
-
-def transcoder_eval_dir_of(wildcards) -> Path:
-    """The SAELens folder of the first transcoder layer (the whole folder when there is one layer)."""
-    layers = RUNS[wildcards.run].cfg["transcoder"].get("layers", [15])
-    base = Path("results") / wildcards.run / "dictionaries" / "transcoder"
-    return base if len(layers) == 1 else base / f"layer_{layers[0]}"
 
 
 def check_harvested_hooks(run: Run) -> None:

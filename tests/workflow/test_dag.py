@@ -51,6 +51,16 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert not (tmp_path / "results").exists()  # a dry run writes no results
 
 
+def test_cross_layer_transcoder_is_trained_and_evaluated(tmp_path):
+    hooks = ",".join(f"blocks.{l}.ln2.hook_normalized,blocks.{l}.hook_mlp_out" for l in range(12, 16))
+    result = snakemake("-n", "--cores", "2", "--config",
+                       f'overrides=["transcoder=clt","harvest.hooks=[{hooks}]"]', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = planned_rules(result.stdout)
+    assert counts["train_transcoder"] == counts["evaluate_transcoder"] == 1
+    assert "results/smollm2_135m/dictionaries/transcoder_metrics.json" in result.stdout
+
+
 def test_sweep_plans_one_run_folder_per_point(tmp_path):
     result = snakemake("-n", "--cores", "2", "--config", "overrides=model=smollm2_135m,gemma3_270m", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,10 +23,7 @@ from mechflow.workflow import (
     stage_cfg,
     task_cfg,
     tasks_of_setting,
-    transcoder_eval_dir_of,
-    transcoder_in_manifest_of,
     transcoder_manifests_of,
-    transcoder_out_manifest_of,
 )
 
 
@@ -77,12 +74,8 @@ def threads_of_run(wildcards):
 
 
 def dictionary_metrics_of(wildcards):
-    targets = [f"results/{wildcards.run}/dictionaries/sae_metrics.json"]
-    if RUNS[wildcards.run].cfg["transcoder"].get("kind", "per_layer") != "clt":  # CLT metrics: not implemented yet
-        targets.append(f"results/{wildcards.run}/dictionaries/transcoder_metrics.json")
-    else:
-        targets.append(f"results/{wildcards.run}/dictionaries/transcoder/training.json")
-    return targets
+    return [f"results/{wildcards.run}/dictionaries/sae_metrics.json",
+            f"results/{wildcards.run}/dictionaries/transcoder_metrics.json"]
 
 
 def circuit_outputs_of(wildcards):

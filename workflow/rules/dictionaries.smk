@@ -84,9 +84,8 @@ rule evaluate_transcoder:
     params:
         cfg=stage_cfg("transcoder"),
         model_cfg=stage_cfg("model"),
-        manifest=transcoder_in_manifest_of,
-        manifest_out=transcoder_out_manifest_of,
-        dictionary=transcoder_eval_dir_of,
+        manifests=transcoder_manifests_of,
+        dictionary=dictionary_dir_of("transcoder"),
     log:
         f"{R}/logs/evaluate_transcoder.log",
     threads: threads_of_run
@@ -96,4 +95,4 @@ rule evaluate_transcoder:
     conda:
         "../../envs/mechflow.yaml"
     script:
-        "../scripts/evaluate_dictionary.py"
+        "../scripts/evaluate_transcoder.py"

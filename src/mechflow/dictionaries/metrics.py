@@ -322,3 +322,122 @@ def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: P
              dictionary, result["explained_variance"], result["explained_variance_with_outliers"], result["l0"],
              result["dead_fraction"], result.get("ce_recovered_zero"))
     return result
+
+
+def stack_splice_hooks(stack, in_hooks: list[str], out_hooks: list[str], means: torch.Tensor, start: int
+                       ) -> dict[str, list[tuple[str, Callable]]]:
+    """Hooks replacing every MLP output of a transcoder stack (per-layer, skip or CLT) at once.
+
+    ``spliced``: layer i's MLP output becomes the stack's prediction from the MLP inputs seen IN
+    THIS forward (a CLT's layer i reads the latents of layers <= i, whose inputs already follow
+    the earlier replacements: the replacement model, as the attribution graphs use it).
+    ``zero`` / ``mean``: every one of those MLP outputs zeroed / set to its held-out mean ``means[i]``.
+    """
+    L = len(in_hooks)
+    store: dict[int, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
+
+    def grab(i: int):
+        def hook_fn(act, hook=None):
+            store[i] = act[:, start:]
+            if i == 0:
+                acts.clear()
+            return act
+        return hook_fn
+
+    def spliced(i: int):
+        def hook_fn(act, hook=None):
+            x = store[i]
+            flat = x.reshape(-1, x.shape[-1]).to(stack.W_enc.dtype)
+            acts[i] = stack.encode_layer(i, flat)
+            out = stack.decode_layer(i, acts, flat)
+            act = act.clone()
+            act[:, start:] = out.reshape(*x.shape[:-1], -1).to(act.dtype)
+            return act
+        return hook_fn
+
+    def ablate(i: int, value):
+        def hook_fn(act, hook=None):
+            act = act.clone()
+            act[:, start:] = value(i)
+            return act
+        return hook_fn
+
+    return {
+        "spliced": [h for i in range(L) for h in ((in_hooks[i], grab(i)), (out_hooks[i], spliced(i)))],
+        "zero": [(out_hooks[i], ablate(i, lambda j: 0.0)) for i in range(L)],
+        "mean": [(out_hooks[i], ablate(i, lambda j: means[j])) for i in range(L)],
+    }
+
+
+def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], tokens: Path, metrics: Path,
+                        model_cfg: dict | None = None, model: Any = None) -> dict[str, Any]:
+    """Held-out metrics of any transcoder written by `train_transcoder`; write them to `metrics`.
+
+    A single-layer per-layer or skip transcoder is a SAELens folder and goes through
+    `evaluate_dictionary` (EV with outlier positions excluded and counted, FVU, L0, dead, CE). A
+    multi-layer stack or a cross-layer transcoder is evaluated as a whole: FVU per output layer and
+    overall, L0 per layer (and their sum, latents active per token), dead latents, and CE / KL with
+    EVERY MLP of its layers replaced at once (`stack_splice_hooks`), against zero and mean ablation
+    of the same MLP outputs.
+
+    Args:
+        cfg: the `transcoder` config group.
+        dictionary: the transcoder folder (`train_transcoder`'s ``out_dir``).
+        manifests: harvest manifests of every layer's MLP input and output (any order).
+        tokens, metrics, model_cfg, model: as `evaluate_dictionary`.
+    """
+    from mechflow.dictionaries.config import TranscoderConfig
+    from mechflow.dictionaries.transcoder import TRANSCODER_INDEX, _resolve_manifests, heldout_metrics, load_transcoder
+
+    tcfg = parse_config(TranscoderConfig, cfg, "transcoder")
+    dictionary = Path(dictionary)
+    index_path = dictionary / TRANSCODER_INDEX
+    if not index_path.exists():
+        raise DataError(f"{index_path} is missing: {dictionary} is not a transcoder folder written by "
+                        "train_transcoder (re-run that stage)")
+    index = json.loads(index_path.read_text())
+    if index["kind"] != tcfg.kind or index["layers"] != tcfg.layers:
+        raise ConfigError(f"transcoder.kind/layers = {tcfg.kind}/{tcfg.layers} but {dictionary} holds a "
+                          f"{index['kind']} transcoder over layers {index['layers']}; re-run train_transcoder")
+    in_paths, out_paths, in_hooks, out_hooks = _resolve_manifests(tcfg, list(manifests))
+    if index["kind"] != "clt" and len(index["layers"]) == 1:
+        return evaluate_dictionary(cfg, dictionary=dictionary, manifest=in_paths[0], manifest_out=out_paths[0],
+                                   tokens=tokens, metrics=metrics, model_cfg=model_cfg, model=model)
+    from mechflow.dictionaries.sae import TRAINING_SUMMARY
+
+    summary = json.loads((dictionary / TRAINING_SUMMARY).read_text())
+    holdout = summary.get("holdout_shards")
+    if not holdout:
+        raise DataError(f"{dictionary / TRAINING_SUMMARY} records no held-out shards (transcoder.data."
+                        "holdout_shards: 0); train with at least one to evaluate")
+    stack = load_transcoder(dictionary)
+    stack.eval()
+    exclude_bos = bool(summary.get("exclude_bos", True))
+    with torch.no_grad():
+        rec = heldout_metrics(stack, ShardSource(in_paths + out_paths, holdout, exclude_bos=exclude_bos), tcfg)
+    means = rec.pop("_mean_target")
+    result: dict[str, Any] = {"stage": "evaluate_transcoder", "dictionary": str(dictionary), "kind": index["kind"],
+                              "layers": index["layers"], "in_hooks": in_hooks, "out_hooks": out_hooks,
+                              "holdout_shards": holdout, "exclude_bos": exclude_bos, **rec,
+                              "l0": float(sum(rec["l0_per_layer"])),
+                              "l0_definition": "latents active per token, summed over the stack's layers"}
+    if tcfg.eval.ce_contexts > 0:
+        if model is None:
+            from mechflow.models import load_model_from_cfg
+
+            if not model_cfg:
+                raise ConfigError("evaluate_transcoder needs model_cfg (the `model` group) for CE metrics, "
+                                  "or set transcoder.eval.ce_contexts: 0")
+            model = load_model_from_cfg(model_cfg).model
+        man, _ = load_manifest(in_paths[0])
+        ctx_ids = sorted({c for s in man.shards if s.file in holdout for c in range(s.first_context, s.last_context + 1)})
+        tok = read_contexts(tokens, ctx_ids, tcfg.eval.ce_contexts)
+        hooks = stack_splice_hooks(stack, in_hooks, out_hooks, means, 1 if exclude_bos else 0)
+        result.update(ce_metrics(model, tok, hooks, tcfg.eval.ce_batch_size))
+        result["ce_contexts"] = int(len(tok))
+    atomic_write_json(metrics, result)
+    log.info("transcoder %s (%s, layers %s): FVU %.4f, L0 %.1f, dead %.3f, CE increase %s", dictionary,
+             index["kind"], index["layers"], result["fvu"], result["l0"], result["dead_fraction"],
+             result.get("ce_increase"))
+    return result

@@ -125,6 +125,27 @@ class JumpReLUTranscoderStack(nn.Module):
         acts, _ = self.encode(x)
         return self.decode(acts, x)
 
+    def encode_layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``[N, d_sae]`` of layer ``i`` from its own input ``[N, d_in]`` (as `encode`)."""
+        from sae_lens.saes.jumprelu_sae import JumpReLU
+
+        pre = x @ self.W_enc[i] + self.b_enc[i]
+        return JumpReLU.apply(pre, self.threshold[i].to(pre.dtype), self.bandwidth, False)
+
+    def decode_layer(self, i: int, acts: dict[int, torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+        """Output ``[N, d_out]`` of layer ``i`` (as `decode`) from the latents of layers ``<= i``
+        (a CLT's layer i reads every earlier layer's latents; the others only their own)."""
+        if self.kind == "clt":
+            out = self.b_dec[i].expand(acts[i].shape[0], -1)
+            for j in range(i + 1):
+                out = out + acts[j] @ self.W_dec[j][:, i - j]
+            return out
+        out = acts[i] @ self.W_dec_stack[i] + self.b_dec[i]
+        if self.W_skip is not None:
+            assert x is not None
+            out = out + x @ self.W_skip[i].T
+        return out
+
     def decoder_norms(self) -> torch.Tensor:
         """``[n_layers, d_sae]``: norm of each latent's full output (all layers it writes to)."""
         if self.kind == "clt":
@@ -387,6 +408,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     if holdout:
         heldout = heldout_metrics(model, ShardSource(all_paths, [s.file for s in holdout],
                                                      exclude_bos=cfg.data.exclude_bos), cfg)
+        heldout.pop("_mean_target")
     sha = {str(p): sha256_file(p) for p in all_paths}
     metadata = {"model_name": first.model, "context_size": first.context_size, "prepend_bos": first.prepend_bos,
                 "mechflow_manifest_sha256": sha}
@@ -434,7 +456,7 @@ def heldout_metrics(model: JumpReLUTranscoderStack, source: ShardSource, cfg: Tr
         raise DataError(f"held-out shards {source.shard_names} hold no usable rows")
     var = sq - ysum.pow(2).sum(-1) / n
     fvu = sse / var
-    return {"n_tokens": n, "fvu_per_layer": fvu.tolist(), "fvu": float(sse.sum() / var.sum()),
+    return {"_mean_target": (ysum / n).float(), "n_tokens": n, "fvu_per_layer": fvu.tolist(), "fvu": float(sse.sum() / var.sum()),
             "explained_variance": float(1 - sse.sum() / var.sum()), "l0_per_layer": (l0 / n).tolist(),
             "dead_fraction": float((fire == 0).double().mean()), "dead_window_tokens": n,
             "dead_window_sufficient": n >= cfg.eval.dead_min_tokens}

@@ -139,3 +139,72 @@ def test_evaluate_dictionary_stage_on_tiny_llama(tiny_llama, tmp_path):
     with torch.no_grad():
         ref = ce_metrics(model, tokens[4:], sae_splice_hooks(sae, HOOK, xd.mean(0).float(), 1))
     assert out["ce_recovered_mean"] == pytest.approx(ref["ce_recovered_mean"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clt", "per_layer"])
+def test_evaluate_transcoder_splices_every_layer_of_a_stack(tiny_llama, tmp_path, kind):
+    """CE with a 2-layer stack spliced in equals a pass-by-pass reference: layer 0's input is
+    clean, so its output is fixed first; layer 1 then reads the input that output produces."""
+    from mechflow.dictionaries.metrics import evaluate_transcoder
+    from mechflow.dictionaries.transcoder import TRANSCODER_INDEX, JumpReLUTranscoderStack, save_stack
+    from mechflow.io import atomic_write_json
+
+    model = tiny_llama
+    ins = [f"blocks.{l}.ln2.hook_normalized" for l in (0, 1)]
+    outs = [f"blocks.{l}.hook_mlp_out" for l in (0, 1)]
+    tokens = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(4))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in ins + outs)
+    manifests = [write_shards(tmp_path / h, cache[h].float().numpy(), hook=h, contexts_per_shard=2,
+                              tokens=tokens.numpy()) for h in ins + outs]
+    tok_path = write_tokens(tmp_path / "corpus", tokens.numpy())
+    stack = JumpReLUTranscoderStack(2, 32, 32, 24, kind, init_threshold=0.02, seed=1)
+    with torch.no_grad():
+        stack.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    folder = tmp_path / "tc"
+    index = save_stack(stack, folder, layers=[0, 1], in_hooks=ins, out_hooks=outs, metadata={})
+    atomic_write_json(folder / TRANSCODER_INDEX, index)
+    holdout = ["part-00002.parquet", "part-00003.parquet"]  # contexts 4..7
+    atomic_write_json(folder / "training.json", {"holdout_shards": holdout, "exclude_bos": True})
+    cfg = {"kind": kind, "layers": [0, 1], "d_sae": 24, "eval": {"ce_contexts": 10, "dead_min_tokens": 10}}
+    out = evaluate_transcoder(cfg, dictionary=folder, manifests=manifests, tokens=tok_path,
+                              metrics=tmp_path / "m.json", model=model)
+    assert json.loads((tmp_path / "m.json").read_text())["fvu"] == pytest.approx(out["fvu"])
+
+    held = tokens[4:]
+    x = torch.stack([cache[h][4:, 1:].reshape(-1, 32) for h in ins], 1).float()
+    y = torch.stack([cache[h][4:, 1:].reshape(-1, 32) for h in outs], 1).double()
+    with torch.no_grad():
+        y_hat = stack(x).double()
+    fvu = ((y - y_hat) ** 2).sum((0, 2)) / ((y - y.mean(0)) ** 2).sum((0, 2))
+    assert out["fvu_per_layer"] == pytest.approx(fvu.tolist(), rel=1e-5)
+    assert out["ce_contexts"] == 4
+
+    def replace(name, values):
+        def fn(act, hook=None):
+            act = act.clone()
+            act[:, 1:] = values.to(act.dtype)
+            return act
+        return (name, fn)
+
+    with torch.no_grad():
+        _, c0 = model.run_with_cache(held, names_filter=ins[0])
+        x0 = c0[ins[0]][:, 1:].float()
+        first = stack(torch.stack([x0, x0], 2).reshape(-1, 2, 32))[:, 0].reshape(x0.shape)
+        with model.hooks(fwd_hooks=[replace(outs[0], first)]):
+            _, c1 = model.run_with_cache(held, names_filter=ins[1])
+        x1 = c1[ins[1]][:, 1:].float()
+        second = stack(torch.stack([x0, x1], 2).reshape(-1, 2, 32))[:, 1].reshape(x1.shape)
+        clean = model(held).double()
+        spliced = model.run_with_hooks(held, fwd_hooks=[replace(outs[0], first), replace(outs[1], second)]).double()
+    ce_clean = -F.log_softmax(clean[:, :-1], -1).gather(-1, held[:, 1:, None]).mean()
+    ce_sp = -F.log_softmax(spliced[:, :-1], -1).gather(-1, held[:, 1:, None]).mean()
+    assert out["ce_clean"] == pytest.approx(ce_clean.item(), rel=1e-9)
+    assert out["ce_spliced"] == pytest.approx(ce_sp.item(), rel=1e-5)
+    assert out["ce_spliced"] != pytest.approx(out["ce_clean"], rel=1e-4)
+    assert out["l0"] == pytest.approx(sum(out["l0_per_layer"])) and out["l0"] > 0
+    with pytest.raises(Exception, match="transcoder.kind/layers"):
+        evaluate_transcoder({**cfg, "layers": [0]}, dictionary=folder, manifests=manifests, tokens=tok_path,
+                            metrics=tmp_path / "bad.json", model=model)
+    assert not (tmp_path / "bad.json").exists()
