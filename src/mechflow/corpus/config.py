@@ -7,7 +7,7 @@ from typing import Any
 
 from mechflow.errors import ConfigError, check_known_keys
 
-SOURCES = ("stdlib_docs", "text_files", "jsonl", "hf_dataset")
+SOURCES = ("stdlib_docs", "python_docstrings", "text_files", "jsonl", "hf_dataset")
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class CorpusConfig:
     context_size: int = 128
     max_tokens: int = 100_000
     paths: tuple[str, ...] = field(default_factory=tuple)
+    packages: tuple[str, ...] = field(default_factory=tuple)
     text_field: str = "text"
     hf_name: str | None = None
     hf_config: str | None = None
@@ -32,6 +33,9 @@ class CorpusConfig:
         if "paths" in values:
             paths = values["paths"]
             values["paths"] = (paths,) if isinstance(paths, str) else tuple(str(p) for p in (paths or ()))
+        if "packages" in values:
+            pkgs = values["packages"]
+            values["packages"] = (pkgs,) if isinstance(pkgs, str) else tuple(str(p) for p in (pkgs or ()))
         out = cls(**values)
         out.validate()
         return out
@@ -50,5 +54,8 @@ class CorpusConfig:
             raise ConfigError(f"corpus.separator={self.separator!r} must be 'bos' or 'eos'")
         if self.source in ("text_files", "jsonl") and not self.paths:
             raise ConfigError(f"corpus.paths is empty; corpus.source={self.source} needs files or folders to read")
+        if self.source == "python_docstrings" and not self.packages:
+            raise ConfigError("corpus.packages is empty; corpus.source=python_docstrings needs package names, "
+                              "e.g. [stdlib, numpy]")
         if self.source == "hf_dataset" and not self.hf_name:
             raise ConfigError("corpus.hf_name is empty; corpus.source=hf_dataset needs a dataset name")

@@ -42,6 +42,8 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     """Documents of the configured source, in their stable order."""
     if cfg.source == "stdlib_docs":
         return sources.stdlib_docs()
+    if cfg.source == "python_docstrings":
+        return sources.python_docstrings(list(cfg.packages))
     if cfg.source == "text_files":
         return sources.text_files(list(cfg.paths))
     if cfg.source == "jsonl":
@@ -181,6 +183,8 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
 def _source_detail(cfg: CorpusConfig) -> dict:
     if cfg.source == "stdlib_docs":
         return {"python": sys.version.split()[0], "modules": len(sources.STDLIB_MODULES)}
+    if cfg.source == "python_docstrings":
+        return {"packages": {name: sources.package_version(name) for name in cfg.packages}}
     if cfg.source in ("text_files", "jsonl"):
         return {"paths": list(cfg.paths), **({"text_field": cfg.text_field} if cfg.source == "jsonl" else {})}
     return {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "hf_split": cfg.hf_split, "text_field": cfg.text_field}
