@@ -388,15 +388,12 @@ def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], to
         tokens, metrics, model_cfg, model: as `evaluate_dictionary`.
     """
     from mechflow.dictionaries.config import TranscoderConfig
-    from mechflow.dictionaries.transcoder import TRANSCODER_INDEX, _resolve_manifests, heldout_metrics, load_transcoder
+    from mechflow.dictionaries.transcoder import (_resolve_manifests, heldout_metrics, load_transcoder,
+                                                  read_transcoder_index)
 
     tcfg = parse_config(TranscoderConfig, cfg, "transcoder")
     dictionary = Path(dictionary)
-    index_path = dictionary / TRANSCODER_INDEX
-    if not index_path.exists():
-        raise DataError(f"{index_path} is missing: {dictionary} is not a transcoder folder written by "
-                        "train_transcoder (re-run that stage)")
-    index = json.loads(index_path.read_text())
+    index = read_transcoder_index(dictionary)
     if index["kind"] != tcfg.kind or index["layers"] != tcfg.layers:
         raise ConfigError(f"transcoder.kind/layers = {tcfg.kind}/{tcfg.layers} but {dictionary} holds a "
                           f"{index['kind']} transcoder over layers {index['layers']}; re-run train_transcoder")

@@ -304,16 +304,21 @@ def save_stack(model: JumpReLUTranscoderStack, folder: Path, *, layers: list[int
     return index
 
 
+def read_transcoder_index(folder: str | Path) -> dict[str, Any]:
+    """The ``transcoder.json`` index of a folder written by `train_transcoder` (kind, layers, hooks)."""
+    index_path = Path(folder) / TRANSCODER_INDEX
+    if not index_path.exists():
+        raise DataError(f"{index_path} is missing: {folder} is not a transcoder folder written by "
+                        "train_transcoder (re-run that stage)")
+    return json.loads(index_path.read_text())
+
+
 def load_transcoder(folder: str | Path) -> JumpReLUTranscoderStack:
     """Load any transcoder written by `train_transcoder` as a `JumpReLUTranscoderStack`."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    index_path = folder / TRANSCODER_INDEX
-    if not index_path.exists():
-        raise DataError(f"{index_path} is missing: {folder} is not a transcoder folder written by "
-                        "train_transcoder (re-run that stage)")
-    index = json.loads(index_path.read_text())
+    index = read_transcoder_index(folder)
     L = len(index["layers"])
     if index["kind"] == "clt":
         cfg = json.loads((folder / CLT_CFG).read_text())
