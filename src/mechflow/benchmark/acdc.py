@@ -224,17 +224,17 @@ def stage_costs(acdc: Acdc, n_points: int = 8, repeats: int = 2) -> dict:
     depth, seconds = [], []
     for t in stages:
         cur = fwd.cols(t).start
-        senders = g.valid[:, cur].nonzero().flatten()[-k:]
-        cand = torch.zeros(len(senders), g.n_senders)
-        for j, s in enumerate(senders.tolist()):
-            cand[j:, s] = 1.0
+        senders = g.valid[:, cur].nonzero().flatten().tolist()
+        cand = torch.zeros(k, g.n_senders)  # k copies at every stage (layer 0's q has one sender)
+        for j in range(k):
+            cand[j, senders[-1 - j % len(senders)]] = 1.0
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             fwd.evaluate(removed, cur, cand, StageCache())
             best = min(best, time.perf_counter() - t0)
         depth.append(n_stages - t)
-        seconds.append(best / len(senders))
+        seconds.append(best / k)
     fwd.n_forward -= len(stages) * repeats  # calibration is not part of any run's count
     x = torch.tensor(depth, dtype=torch.float64)
     y = torch.tensor(seconds, dtype=torch.float64)
