@@ -14,8 +14,10 @@ Steps:
 3. Evaluate every method exactly on the restricted graph (see "Restricted faithfulness"):
    faithfulness curve at the MIB budgets, CPR and CMD (`area_metrics`), edge ROC AUC against the
    exhaustive reference.
-4. Headline: ACDC time at the matched tau / our discovery time, with the arithmetic, and a
-   full-graph extrapolation of ACDC's time (measured seconds per restricted edge x full edge count).
+4. Headline: ACDC time at the matched tau / our discovery time, with the arithmetic, and the
+   full graph for every method (`full_graph_table`): EAP, EAP-IG and ours measured over all edges
+   in the same run; ACDC and exhaustive patching extrapolated from their restricted times, weighted
+   by the measured cost of a forward resumed at each receiver's depth.
 5. Write ``table.csv``, ``table.tex``, ``timings.json``, ``roc.png``, ``faithfulness_curves.png``
    and, last (completion marker), ``benchmark.md``, each atomically.
 
@@ -362,6 +364,9 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
     # ours on the FULL graph (same EAP-IG scores, all edges ranked): the full-graph time is measured
     if restriction.n_edges < graph.n_edges:
         t0 = time.perf_counter()
+        edge_scores(model, batch, "eap", graph=graph)  # full-depth backward: the full graph's EAP cost
+        eap_full_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         ig_full = edge_scores(model, batch, "eap-ig", steps=cmp.ig_steps, rule=cmp.ig_rule, graph=graph)
         ig_full_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -369,12 +374,14 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
         full_found = minimal_faithful_prefix(full_ev, ranked_edges(ig_full, graph), cmp.target, cmp.percentages)
         full_search_s = time.perf_counter() - t0
         full_graph_ours = {"measured": True, "search_seconds": full_search_s, "eap_ig_seconds": ig_full_s,
+                           "eap_seconds": eap_full_s,
                            "seconds": ig_full_s + full_search_s, "n_evaluations": full_found.n_evaluations,
                            "n_edges": full_found.n_edges, "faithfulness": full_found.faithfulness}
         log.info("ours on the full graph: %d edges, f=%.3f, search %.1fs", full_found.n_edges,
                  full_found.faithfulness, full_search_s)
     else:
-        full_graph_ours = {"measured": True, "same_as_restricted": True, "seconds": ig_s + search_s}
+        full_graph_ours = {"measured": True, "same_as_restricted": True, "seconds": ig_s + search_s,
+                           "eap_seconds": eap_s, "eap_ig_seconds": ig_s}
 
     # exhaustive exact reference
     t0 = time.perf_counter()
@@ -452,6 +459,7 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
                                        f"{full_graph_ours['seconds']:.1f} s ours (measured) = "
                                        f"{per_edge * graph.n_edges / full_graph_ours['seconds']:.1f}",
     }
+    full_graph = full_graph_table(runs[matched], ex_s, n_r, graph.n_edges, depth_factor, full_graph_ours)
     doc = {
         "schema_version": SCHEMA_VERSION, **(meta or {}),
         "config": {"benchmark": bench.to_dict(), "compare": cmp.to_dict()},
@@ -479,6 +487,7 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
                        f"|effect| > {cmp.reference_threshold} |m(N) - m(~R)|"},
         "curves": {name: [asdict(p) for p in c] for name, c in curves.items()},
         "areas": areas, "roc_auc": aucs, "headline": headline, "full_graph_extrapolation": extrapolation,
+        "full_graph": full_graph,
         "table": rows,
     }
     _write_outputs(Path(out_dir), doc, rows, curves, scores, positives, restriction, acdc_roc, aucs)
@@ -494,6 +503,35 @@ def _match_tau(runs: list[AcdcRun], fs: list[float], ours: float, rule: str) -> 
         rule = "closest (no tau reaches ours)"
     best = min(idx, key=lambda i: (abs(fs[i] - ours), -runs[i].threshold))
     return best, "closest: |f_acdc - f_ours| smallest, ties to the larger tau" if rule == "closest" else rule
+
+
+def full_graph_table(acdc_run: AcdcRun, exhaustive_seconds: float, n_restricted: int, n_full: int,
+                     depth_factor: float, ours_full: dict) -> list[dict]:
+    """Every method's time on the FULL graph: measured where the run measured it (EAP, EAP-IG, ours),
+    else extrapolated from the restricted run (ACDC, exhaustive patching), with the arithmetic.
+
+    Both extrapolations scale the restricted time by ``depth_factor`` (`depth_weighted_factor`): ACDC
+    and exhaustive patching evaluate each edge by a forward resumed at its receiver's stage, so an
+    edge costs more the earlier its receiver, and a per-edge average over late layers
+    underestimates the full graph. Exhaustive patching decides no edge for free (ACDC skips edges
+    into dead nodes), so its estimate is the tighter of the two.
+    """
+    ours = ours_full["seconds"]
+
+    def row(method: str, seconds: float, measured: bool, arithmetic: str) -> dict:
+        return {"method": method, "seconds": seconds, "measured": measured, "ratio_to_ours": seconds / ours,
+                "arithmetic": arithmetic}
+
+    return [
+        row(f"acdc (tau={acdc_run.threshold:g})", acdc_run.seconds * depth_factor, False,
+            f"{acdc_run.seconds:.4f} s on {n_restricted} restricted edges x depth factor {depth_factor:.4g}"),
+        row("eap", ours_full["eap_seconds"], True, "measured: 3 forwards, 1 backward through every layer"),
+        row("eap-ig", ours_full["eap_ig_seconds"], True, "measured: backward through every layer per step"),
+        row("ours (eap-ig + search)", ours, True, "measured: EAP-IG over every edge + exact bisection"),
+        row("exhaustive patching", exhaustive_seconds * depth_factor, False,
+            f"{exhaustive_seconds:.4f} s on {n_restricted} restricted edges x depth factor {depth_factor:.4g} "
+            f"(every one of the {n_full} edges alone)"),
+    ]
 
 
 def _row(method, seconds, n_forward, n_backward, n_edges, f, area, auc) -> dict:
@@ -598,6 +636,10 @@ def _markdown(doc: dict, rows: list[dict]) -> str:
         (f"Depth-weighted ACDC estimate (per-candidate cost measured at {len(x['stage_costs']['stages'])} "
          f"start stages, linear fit): {x['depth_weighted_arithmetic']}; full-graph ratio "
          f"{x['full_graph_ratio_depth_weighted']:.1f}."), "",
+        f"## Every method on the full graph (`{TIMINGS_JSON}` -> full_graph)", "",
+        "| method | seconds | measured | / ours | arithmetic |", "|---|---|---|---|---|",
+        *(f"| {r['method']} | {r['seconds']:.1f} | {'yes' if r['measured'] else 'no (extrapolated)'} | "
+          f"{r['ratio_to_ours']:.2f} | {r['arithmetic']} |" for r in doc["full_graph"]), "",
     ]
     return "\n".join(lines)
 

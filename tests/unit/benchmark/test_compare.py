@@ -86,7 +86,14 @@ def test_writes_every_file_with_one_row_per_method(result):
     assert x["acdc_full_graph_seconds_depth_weighted"] == pytest.approx(matched["seconds"] * x["depth_weight_factor"])
     assert doc["eap_ig"]["backward_from_layer"] == 1 == doc["eap"]["backward_from_layer"]
     assert x["ours_full_graph"]["eap_ig_seconds"] != doc["eap_ig"]["seconds"]  # full-depth EAP-IG timed apart
+    full = {r["method"].split(" ")[0]: r for r in doc["full_graph"]}
+    assert list(full) == ["acdc", "eap", "eap-ig", "ours", "exhaustive"]
+    assert full["acdc"]["seconds"] == pytest.approx(x["acdc_full_graph_seconds_depth_weighted"])
+    assert full["exhaustive"]["seconds"] == pytest.approx(doc["exhaustive"]["seconds"] * x["depth_weight_factor"])
+    assert full["ours"]["seconds"] == x["ours_full_graph"]["seconds"] and full["ours"]["ratio_to_ours"] == 1.0
+    assert [r["measured"] for r in full.values()] == [False, True, True, True, False]
     md = (out / BENCHMARK_MD).read_text()
+    assert "Every method on the full graph" in md
     assert TIMINGS_JSON in md and TABLE_CSV in md and f"{h['ratio']:.3f}" in md
     assert r"\begin{tabular}" in (out / TABLE_TEX).read_text()
 
