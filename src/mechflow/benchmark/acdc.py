@@ -247,13 +247,17 @@ def stage_costs(acdc: Acdc, n_points: int = 8, repeats: int = 2) -> dict:
 
 def depth_weighted_factor(costs: dict, acdc: Acdc, mask: Tensor) -> float:
     """(modelled ACDC cost of every edge of the graph) / (of the edges in ``mask``), each edge
-    costing ``intercept + slope * stages recomputed from its receiver's stage`` (`stage_costs`)."""
+    costing ``intercept + slope * stages recomputed from its receiver's stage`` (`stage_costs`).
+
+    The linear fit can have a negative intercept, which would model the shallowest receivers (the
+    logits) at a negative cost; each edge's modelled cost is floored at the smallest measured one."""
     fwd, g = acdc.forward, acdc.graph
     a, b = costs["fit"]["intercept_seconds"], costs["fit"]["seconds_per_stage"]
+    floor = min(costs["seconds_per_candidate"])
 
     def total(m: Tensor) -> float:
         per_receiver = m.sum(0).double()
-        cost = torch.tensor([a + b * (fwd.n_stages - fwd.stage_of(r)) for r in range(g.n_receivers)],
+        cost = torch.tensor([max(floor, a + b * (fwd.n_stages - fwd.stage_of(r))) for r in range(g.n_receivers)],
                             dtype=torch.float64)
         return float((per_receiver * cost).sum())
 

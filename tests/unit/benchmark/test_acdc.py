@@ -203,14 +203,22 @@ def test_depth_weighted_factor_by_hand(tiny_llama, batch):
     acdc = Acdc(tiny_llama, batch)
     fwd = acdc.forward
     mask = EdgeRestriction.build(g, RestrictionConfig(last_layers=1)).mask
-    flat = {"fit": {"intercept_seconds": 2.0, "seconds_per_stage": 0.0}}
+    flat = {"fit": {"intercept_seconds": 2.0, "seconds_per_stage": 0.0}, "seconds_per_candidate": [2.0]}
     assert depth_weighted_factor(flat, acdc, mask) == pytest.approx(g.n_edges / int(mask.sum()))
-    linear = {"fit": {"intercept_seconds": 0.0, "seconds_per_stage": 1.0}}
+    linear = {"fit": {"intercept_seconds": 0.0, "seconds_per_stage": 1.0}, "seconds_per_candidate": [1.0]}
     depth = {r: fwd.n_stages - fwd.stage_of(r) for r in range(g.n_receivers)}
     full = sum(depth[r] for _, r in g.valid.nonzero().tolist())
     part = sum(depth[r] for _, r in mask.nonzero().tolist())
     assert depth_weighted_factor(linear, acdc, mask) == pytest.approx(full / part)
     assert full / part > g.n_edges / int(mask.sum())  # earlier receivers recompute more
+    # a negative intercept would price the shallowest receivers below zero: floored at the
+    # smallest measured cost
+    negative = {"fit": {"intercept_seconds": -1.5, "seconds_per_stage": 1.0}, "seconds_per_candidate": [0.25, 3.0]}
+    cost = {r: max(0.25, depth[r] - 1.5) for r in depth}
+    assert min(depth.values()) - 1.5 < 0.25  # the floor is exercised
+    full = sum(cost[r] for _, r in g.valid.nonzero().tolist())
+    part = sum(cost[r] for _, r in mask.nonzero().tolist())
+    assert depth_weighted_factor(negative, acdc, mask) == pytest.approx(full / part)
 
 
 def test_first_receiver_layer_of_a_restriction():
