@@ -10,6 +10,16 @@ Corpus tokens (one row per fixed-length context):
     context_id  int64
     tokens      list<int32>  exactly `context_size` ids (BOS first when prepended)
 
+Exact edge reference (`edge_reference.parquet`, one row per edge removed alone; the run
+document — prompts, m(N), m(empty), sampling, timings — in the footer under
+`mechflow.edge_reference`):
+    edge, sender, receiver  string   MIB names, e.g. ``a3.h1->a7.h2<v>``
+    receiver_layer          int32    the receiver's layer (logits: n_layers)
+    restricted, sampled     bool     in the restricted graph / in the stratified full-graph sample
+    sampling_weight         float64  stratum size / stratum sample size (null if not sampled)
+    exact_effect            float64  m(N without e) - m(N), mean over prompts
+    config_hash, prompts_hash string
+
 The schema version is written to each file's footer metadata under `mechflow.schema_version`.
 """
 
@@ -54,3 +64,14 @@ CORPUS_SCHEMA = pa.schema(
     ],
     metadata={SCHEMA_VERSION_KEY: CORPUS_SCHEMA_VERSION.encode()},
 )
+
+
+EDGE_REFERENCE_SCHEMA = pa.schema([
+    ("edge", pa.string()), ("sender", pa.string()), ("receiver", pa.string()),
+    ("receiver_layer", pa.int32()),  # logits: n_layers
+    ("restricted", pa.bool_()),  # in the restricted graph
+    ("sampled", pa.bool_()),  # in the stratified full-graph sample
+    ("sampling_weight", pa.float64()),  # stratum size / stratum sample size (null if not sampled)
+    ("exact_effect", pa.float64()),  # m(N without e) - m(N), mean over prompts
+    ("config_hash", pa.string()), ("prompts_hash", pa.string()),
+])

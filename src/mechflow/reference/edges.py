@@ -10,8 +10,8 @@ Steps:
    `mechflow.benchmark.compare.exhaustive_effects` (edges into one receiver share a batched forward
    started from the cached clean state at the receiver's stage), one call per receiver layer so
    progress and per-layer time are visible.
-4. Write ``edge_reference.parquet`` (`SCHEMA`; its footer holds the run document under
-   `META_KEY`: prompts, m(N), m(empty), sampling, timings) atomically.
+4. Write ``edge_reference.parquet`` (`mechflow.contracts.parquet.EDGE_REFERENCE_SCHEMA`; its footer
+   holds the run document under `META_KEY`: prompts, m(N), m(empty), sampling, timings) atomically.
 
 Models on which edges are not defined (Gemma-3's post-norms: `check_edge_model`, or
 ``model.edge_circuits: false``) get an empty table whose footer records the reason; no forward runs.
@@ -37,6 +37,7 @@ from mechflow.benchmark.config import RestrictionConfig
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.forward import check_edge_model
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.parquet import EDGE_REFERENCE_SCHEMA
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, canonical_hash
 from mechflow.reference.config import ReferenceConfig
@@ -46,15 +47,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 META_KEY = b"mechflow.edge_reference"
-SCHEMA = pa.schema([
-    ("edge", pa.string()), ("sender", pa.string()), ("receiver", pa.string()),
-    ("receiver_layer", pa.int32()),  # logits: n_layers
-    ("restricted", pa.bool_()),  # in the restricted graph
-    ("sampled", pa.bool_()),  # in the stratified full-graph sample
-    ("sampling_weight", pa.float64()),  # stratum size / stratum sample size (null if not sampled)
-    ("exact_effect", pa.float64()),  # m(N without e) - m(N), mean over prompts
-    ("config_hash", pa.string()), ("prompts_hash", pa.string()),
-])
 
 
 def prompts_hash(batch: PairBatch, ids: list[str]) -> str:
@@ -107,8 +99,9 @@ def _table(graph: EdgeGraph, restricted: Tensor, sampled: Tensor, strata: list[d
              bool(restricted[s, r]), bool(sampled[s, r]), weight[layer_of[r]] if sampled[s, r] else None,
              float(effects[s, r])) for r, s in idx]
     cols = list(zip(*rows)) if rows else [[]] * 8
-    return pa.table([*(pa.array(c, f.type) for c, f in zip(cols, SCHEMA)), pa.array([cfg_hash] * len(rows)),
-                     pa.array([p_hash] * len(rows))], schema=SCHEMA)
+    columns = [pa.array(c, f.type) for c, f in zip(cols, EDGE_REFERENCE_SCHEMA)]
+    return pa.table([*columns, pa.array([cfg_hash] * len(rows)), pa.array([p_hash] * len(rows))],
+                    schema=EDGE_REFERENCE_SCHEMA)
 
 
 def write_edge_reference(path: Path, table: pa.Table, doc: dict) -> None:
@@ -156,7 +149,7 @@ def run_edge_reference(cfg: dict, *, model_cfg: dict, dataset: Path, edge_refere
         doc["skipped"] = edge_support(model_cfg, loaded.model)
     if doc["skipped"] is not None:
         log.warning("edge reference skipped: %s", doc["skipped"])
-        write_edge_reference(edge_reference, SCHEMA.empty_table(), doc)
+        write_edge_reference(edge_reference, EDGE_REFERENCE_SCHEMA.empty_table(), doc)
         return {"n_edges": 0}
 
     graph = EdgeGraph.from_cfg(loaded.model.cfg)
