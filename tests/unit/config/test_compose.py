@@ -92,3 +92,18 @@ def test_unknown_config_option_is_a_config_error():
 def test_bad_task_field_names_the_task():
     with pytest.raises(ConfigError, match=r"task\.ioi"):
         compose_config(["+task.ioi.bogus=1"])
+
+
+@pytest.mark.parametrize("experiment", ["clt", "dictionaries"])
+def test_dictionary_experiments_harvest_what_their_transcoder_reads(experiment):
+    """`+experiment=clt|dictionaries` validate, and their harvest holds every MLP in/out hook the
+    cross-layer transcoder trains on and the SAE's hook (else train_transcoder would stop)."""
+    from mechflow.harvest.config import HOOK_POINTS
+
+    cfg = compose_config([f"+experiment={experiment}"])
+    tc, hv = cfg["transcoder"], cfg["harvest"]
+    assert tc["kind"] == "clt"
+    harvested = {HOOK_POINTS[p].format(layer=layer) for layer in hv["layers"] for p in hv["hook_points"]}
+    harvested |= set(hv["hooks"])
+    wanted = {h.format(layer=layer) for layer in tc["layers"] for h in (tc["in_hook"], tc["out_hook"])}
+    assert wanted | {cfg["sae"]["hook"]} <= harvested
