@@ -27,6 +27,10 @@ class DataConfig(_Cfg):
     chunk_rows: int = Field(2048, ge=1, description="contiguous rows read per chunk (shuffle granularity)")
     holdout_shards: int = Field(1, ge=0, description="last N shards of the manifest kept for evaluation")
     exclude_bos: bool = Field(True, description="drop position 0 when the manifest says prepend_bos")
+    drop_outliers: float | None = Field(
+        None, gt=0, description="drop TRAINING rows whose norm (of the first hook) exceeds this x the median norm "
+        "of the training rows (massive-activation / attention-sink positions); null: keep every row. "
+        "Evaluation is unchanged: it still splices and counts them")
     verify_sha256: bool = Field(True, description="check every shard against its manifest sha256")
     prefetch: int = Field(2, ge=0, description="batches prepared ahead in a background thread")
 

@@ -131,6 +131,8 @@ class ShardSource:
         self.d_parts = [m.d for m in self.manifests]
         self.d = sum(self.d_parts)
         self.exclude_bos = bool(exclude_bos and first.prepend_bos)
+        self.max_norm: float | None = None  # set by `drop_outlier_rows`
+        self.n_dropped_outliers = 0
         self.check_nan = check_nan
         self._files: dict[tuple[int, int], pq.ParquetFile] = {}
         for mi, folder in enumerate(self.folders):
@@ -221,6 +223,10 @@ class ShardSource:
         if self.exclude_bos:
             keep = meta_all[:, 1] != 0
             acts_all, meta_all = acts_all[keep], meta_all[keep]
+        if self.max_norm is not None:
+            keep = np.linalg.norm(acts_all[:, :self.d_parts[0]], axis=1) <= self.max_norm
+            self.n_dropped_outliers += int((~keep).sum())
+            acts_all, meta_all = acts_all[keep], meta_all[keep]
         return acts_all, meta_all
 
     def iter_sequential(self, chunk_rows: int, max_rows: int | None = None
@@ -237,6 +243,25 @@ class ShardSource:
                     yield acts, meta
                 if max_rows is not None and seen >= max_rows:
                     return
+
+
+def drop_outlier_rows(source: ShardSource, factor: float | None, sample_rows: int = 65536) -> dict[str, Any] | None:
+    """Make `source` drop rows whose norm (of its first hook) exceeds ``factor`` x the median norm.
+
+    The median comes from the first `sample_rows` usable rows in shard order. Why: a few
+    attention-sink positions (SmolLM2 layer 15: ~0.8% of non-BOS tokens, norms up to ~150x the
+    median) hold most of the squared norm, so they dominate an MSE loss and the norm-scaling
+    estimate; evaluation reports EV without them (and with them) by the same rule. Returns the
+    filter's record for training.json (None when ``factor`` is None).
+    """
+    if factor is None:
+        return None
+    norms = [np.linalg.norm(acts[:, :source.d_parts[0]], axis=1)
+             for acts, _ in source.iter_sequential(4096, max_rows=sample_rows)]
+    median = float(np.median(np.concatenate(norms))) if norms else 0.0
+    source.max_norm = factor * median
+    source.n_dropped_outliers = 0
+    return {"factor": factor, "median_norm": median, "max_norm": source.max_norm, "median_sample_rows": sample_rows}
 
 
 # ----------------------------------------------------------------------------- the stream

@@ -58,7 +58,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mechflow.dictionaries.config import TranscoderConfig, parse_config
-from mechflow.dictionaries.data import ActivationStream, ShardSource, load_manifest, manifest_path, split_shards
+from mechflow.dictionaries.data import (
+    ActivationStream,
+    ShardSource,
+    drop_outlier_rows,
+    load_manifest,
+    manifest_path,
+    split_shards,
+)
 from mechflow.dictionaries.sae import CURVES_CSV, CURVES_PNG, TRAINING_SUMMARY, _replace_dir, _write_curves_csv, plot_curves
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_json, sha256_file
@@ -392,6 +399,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     all_paths = in_paths + out_paths
     source = ShardSource(all_paths, [s.file for s in train_shards], exclude_bos=cfg.data.exclude_bos,
                          verify_sha256=cfg.data.verify_sha256)
+    outlier_filter = drop_outlier_rows(source, cfg.data.drop_outliers)  # by the first in-hook's norm
     stream = ActivationStream(source, batch_size=cfg.data.batch_size, buffer_rows=cfg.data.buffer_rows,
                               chunk_rows=cfg.data.chunk_rows, seed=cfg.seed, prefetch=cfg.data.prefetch)
     n_steps = cfg.training_tokens // cfg.data.batch_size
@@ -425,7 +433,9 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     summary = {"stage": "train_transcoder", "config": config_dump, "model": first.model, "kind": cfg.kind,
                "layers": cfg.layers, "in_hooks": in_hooks, "out_hooks": out_hooks, "manifests_sha256": sha,
                "train_shards": [s.file for s in train_shards], "holdout_shards": [s.file for s in holdout],
-               "exclude_bos": source.exclude_bos, "training_steps": n_steps,
+               "exclude_bos": source.exclude_bos,
+               "outlier_filter": outlier_filter and {**outlier_filter, "rows_dropped": source.n_dropped_outliers},
+               "training_steps": n_steps,
                "training_tokens": n_steps * cfg.data.batch_size, "seconds": round(seconds, 3),
                "tokens_per_second": round(n_steps * cfg.data.batch_size / max(seconds, 1e-9), 1),
                **extra, "heldout": heldout}

@@ -137,3 +137,31 @@ def test_float16_and_aligned_manifests(tmp_path):
     b = next(s)
     assert b.shape == (10, 2 * D)
     torch.testing.assert_close(b[:, D:] - 100, b[:, :D], atol=2e-2, rtol=0)
+
+
+def test_drop_outliers_removes_exactly_the_rows_above_factor_times_median(tmp_path):
+    """Rows planted at 50x the typical norm are dropped from the stream (and counted); a row
+    just under the cut stays; the median is the median of the usable rows' norms."""
+    from mechflow.dictionaries.data import drop_outlier_rows
+
+    a = _acts()
+    a[..., 3] = 10.0  # norms are dominated by this column: ~10-20 for ordinary rows
+    planted = {(2, 5), (7, 1), (11, 9)}
+    for c, p in planted:
+        a[c, p, 3] = 5000.0
+    manifest = write_shards(tmp_path / "h", a, contexts_per_shard=3, row_group_rows=16)
+    src = ShardSource([manifest])
+    record = drop_outlier_rows(src, 5.0)
+    usable = a[:, 1:].reshape(-1, D)
+    median = float(np.median(np.linalg.norm(usable, axis=1)))
+    assert record["median_norm"] == pytest.approx(median, rel=1e-6)
+    assert record["max_norm"] == pytest.approx(5 * median, rel=1e-6)
+    s = ActivationStream(src, batch_size=20, buffer_rows=64, chunk_rows=8, seed=1)
+    n_kept = N_CTX * (T - 1) - len(planted)
+    rows = []
+    while len(rows) < n_kept:
+        rows += _ids(next(s))
+    epoch = rows[:n_kept]
+    assert set(epoch) == {(c, p) for c in range(N_CTX) for p in range(1, T)} - planted
+    assert src.n_dropped_outliers >= len(planted)
+    assert drop_outlier_rows(ShardSource([manifest]), None) is None
