@@ -132,3 +132,19 @@ def test_pretrained_sae_offline_fails_clearly(monkeypatch):
         load_pretrained_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
     with pytest.raises(ConfigError, match="not in SAELens"):
         load_pretrained_sae("no-such-release", "x")
+
+
+def test_drop_outliers_keeps_sink_rows_out_of_training_and_records_it(tmp_path):
+    """Rows planted at a huge norm are dropped from the training stream (counted in training.json)
+    while the held-out metrics still see them (EV with outliers is reported by evaluation)."""
+    acts = sparse_acts()
+    acts[::4, 3] *= 0
+    acts[::4, 3, 0] = 1e4  # a 'sink' position in every 4th context: far above 5x the median norm
+    manifest = write_shards(tmp_path / "shards", acts, contexts_per_shard=5, row_group_rows=64)
+    summary = train_sae(small_cfg(training_tokens=2000, data={"drop_outliers": 5.0}), manifest=manifest,
+                        out_dir=tmp_path / "sae")
+    record = summary["outlier_filter"]
+    assert record["factor"] == 5.0 and record["max_norm"] == pytest.approx(5 * record["median_norm"])
+    assert record["max_norm"] < 1e4 and record["rows_dropped"] >= 1
+    plain = train_sae(small_cfg(training_tokens=2000), manifest=manifest, out_dir=tmp_path / "plain")
+    assert plain["outlier_filter"] is None
