@@ -94,8 +94,8 @@ class SAEConfig(_Cfg):
     decoder_init_norm: float | None = 0.1
     training_tokens: int = Field(1_000_000, ge=1, description="activation vectors seen in training")
     lr: float = Field(4e-4, gt=0)
-    lr_scheduler_name: Literal["constant", "constantwithwarmup", "linearwarmupdecay", "cosineannealing",
-                               "cosineannealingwarmup", "cosineannealingwarmrestarts"] = "constant"
+    # SAELens' schedulers (sae_lens.training.optim); warm-up and decay wrap any of them
+    lr_scheduler_name: Literal["constant", "cosineannealing", "cosineannealingwarmrestarts"] = "constant"
     lr_end: float | None = Field(None, ge=0, description="final lr of decaying schedules (null: lr / 10)")
     lr_warm_up_steps: int = Field(0, ge=0)
     lr_decay_steps: int = Field(0, ge=0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mechflow.dictionaries.config import SAEConfig, TranscoderConfig, json_schemas, parse_config
@@ -43,3 +44,20 @@ def test_bad_field_names_the_field():
         parse_config(SAEConfig, {"data": {"batch_size": 0}}, "sae")
     with pytest.raises(ConfigError, match=r"sae\.archtecture"):
         parse_config(SAEConfig, {"archtecture": "topk"}, "sae")
+
+
+def test_every_allowed_lr_scheduler_is_one_saelens_builds():
+    """The config accepts exactly what SAELens' trainer can build (a name it rejects would only fail
+    after the harvest, at the first training step)."""
+    import typing
+
+    from sae_lens.training.optim import get_lr_scheduler
+
+    names = typing.get_args(SAEConfig.model_fields["lr_scheduler_name"].annotation)
+    assert "constant" in names
+    for name in names:
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        get_lr_scheduler(name, opt, training_steps=100, lr=1e-3, warm_up_steps=10, decay_steps=20, lr_end=1e-4,
+                         num_cycles=1)
+    with pytest.raises(ConfigError, match="lr_scheduler_name"):
+        parse_config(SAEConfig, {"lr_scheduler_name": "linearwarmupdecay"}, "sae")
