@@ -132,6 +132,7 @@ class ShardSource:
         self.d = sum(self.d_parts)
         self.exclude_bos = bool(exclude_bos and first.prepend_bos)
         self.max_norm: float | None = None  # set by `drop_outlier_rows`
+        self.outlier_filter: dict[str, Any] | None = None  # its record, see `outlier_summary`
         self.n_dropped_outliers = 0
         self.check_nan = check_nan
         self._files: dict[tuple[int, int], pq.ParquetFile] = {}
@@ -229,6 +230,16 @@ class ShardSource:
             acts_all, meta_all = acts_all[keep], meta_all[keep]
         return acts_all, meta_all
 
+    def outlier_summary(self) -> dict[str, Any] | None:
+        """The outlier filter's record with the rows it has dropped so far (None: no filter)."""
+        return self.outlier_filter and {**self.outlier_filter, "rows_dropped": self.n_dropped_outliers}
+
+    def row_norms(self, columns: slice, chunk_rows: int, max_rows: int | None = None) -> np.ndarray:
+        """float64 norms of ``columns`` of the first `max_rows` usable rows, in shard order."""
+        norms = [np.linalg.norm(acts[:, columns].astype(np.float64), axis=1)
+                 for acts, _ in self.iter_sequential(chunk_rows, max_rows)]
+        return np.concatenate(norms) if norms else np.zeros(0)
+
     def iter_sequential(self, chunk_rows: int, max_rows: int | None = None
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield every (non-BOS) row once, in shard order, `chunk_rows` at a time (for evaluation)."""
@@ -256,12 +267,13 @@ def drop_outlier_rows(source: ShardSource, factor: float | None, sample_rows: in
     """
     if factor is None:
         return None
-    norms = [np.linalg.norm(acts[:, :source.d_parts[0]], axis=1)
-             for acts, _ in source.iter_sequential(4096, max_rows=sample_rows)]
-    median = float(np.median(np.concatenate(norms))) if norms else 0.0
+    norms = source.row_norms(slice(0, source.d_parts[0]), 4096, sample_rows)
+    median = float(np.median(norms)) if len(norms) else 0.0
     source.max_norm = factor * median
     source.n_dropped_outliers = 0
-    return {"factor": factor, "median_norm": median, "max_norm": source.max_norm, "median_sample_rows": sample_rows}
+    source.outlier_filter = {"factor": factor, "median_norm": median, "max_norm": source.max_norm,
+                             "median_sample_rows": sample_rows}
+    return source.outlier_filter
 
 
 # ----------------------------------------------------------------------------- the stream

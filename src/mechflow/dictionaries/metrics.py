@@ -78,13 +78,10 @@ def reconstruction_metrics(dictionary: Any, source: ShardSource, cfg: EvalConfig
         t = torch.from_numpy(rows)
         return (t, t) if d_in is None else (t[:, :d_in], t[:, d_in:])
 
-    norms = []
-    for rows, _ in source.iter_sequential(chunk, cfg.max_tokens):
-        norms.append(split(rows)[1].double().norm(dim=1).numpy())
-    if not norms:
+    norms_all = source.row_norms(slice(d_in, None), chunk, cfg.max_tokens)  # the target part
+    if not len(norms_all):
         raise DataError(f"held-out shards {source.shard_names} hold no usable rows; hold out more shards "
                         "(data.holdout_shards) or harvest more tokens")
-    norms_all = np.concatenate(norms)
     median = float(np.median(norms_all))
     cut = cfg.outlier_factor * median
 

@@ -243,7 +243,7 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
 
     source = ShardSource([manifest_file], [s.file for s in train_shards], exclude_bos=cfg.data.exclude_bos,
                          verify_sha256=cfg.data.verify_sha256)
-    outlier_filter = drop_outlier_rows(source, cfg.data.drop_outliers)
+    drop_outlier_rows(source, cfg.data.drop_outliers)
     stream = ActivationStream(source, batch_size=cfg.data.batch_size, buffer_rows=cfg.data.buffer_rows,
                               chunk_rows=cfg.data.chunk_rows, seed=cfg.seed, prefetch=cfg.data.prefetch,
                               state=data_state["stream"] if data_state else None)
@@ -323,7 +323,7 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
         "d_in": d_in, "architecture": cfg.architecture, "manifest": str(manifest_file),
         "manifest_sha256": manifest_sha, "train_shards": [s.file for s in train_shards],
         "holdout_shards": [s.file for s in holdout], "exclude_bos": source.exclude_bos,
-        "outlier_filter": outlier_filter and {**outlier_filter, "rows_dropped": source.n_dropped_outliers},
+        "outlier_filter": source.outlier_summary(),
         "training_tokens": tokens_done, "training_steps": trainer.n_training_steps,
         "seconds": round(seconds, 3), "tokens_per_second": round(tokens_done / max(seconds, 1e-9), 1),
         "final_train": trainer.last_log,

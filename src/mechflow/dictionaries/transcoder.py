@@ -399,7 +399,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     all_paths = in_paths + out_paths
     source = ShardSource(all_paths, [s.file for s in train_shards], exclude_bos=cfg.data.exclude_bos,
                          verify_sha256=cfg.data.verify_sha256)
-    outlier_filter = drop_outlier_rows(source, cfg.data.drop_outliers)  # by the first in-hook's norm
+    drop_outlier_rows(source, cfg.data.drop_outliers)  # by the first in-hook's norm
     stream = ActivationStream(source, batch_size=cfg.data.batch_size, buffer_rows=cfg.data.buffer_rows,
                               chunk_rows=cfg.data.chunk_rows, seed=cfg.seed, prefetch=cfg.data.prefetch)
     n_steps = cfg.training_tokens // cfg.data.batch_size
@@ -434,7 +434,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
                "layers": cfg.layers, "in_hooks": in_hooks, "out_hooks": out_hooks, "manifests_sha256": sha,
                "train_shards": [s.file for s in train_shards], "holdout_shards": [s.file for s in holdout],
                "exclude_bos": source.exclude_bos,
-               "outlier_filter": outlier_filter and {**outlier_filter, "rows_dropped": source.n_dropped_outliers},
+               "outlier_filter": source.outlier_summary(),
                "training_steps": n_steps,
                "training_tokens": n_steps * cfg.data.batch_size, "seconds": round(seconds, 3),
                "tokens_per_second": round(n_steps * cfg.data.batch_size / max(seconds, 1e-9), 1),

@@ -149,6 +149,7 @@ def test_drop_outliers_removes_exactly_the_rows_above_factor_times_median(tmp_pa
     planted = {(2, 5), (7, 1), (11, 9)}
     for c, p in planted:
         a[c, p, 3] = 5000.0
+    a[5, 6, 3] = 40.0  # large (~3x the median norm of ~14) but under the 5x cut: kept
     manifest = write_shards(tmp_path / "h", a, contexts_per_shard=3, row_group_rows=16)
     src = ShardSource([manifest])
     record = drop_outlier_rows(src, 5.0)
@@ -163,5 +164,7 @@ def test_drop_outliers_removes_exactly_the_rows_above_factor_times_median(tmp_pa
         rows += _ids(next(s))
     epoch = rows[:n_kept]
     assert set(epoch) == {(c, p) for c in range(N_CTX) for p in range(1, T)} - planted
+    assert (5, 6) in set(epoch) and np.linalg.norm(a[5, 6]) < record["max_norm"]
     assert src.n_dropped_outliers >= len(planted)
+    assert src.outlier_summary() == {**record, "rows_dropped": src.n_dropped_outliers}
     assert drop_outlier_rows(ShardSource([manifest]), None) is None
