@@ -41,6 +41,7 @@ from mechflow.dictionaries.data import (
     manifest_path,
     split_shards,
 )
+from mechflow.dictionaries.thresholds import quantile_thresholds
 from mechflow.errors import ConfigError, ModelLoadError
 from mechflow.io import atomic_write_json, sha256_file
 
@@ -134,18 +135,30 @@ def _trainer_class():
 
 
 @torch.no_grad()
-def _init_scaler_and_b_dec(trainer, cfg: SAEConfig, d_in: int) -> None:
-    """Estimate SAELens' activation scale now (fit() then keeps it) and start b_dec at the mean.
+def _init_scaler_and_b_dec(trainer, cfg: SAEConfig, d_in: int) -> dict[str, float] | None:
+    """Estimate SAELens' activation scale now (fit() then keeps it), start b_dec at the mean
+    and, for JumpReLU with `jumprelu_target_l0`, the thresholds at the target L0.
 
     SAELens 6 starts b_dec at zero; residual streams have a large mean, so a short CPU
-    budget would spend its first steps learning the offset (EV < 0 early on).
+    budget would spend its first steps learning the offset (EV < 0 early on). Thresholds:
+    see `mechflow.dictionaries.thresholds`. Returns the threshold-init record (or None).
     """
     if cfg.normalize_activations == "expected_average_only_in":
         trainer.activation_scaler.estimate_scaling_factor(d_in, trainer.data_provider, cfg.n_batches_for_norm_estimate)
+    need_threshold = cfg.architecture == "jumprelu" and cfg.jumprelu_target_l0 is not None
+    if cfg.b_dec_init != "mean" and not need_threshold:
+        return None
+    batches = torch.cat([trainer.activation_scaler(next(trainer.data_provider))
+                         for _ in range(cfg.n_batches_for_norm_estimate)])
     if cfg.b_dec_init == "mean":
-        batches = [trainer.activation_scaler(next(trainer.data_provider)).double()
-                   for _ in range(cfg.n_batches_for_norm_estimate)]
-        trainer.sae.b_dec.data.copy_(torch.cat(batches).mean(0).to(trainer.sae.b_dec.dtype))
+        trainer.sae.b_dec.data.copy_(batches.double().mean(0).to(trainer.sae.b_dec.dtype))
+    if not need_threshold:
+        return None
+    _, pre = trainer.sae.encode_with_hidden_pre(batches.to(trainer.sae.W_enc.dtype))
+    trainer.sae.threshold.data.copy_(quantile_thresholds(pre, cfg.jumprelu_target_l0, "sae.jumprelu_target_l0"))
+    return {"target_l0": cfg.jumprelu_target_l0, "rows": len(batches),
+            "l0_at_init": float((pre > trainer.sae.threshold).sum(-1).float().mean()),
+            "threshold_median": float(trainer.sae.threshold.median())}
 
 
 def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
@@ -291,8 +304,9 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
             _write_curves_csv(trainer.curves, path / CURVES_CSV)
 
         trainer.save_trainer_state = save_trainer_state_and_curves  # curves survive a resume too
+        threshold_init = None
         if resume_from is None:
-            _init_scaler_and_b_dec(trainer, cfg, d_in)
+            threshold_init = _init_scaler_and_b_dec(trainer, cfg, d_in)
         trainer.fit()
         stream.close()
         seconds = time.perf_counter() - t0
@@ -323,7 +337,7 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
         "d_in": d_in, "architecture": cfg.architecture, "manifest": str(manifest_file),
         "manifest_sha256": manifest_sha, "train_shards": [s.file for s in train_shards],
         "holdout_shards": [s.file for s in holdout], "exclude_bos": source.exclude_bos,
-        "outlier_filter": source.outlier_summary(),
+        "outlier_filter": source.outlier_summary(), "threshold_init": threshold_init,
         "training_tokens": tokens_done, "training_steps": trainer.n_training_steps,
         "seconds": round(seconds, 3), "tokens_per_second": round(tokens_done / max(seconds, 1e-9), 1),
         "final_train": trainer.last_log,

@@ -20,7 +20,8 @@ Training steps (`train_transcoder`):
 3. Minimise sum_l ||y_l - y_hat_l||^2 + lambda(t) * S + mu * P with Adam, where S is the
    sparsity penalty — `tanh`: sum tanh(c a ||W_dec||) (Anthropic) or `step`: the L0 through the
    threshold STE (Rajamanoharan et al. 2024) — and P Anthropic's pre-activation loss on dead
-   latents. The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
+   latents. With `target_l0`, thresholds start at the per-latent pre-activation quantile that
+   gives that L0 (`mechflow.dictionaries.thresholds`). The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
    and `Step`): exact forward, and for the threshold the straight-through estimator
    d/dtheta JumpReLU(z) = -(theta / eps) K((z - theta) / eps) with the rectangle kernel K.
 
@@ -67,6 +68,7 @@ from mechflow.dictionaries.data import (
     split_shards,
 )
 from mechflow.dictionaries.sae import CURVES_CSV, CURVES_PNG, TRAINING_SUMMARY, _replace_dir, _write_curves_csv, plot_curves
+from mechflow.dictionaries.thresholds import quantile_thresholds
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_json, sha256_file
 
@@ -212,6 +214,12 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
         out_scale = math.sqrt(d_out) / torch.cat(ys).norm(dim=-1).mean(0)
         # b_dec starts at the (scaled) output mean, so early steps fit directions, not offsets.
         model.b_dec.copy_((torch.cat(ys) * out_scale[None, :, None]).mean(0))
+        threshold_init = None
+        if cfg.target_l0 is not None:  # see mechflow.dictionaries.thresholds
+            pre = model.pre_acts(torch.cat(xs) * in_scale[None, :, None])
+            model.threshold.copy_(quantile_thresholds(pre, cfg.target_l0, "transcoder.target_l0"))
+            threshold_init = {"target_l0": cfg.target_l0, "rows": len(pre),
+                              "l0_at_init_per_layer": (pre > model.threshold).sum(-1).float().mean(0).tolist()}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     decay_start = int(n_steps * (1 - cfg.lr_decay_fraction))
 
@@ -259,7 +267,8 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
             if wandb_run is not None:
                 wandb_run.log(last, step=step + 1)
     model.fold_scales(in_scale, out_scale)
-    return curves, {"in_scale": in_scale.tolist(), "out_scale": out_scale.tolist(), "final_train": last}
+    return curves, {"in_scale": in_scale.tolist(), "out_scale": out_scale.tolist(), "final_train": last,
+                    "threshold_init": threshold_init}
 
 
 # ----------------------------------------------------------------------------- save / load
