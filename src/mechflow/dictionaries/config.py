@@ -88,6 +88,9 @@ class SAEConfig(_Cfg):
         None, gt=0, description="jumprelu: start each latent's threshold at the quantile of its pre-activations "
         "(on the norm-estimate batches) that gives this L0 (mechflow.dictionaries.thresholds); "
         "null: every threshold starts at jumprelu_init_threshold")
+    jumprelu_threshold_lr_scale: float = Field(
+        1.0, gt=0, description="jumprelu: the thresholds' learning rate is lr x this (their own Adam param group); "
+        "Adam moves a threshold by about its lr per step, so a short run needs it to track the pre-activations")
     jumprelu_bandwidth: float = Field(0.05, gt=0)
     matryoshka_widths: list[int] | None = Field(None, description="nested widths (matryoshka_batchtopk)")
     aux_loss_coefficient: float = Field(1.0, ge=0, description="TopK dead-latent auxiliary loss (topk family)")
@@ -129,6 +132,9 @@ class TranscoderConfig(_Cfg):
         None, gt=0, description="start each latent's threshold at the quantile of its pre-activations (on the "
         "norm-estimate batches) that gives this L0 per layer (mechflow.dictionaries.thresholds); "
         "null: every threshold starts at jumprelu_init_threshold")
+    threshold_lr_scale: float = Field(
+        1.0, gt=0, description="the thresholds' learning rate is lr x this (their own Adam param group); Adam moves "
+        "a threshold by about its lr per step, so a short run needs it to track the pre-activations")
     jumprelu_bandwidth: float = Field(0.05, gt=0)
     sparsity_mode: Literal["tanh", "step"] = Field(
         "tanh", description="tanh: Anthropic's tanh(c*f*||W_dec||) penalty; step: DeepMind's L0 via STE")

@@ -134,6 +134,27 @@ def _trainer_class():
     return CurveRecordingTrainer
 
 
+def give_thresholds_their_own_lr(trainer, scale: float) -> None:
+    """Rebuild SAELens' Adam with the JumpReLU thresholds in a param group at lr x `scale`.
+
+    SAETrainer builds one Adam over all parameters; the scheduler is rebuilt the same way
+    (`get_lr_scheduler`), and its warm-up/decay factors apply to both groups. Called before
+    any step or checkpoint load, so a resumed optimizer state has the same two groups.
+    """
+    from sae_lens.training.optim import get_lr_scheduler
+    from torch.optim import Adam
+
+    threshold = trainer.sae.threshold
+    others = [p for p in trainer.sae.parameters() if p is not threshold]
+    c = trainer.cfg
+    trainer.optimizer = Adam([{"params": others}, {"params": [threshold], "lr": c.lr * scale}],
+                             lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+    trainer.lr_scheduler = get_lr_scheduler(
+        c.lr_scheduler_name, lr=c.lr, optimizer=trainer.optimizer, warm_up_steps=c.lr_warm_up_steps,
+        decay_steps=c.lr_decay_steps, training_steps=c.total_training_steps, lr_end=c.lr_end,
+        num_cycles=c.n_restart_cycles)
+
+
 @torch.no_grad()
 def _init_scaler_and_b_dec(trainer, cfg: SAEConfig, d_in: int) -> dict[str, float] | None:
     """Estimate SAELens' activation scale now (fit() then keeps it), start b_dec at the mean
@@ -286,6 +307,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     with stage_run("train_sae", config_dump, out_dir.parent, wandb_cfg, name=out_dir.name) as run:
         trainer = _trainer_class()(trainer_cfg, sae, stream, save_checkpoint_fn=save_stream_state,
                                    log_every=cfg.log_every, wandb_run=run)
+        if cfg.architecture == "jumprelu" and cfg.jumprelu_threshold_lr_scale != 1.0:
+            give_thresholds_their_own_lr(trainer, cfg.jumprelu_threshold_lr_scale)
         if resume_from is not None:
             log.info("resuming SAE training from %s", resume_from)
             sae.load_weights_from_checkpoint(resume_from)

@@ -8,7 +8,10 @@ short run the initial threshold, not the penalty coefficient, sets L0 (measured:
 at coefficient 1 and 1,031 at coefficient 10, with d_sae 4608). Placing every latent's
 threshold at the quantile of its own pre-activations that makes it fire on
 `target_l0 / d_sae` of the rows starts training at L0 = `target_l0` with no latent dead at
-step 0; the penalty then holds L0 there against the reconstruction loss's pull downwards.
+step 0. That alone does not hold L0: while the encoder grows (the decoder starts small), the
+pre-activations outrun thresholds that move ~lr per step (measured: L0 48 -> ~1,000 within 100
+steps), so the thresholds also get their own learning rate (`jumprelu_threshold_lr_scale`,
+`threshold_lr_scale`; `mechflow.dictionaries.sae.give_thresholds_their_own_lr`).
 """
 
 from __future__ import annotations

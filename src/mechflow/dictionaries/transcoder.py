@@ -21,7 +21,8 @@ Training steps (`train_transcoder`):
    sparsity penalty — `tanh`: sum tanh(c a ||W_dec||) (Anthropic) or `step`: the L0 through the
    threshold STE (Rajamanoharan et al. 2024) — and P Anthropic's pre-activation loss on dead
    latents. With `target_l0`, thresholds start at the per-latent pre-activation quantile that
-   gives that L0 (`mechflow.dictionaries.thresholds`). The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
+   gives that L0 (`mechflow.dictionaries.thresholds`), and `threshold_lr_scale` gives the
+   thresholds their own learning rate. The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
    and `Step`): exact forward, and for the threshold the straight-through estimator
    d/dtheta JumpReLU(z) = -(theta / eps) K((z - theta) / eps) with the rectangle kernel K.
 
@@ -220,7 +221,9 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
             model.threshold.copy_(quantile_thresholds(pre, cfg.target_l0, "transcoder.target_l0"))
             threshold_init = {"target_l0": cfg.target_l0, "rows": len(pre),
                               "l0_at_init_per_layer": (pre > model.threshold).sum(-1).float().mean(0).tolist()}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    others = [p for p in model.parameters() if p is not model.threshold]
+    opt = torch.optim.Adam([{"params": others}, {"params": [model.threshold], "lr": cfg.lr * cfg.threshold_lr_scale}],
+                           lr=cfg.lr, betas=(0.9, 0.999))
     decay_start = int(n_steps * (1 - cfg.lr_decay_fraction))
 
     def lr_lambda(step: int) -> float:
