@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mechflow.errors import ConfigError
 
 
+# JumpReLU threshold options shared by SAEs and transcoders (see mechflow.dictionaries.thresholds)
+_TARGET_L0 = ("start each latent's threshold at the quantile of its pre-activations (on the norm-estimate "
+              "batches) that gives this L0; null: every threshold starts at jumprelu_init_threshold")
+_THRESHOLD_LR_SCALE = ("the thresholds' learning rate is lr x this (their own Adam param group); Adam moves a "
+                       "threshold by about its lr per step, so a short run needs it to track the pre-activations")
+
+
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,13 +91,8 @@ class SAEConfig(_Cfg):
     l1_warm_up_steps: int = Field(0, ge=0)
     l0_coefficient: float = Field(1.0, ge=0, description="L0 coefficient (jumprelu)")
     jumprelu_init_threshold: float = Field(0.01, ge=0)
-    jumprelu_target_l0: float | None = Field(
-        None, gt=0, description="jumprelu: start each latent's threshold at the quantile of its pre-activations "
-        "(on the norm-estimate batches) that gives this L0 (mechflow.dictionaries.thresholds); "
-        "null: every threshold starts at jumprelu_init_threshold")
-    jumprelu_threshold_lr_scale: float = Field(
-        1.0, gt=0, description="jumprelu: the thresholds' learning rate is lr x this (their own Adam param group); "
-        "Adam moves a threshold by about its lr per step, so a short run needs it to track the pre-activations")
+    jumprelu_target_l0: float | None = Field(None, gt=0, description="jumprelu: " + _TARGET_L0)
+    jumprelu_threshold_lr_scale: float = Field(1.0, gt=0, description="jumprelu: " + _THRESHOLD_LR_SCALE)
     jumprelu_bandwidth: float = Field(0.05, gt=0)
     matryoshka_widths: list[int] | None = Field(None, description="nested widths (matryoshka_batchtopk)")
     aux_loss_coefficient: float = Field(1.0, ge=0, description="TopK dead-latent auxiliary loss (topk family)")
@@ -128,13 +130,8 @@ class TranscoderConfig(_Cfg):
     out_hook: str = Field("blocks.{layer}.hook_mlp_out", description="MLP output hook template")
     d_sae: int = Field(4608, ge=1, description="latents per layer")
     jumprelu_init_threshold: float = Field(0.05, ge=0)
-    target_l0: float | None = Field(
-        None, gt=0, description="start each latent's threshold at the quantile of its pre-activations (on the "
-        "norm-estimate batches) that gives this L0 per layer (mechflow.dictionaries.thresholds); "
-        "null: every threshold starts at jumprelu_init_threshold")
-    threshold_lr_scale: float = Field(
-        1.0, gt=0, description="the thresholds' learning rate is lr x this (their own Adam param group); Adam moves "
-        "a threshold by about its lr per step, so a short run needs it to track the pre-activations")
+    target_l0: float | None = Field(None, gt=0, description=_TARGET_L0 + " (per layer)")
+    threshold_lr_scale: float = Field(1.0, gt=0, description=_THRESHOLD_LR_SCALE)
     jumprelu_bandwidth: float = Field(0.05, gt=0)
     sparsity_mode: Literal["tanh", "step"] = Field(
         "tanh", description="tanh: Anthropic's tanh(c*f*||W_dec||) penalty; step: DeepMind's L0 via STE")
