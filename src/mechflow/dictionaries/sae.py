@@ -41,7 +41,7 @@ from mechflow.dictionaries.data import (
     manifest_path,
     split_shards,
 )
-from mechflow.dictionaries.thresholds import quantile_thresholds
+from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, ModelLoadError
 from mechflow.io import atomic_write_json, sha256_file
 
@@ -144,11 +144,9 @@ def give_thresholds_their_own_lr(trainer, scale: float) -> None:
     from sae_lens.training.optim import get_lr_scheduler
     from torch.optim import Adam
 
-    threshold = trainer.sae.threshold
-    others = [p for p in trainer.sae.parameters() if p is not threshold]
     c = trainer.cfg
-    trainer.optimizer = Adam([{"params": others}, {"params": [threshold], "lr": c.lr * scale}],
-                             lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+    groups = threshold_param_groups(trainer.sae.parameters(), trainer.sae.threshold, c.lr, scale)
+    trainer.optimizer = Adam(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
     trainer.lr_scheduler = get_lr_scheduler(
         c.lr_scheduler_name, lr=c.lr, optimizer=trainer.optimizer, warm_up_steps=c.lr_warm_up_steps,
         decay_steps=c.lr_decay_steps, training_steps=c.total_training_steps, lr_end=c.lr_end,

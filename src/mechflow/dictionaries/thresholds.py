@@ -43,3 +43,9 @@ def quantile_thresholds(pre_acts: torch.Tensor, target_l0: float, field: str) ->
                           "or the batch size")
     kth = torch.kthvalue(pre_acts.float(), n - above, dim=0).values
     return kth.clamp(min=0.0)
+
+
+def threshold_param_groups(params, threshold: torch.Tensor, lr: float, scale: float) -> list[dict]:
+    """Adam param groups: every parameter at `lr`, the JumpReLU `threshold` at ``lr * scale``."""
+    others = [p for p in params if p is not threshold]
+    return [{"params": others}, {"params": [threshold], "lr": lr * scale}]

@@ -69,7 +69,7 @@ from mechflow.dictionaries.data import (
     split_shards,
 )
 from mechflow.dictionaries.sae import CURVES_CSV, CURVES_PNG, TRAINING_SUMMARY, _replace_dir, _write_curves_csv, plot_curves
-from mechflow.dictionaries.thresholds import quantile_thresholds
+from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_json, sha256_file
 
@@ -221,8 +221,7 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
             model.threshold.copy_(quantile_thresholds(pre, cfg.target_l0, "transcoder.target_l0"))
             threshold_init = {"target_l0": cfg.target_l0, "rows": len(pre),
                               "l0_at_init_per_layer": (pre > model.threshold).sum(-1).float().mean(0).tolist()}
-    others = [p for p in model.parameters() if p is not model.threshold]
-    opt = torch.optim.Adam([{"params": others}, {"params": [model.threshold], "lr": cfg.lr * cfg.threshold_lr_scale}],
+    opt = torch.optim.Adam(threshold_param_groups(model.parameters(), model.threshold, cfg.lr, cfg.threshold_lr_scale),
                            lr=cfg.lr, betas=(0.9, 0.999))
     decay_start = int(n_steps * (1 - cfg.lr_decay_fraction))
 
