@@ -38,6 +38,11 @@ class DataConfig(_Cfg):
         None, gt=0, description="drop TRAINING rows whose norm (of the first hook) exceeds this x the median norm "
         "of the training rows (massive-activation / attention-sink positions); null: keep every row. "
         "Evaluation is unchanged: it still splices and counts them")
+    clip_outliers: float | None = Field(
+        None, gt=0, description="rescale TRAINING rows whose norm exceeds this x the median norm down to that norm "
+        "(direction kept), so attention-sink positions are still learnt but no longer dominate the MSE loss; "
+        "null: rows as harvested. SAEs only (an MLP is not linear in its input); not with drop_outliers. "
+        "Evaluation is unchanged")
     verify_sha256: bool = Field(True, description="check every shard against its manifest sha256")
     prefetch: int = Field(2, ge=0, description="batches prepared ahead in a background thread")
 

@@ -225,9 +225,13 @@ class ShardSource:
             keep = meta_all[:, 1] != 0
             acts_all, meta_all = acts_all[keep], meta_all[keep]
         if self.max_norm is not None:
-            keep = np.linalg.norm(acts_all[:, :self.d_parts[0]], axis=1) <= self.max_norm
-            self.n_dropped_outliers += int((~keep).sum())
-            acts_all, meta_all = acts_all[keep], meta_all[keep]
+            norms = np.linalg.norm(acts_all[:, :self.d_parts[0]], axis=1)
+            over = norms > self.max_norm
+            self.n_dropped_outliers += int(over.sum())
+            if self.outlier_filter and self.outlier_filter["mode"] == "clip":
+                acts_all[over] *= (self.max_norm / norms[over])[:, None].astype(acts_all.dtype)
+            else:
+                acts_all, meta_all = acts_all[~over], meta_all[~over]
         return acts_all, meta_all
 
     def outlier_summary(self) -> dict[str, Any] | None:
@@ -256,23 +260,33 @@ class ShardSource:
                     return
 
 
-def drop_outlier_rows(source: ShardSource, factor: float | None, sample_rows: int = 65536) -> dict[str, Any] | None:
-    """Make `source` drop rows whose norm (of its first hook) exceeds ``factor`` x the median norm.
+def drop_outlier_rows(source: ShardSource, factor: float | None, sample_rows: int = 65536, *,
+                      clip: bool = False) -> dict[str, Any] | None:
+    """Make `source` drop (or, with `clip`, shrink) rows whose norm exceeds ``factor`` x the median norm.
 
-    The median comes from the first `sample_rows` usable rows in shard order. Why: a few
-    attention-sink positions (SmolLM2 layer 15: ~0.8% of non-BOS tokens, norms up to ~150x the
-    median) hold most of the squared norm, so they dominate an MSE loss and the norm-scaling
-    estimate; evaluation reports EV without them (and with them) by the same rule. Returns the
-    filter's record for training.json (None when ``factor`` is None).
+    The norm is that of the first hook's columns; the median comes from the first `sample_rows`
+    usable rows in shard order. Why: a few attention-sink positions (SmolLM2 layer 15: ~0.7% of
+    non-BOS tokens, mostly mid-context ``<|endoftext|>`` document separators, norms ~80x the
+    median) hold ~99% of the centred variance, so they dominate an MSE loss and the
+    norm-scaling estimate; evaluation reports EV without them (and with them) by the same rule.
+    Dropping them leaves the dictionary unable to reconstruct them when spliced into the model;
+    clipping rescales such a row to norm ``factor`` x median (direction kept), so its direction is
+    still learnt with a bounded weight in the loss. Clipping applies to the whole row, so it is
+    only meaningful for a single hook (SAEs; an MLP's output does not scale with its input).
+    Returns the filter's record for training.json (None when ``factor`` is None); its
+    ``rows_dropped`` counts the rows dropped or clipped.
     """
     if factor is None:
         return None
+    if clip and len(source.manifests) > 1:
+        raise ConfigError("data.clip_outliers rescales whole rows, which is wrong for paired hooks (a transcoder's "
+                          "MLP output does not scale with its input); use data.drop_outliers there")
     norms = source.row_norms(slice(0, source.d_parts[0]), 4096, sample_rows)
     median = float(np.median(norms)) if len(norms) else 0.0
     source.max_norm = factor * median
     source.n_dropped_outliers = 0
-    source.outlier_filter = {"factor": factor, "median_norm": median, "max_norm": source.max_norm,
-                             "median_sample_rows": sample_rows}
+    source.outlier_filter = {"factor": factor, "mode": "clip" if clip else "drop", "median_norm": median,
+                             "max_norm": source.max_norm, "median_sample_rows": sample_rows}
     return source.outlier_filter
 
 

@@ -275,7 +275,9 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
 
     source = ShardSource([manifest_file], [s.file for s in train_shards], exclude_bos=cfg.data.exclude_bos,
                          verify_sha256=cfg.data.verify_sha256)
-    drop_outlier_rows(source, cfg.data.drop_outliers)
+    if cfg.data.drop_outliers is not None and cfg.data.clip_outliers is not None:
+        raise ConfigError("sae.data.drop_outliers and sae.data.clip_outliers are exclusive: set one of them to null")
+    drop_outlier_rows(source, cfg.data.clip_outliers or cfg.data.drop_outliers, clip=cfg.data.clip_outliers is not None)
     stream = ActivationStream(source, batch_size=cfg.data.batch_size, buffer_rows=cfg.data.buffer_rows,
                               chunk_rows=cfg.data.chunk_rows, seed=cfg.seed, prefetch=cfg.data.prefetch,
                               state=data_state["stream"] if data_state else None)

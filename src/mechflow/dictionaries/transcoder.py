@@ -410,6 +410,9 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     all_paths = in_paths + out_paths
     source = ShardSource(all_paths, [s.file for s in train_shards], exclude_bos=cfg.data.exclude_bos,
                          verify_sha256=cfg.data.verify_sha256)
+    if cfg.data.clip_outliers is not None:
+        raise ConfigError(f"transcoder.data.clip_outliers={cfg.data.clip_outliers}: clipping rescales whole rows, but "
+                          "an MLP's output does not scale with its input; use transcoder.data.drop_outliers or null")
     drop_outlier_rows(source, cfg.data.drop_outliers)  # by the first in-hook's norm
     stream = ActivationStream(source, batch_size=cfg.data.batch_size, buffer_rows=cfg.data.buffer_rows,
                               chunk_rows=cfg.data.chunk_rows, seed=cfg.seed, prefetch=cfg.data.prefetch)

@@ -168,3 +168,31 @@ def test_drop_outliers_removes_exactly_the_rows_above_factor_times_median(tmp_pa
     assert src.n_dropped_outliers >= len(planted)
     assert src.outlier_summary() == {**record, "rows_dropped": src.n_dropped_outliers}
     assert drop_outlier_rows(ShardSource([manifest]), None) is None
+
+
+def test_clip_outliers_shrinks_exactly_the_rows_above_the_cut_to_it_keeping_direction(tmp_path):
+    """With clip, every row still arrives once per epoch; rows above factor x median come back with
+    norm exactly factor x median and their original direction; every other row is untouched."""
+    from mechflow.dictionaries.data import _Chunk, drop_outlier_rows
+
+    a = _acts()
+    a[..., 3] = 10.0
+    planted = {(2, 5), (7, 1), (11, 9)}
+    for c, p in planted:
+        a[c, p, 3] = 5000.0
+    manifest = write_shards(tmp_path / "h", a, contexts_per_shard=3, row_group_rows=16)
+    src = ShardSource([manifest])
+    record = drop_outlier_rows(src, 5.0, clip=True)
+    assert record["mode"] == "clip"
+    acts, meta = src.read_chunks([_Chunk(si, 0, n) for si, n in enumerate(src.rows)])
+    assert {tuple(m) for m in meta} == {(c, p) for c in range(N_CTX) for p in range(1, T)}
+    stored = a[meta[:, 0], meta[:, 1]]
+    norms = np.linalg.norm(acts, axis=1)
+    over = np.array([(c, p) in planted for c, p in meta])
+    np.testing.assert_allclose(norms[over], record["max_norm"], rtol=1e-5)
+    unit = stored[over] / np.linalg.norm(stored[over], axis=1, keepdims=True)
+    np.testing.assert_allclose(acts[over] / norms[over, None], unit, atol=1e-6)
+    np.testing.assert_array_equal(acts[~over], stored[~over])
+    assert src.n_dropped_outliers == len(planted)
+    with pytest.raises(ConfigError, match="clip_outliers"):
+        drop_outlier_rows(ShardSource([manifest, manifest]), 5.0, clip=True)

@@ -148,3 +148,10 @@ def test_drop_outliers_keeps_sink_rows_out_of_training_and_records_it(tmp_path):
     assert record["max_norm"] < 1e4 and record["rows_dropped"] >= 1
     plain = train_sae(small_cfg(training_tokens=2000), manifest=manifest, out_dir=tmp_path / "plain")
     assert plain["outlier_filter"] is None
+    clipped = train_sae(small_cfg(training_tokens=2000, data={"clip_outliers": 5.0}), manifest=manifest,
+                        out_dir=tmp_path / "clipped")
+    assert clipped["outlier_filter"]["mode"] == "clip" and clipped["outlier_filter"]["rows_dropped"] >= 1
+    with pytest.raises(ConfigError, match=r"sae\.data\.drop_outliers and sae\.data\.clip_outliers"):
+        train_sae(small_cfg(training_tokens=2000, data={"clip_outliers": 5.0, "drop_outliers": 5.0}),
+                  manifest=manifest, out_dir=tmp_path / "both")
+    assert not (tmp_path / "both").exists()

@@ -146,3 +146,6 @@ def test_clt_stage_round_trip_and_errors(tmp_path):
         train_transcoder({**cfg, "layers": [0, 1, 2]}, manifests=ms, out_dir=tmp_path / "bad")
     with pytest.raises(ConfigError, match="consecutive"):
         train_transcoder({**cfg, "layers": [0, 2]}, manifests=ms, out_dir=tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"transcoder\.data\.clip_outliers"):
+        train_transcoder({**cfg, "data": {**cfg["data"], "clip_outliers": 5.0}}, manifests=ms, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
