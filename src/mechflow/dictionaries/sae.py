@@ -43,7 +43,7 @@ from mechflow.dictionaries.data import (
 )
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, ModelLoadError
-from mechflow.io import atomic_write_json, sha256_file
+from mechflow.io import atomic_write_json, canonical_hash, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,10 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     ckpt_root = out_dir.with_name(f".{out_dir.name}.checkpoints")
     resume_from = _latest_checkpoint(ckpt_root)
     data_state = json.loads((resume_from / DATA_STATE).read_text()) if resume_from else None
-    if data_state and data_state.get("manifest_sha256") != manifest_sha:
-        log.warning("checkpoints in %s were trained on another manifest; starting afresh", ckpt_root)
+    # what is trained (not the bookkeeping): a checkpoint of another config must not be resumed
+    config_key = canonical_hash(cfg.model_dump(mode="json", exclude={"n_checkpoints", "log_every", "eval"}))
+    if data_state and (data_state.get("manifest_sha256"), data_state.get("config_hash")) != (manifest_sha, config_key):
+        log.warning("checkpoints in %s were trained on another manifest or config; starting afresh", ckpt_root)
         shutil.rmtree(ckpt_root)
         resume_from, data_state = None, None
 
@@ -300,7 +302,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     def save_stream_state(checkpoint_path: Path | None) -> None:
         if checkpoint_path is not None:  # written last: marks the checkpoint complete
             atomic_write_json(checkpoint_path / DATA_STATE, {"stream": stream.state_dict(),
-                                                              "manifest_sha256": manifest_sha})
+                                                              "manifest_sha256": manifest_sha,
+                                                              "config_hash": config_key})
 
     config_dump = cfg.model_dump(mode="json")
     t0 = time.perf_counter()

@@ -112,6 +112,12 @@ def test_resume_from_checkpoint_matches_uninterrupted(manifest, tmp_path, monkey
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed["data_state"] == ref["data_state"]
+    # a checkpoint of another training config is not resumed (bookkeeping such as log_every may differ)
+    monkeypatch.setattr(SAETrainer, "save_checkpoint", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cfg, manifest=manifest, out_dir=tmp_path / "other")
+    monkeypatch.setattr(SAETrainer, "save_checkpoint", orig)
+    assert train_sae({**cfg, "lr": cfg["lr"] / 2}, manifest=manifest, out_dir=tmp_path / "other")["resumed_from"] is None
 
 
 def test_d_mismatch_and_hook_mismatch_are_config_errors(manifest, tmp_path):
