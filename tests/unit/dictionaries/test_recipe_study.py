@@ -40,7 +40,7 @@ def test_the_dictionaries_experiment_trains_the_studys_best_recipes():
     base, recipes = _study().load_recipes(REPO / "benchmarks" / "sae_recipes.yaml")
     experiment = compose_config(["+experiment=dictionaries"])
     bookkeeping = {"n_checkpoints", "log_every"}  # do not change what is trained
-    jumprelu_only = {k for k in experiment["sae"] if k.startswith("jumprelu_")}
+    jumprelu_only = {k for k in experiment["sae"] if k.startswith("jumprelu_")} | {"l0_coefficient"}
     for name, stage, ignore in (("lr_1.6e-3_drop_outliers", "sae", bookkeeping | jumprelu_only),
                                 ("clt_target_l0_32_long", "transcoder", bookkeeping)):
         recipe = compose_config(base + recipes[name]["overrides"])[stage]
