@@ -222,3 +222,15 @@ def compose_runs(overrides: Any = None, config_dir: Path = DEFAULT_CONFIG_DIR,
 
 def _is_sweep(override: str) -> bool:
     return len(expand_sweeps([override])) > 1
+
+
+def config_json_schemas() -> dict[str, dict]:
+    """Config group name -> JSON schema generated from the group's pydantic model.
+
+    `python -m mechflow.contracts.export` writes each to `workflow/schemas/config/<group>.schema.json`
+    (compose-time validation and Snakemake's `validate` read those files); a test fails on drift.
+    Groups are imported lazily: this module sits below the stage packages.
+    """
+    from mechflow.dictionaries.config import json_schemas
+
+    return dict(json_schemas())
