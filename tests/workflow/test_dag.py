@@ -146,3 +146,15 @@ def test_benchmark_rule_is_opt_in(tmp_path):
     on = snakemake("-n", "--cores", "2", "--config", "overrides=benchmark.enabled=true", cwd=tmp_path)
     assert "benchmark" not in off
     assert on.returncode == 0 and planned_rules(on.stdout)["benchmark"] == 2, on.stderr[-2000:]  # ioi, greater_than
+
+
+@pytest.mark.parametrize("scenario", ["default", "sweep_benchmark"])
+def test_dry_run_plans_the_recorded_job_set(scenario, tmp_path):
+    """The DAG plans exactly the jobs (rule, inputs, outputs) recorded before the architecture step."""
+    from planned_jobs import DATA, SCENARIOS, dry_run_jobs
+
+    expected = json.loads((DATA / f"planned_jobs_{scenario}.json").read_text())
+    planned = dry_run_jobs(SCENARIOS[scenario], tmp_path)
+    missing = [j for j in expected if j not in planned]
+    extra = [j for j in planned if j not in expected]
+    assert not missing and not extra, f"missing jobs: {missing[:3]}\nnew jobs: {extra[:3]}"
