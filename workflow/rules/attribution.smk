@@ -29,17 +29,6 @@ rule attribute:
         "../scripts/attribute.py"
 
 
-# Input/params functions of `analyze` and `causal_trace`; `analysis_outputs_of(wildcards)` lists a
-# run's analysis outputs (causal tracing only for tasks with subjects) for run-level consumers.
-from mechflow.attribution.analysis import (
-    analysis_cfg_of,
-    analysis_outputs_of,
-    causal_tracing_cfg_of,
-    causal_tracing_of,
-    neuron_harvest_of,
-)
-
-
 rule analyze:
     """Ablations (zero/mean/resample), token saliency with IG completeness, top neurons and their contexts."""
     input:

@@ -1,6 +1,4 @@
 # Feature analysis of the run's SAE: top contexts, logit effects, histograms, task attribution.
-# feature_outputs_of(wildcards) lists this rule's outputs for one run (for run_manifest).
-from mechflow.dictionaries.features import feature_datasets_of, feature_outputs_of
 
 FEATURES = f"{R}/dictionaries/sae_features"
 

@@ -1,7 +1,6 @@
 # Exact-patching reference and the ROC AUC of every attribution method against it (issue 4).
 # Two rules so that the expensive exact edge effects are cached: `edge_reference` reads only the
 # exact part of the `reference` group; editing the method part (EAP-IG, positives) re-runs `reference`.
-from mechflow.reference.rules import circuit_scores_of, edge_reference_cfg_of, reference_outputs_of
 
 
 rule edge_reference:

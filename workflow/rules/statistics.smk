@@ -46,9 +46,6 @@ rule cross_model:
         "../scripts/cross_model.py"
 
 
-from mechflow.workflow import feature_matching_inputs_of, pair_corpus_cfg, pair_feature_stats_cfg
-
-
 rule feature_matching:
     """Match two models' SAE latents by activation (shared texts) and logit-effect (shared tokens) profiles, with a permutation null."""
     input:

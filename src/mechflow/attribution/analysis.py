@@ -73,7 +73,6 @@ from mechflow.attribution.stage import _long_rows
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, atomic_write_text
 from mechflow.tasks import TaskBatch, TaskDataset, make_batch, select_batch
-from mechflow.workflow import RUNS
 
 log = logging.getLogger(__name__)
 
@@ -217,49 +216,6 @@ def harvested_hooks(harvest_cfg: dict) -> set[str]:
 def harvests_neurons(harvest_cfg: dict) -> bool:
     """True when the harvest holds some layer's ``mlp.hook_post`` (then `analyze` reads it)."""
     return any(h.endswith(".mlp.hook_post") for h in harvested_hooks(harvest_cfg))
-
-
-# Snakemake input / params functions, imported by workflow/rules/attribution.smk (a rule file
-# that also defines functions fails `snakemake --lint`). They read the runs `load_runs` composed.
-
-
-def analysis_cfg_of(wildcards) -> dict:
-    """`attribution.analysis` without its causal_tracing entry (editing that re-runs `causal_trace` only)."""
-    cfg = RUNS[wildcards.run].stage("attribution").get("analysis", {})
-    return {k: v for k, v in cfg.items() if k != "causal_tracing"}
-
-
-def causal_tracing_cfg_of(wildcards) -> dict:
-    return RUNS[wildcards.run].stage("attribution").get("analysis", {}).get("causal_tracing", {})
-
-
-def neuron_harvest_of(wildcards) -> list[str]:
-    """The harvest index, only when the run harvests some `blocks.L.mlp.hook_post` (neuron contexts)."""
-    return [f"results/{wildcards.run}/harvest/index.json"] if harvests_neurons(RUNS[wildcards.run].stage("harvest")) \
-        else []
-
-
-def causal_tracing_of(wildcards) -> list[str]:
-    """The task's causal tracing table when it has subject positions (summarised in analysis.md)."""
-    if has_subjects(RUNS[wildcards.run].cfg["task"][wildcards.task]):
-        return [f"results/{wildcards.run}/circuits/{wildcards.task}/causal_tracing.parquet"]
-    return []
-
-
-def analysis_outputs_of(wildcards) -> list[str]:
-    """Every `analyze` output of the run's tasks, plus `causal_trace` outputs where the task has subjects."""
-    return analysis_outputs(wildcards.run, RUNS[wildcards.run].cfg)
-
-
-def analysis_outputs(run: str, run_cfg: dict) -> list[str]:
-    """Every analysis output of a run: `analyze` per task, `causal_trace` for tasks with subjects."""
-    out = []
-    for task in sorted(run_cfg["task"]):
-        base = f"results/{run}/circuits/{task}"
-        out += [f"{base}/{name}" for name in ANALYZE_OUTPUTS]
-        if has_subjects(run_cfg["task"][task]):
-            out += [f"{base}/{name}" for name in CAUSAL_TRACE_OUTPUTS]
-    return out
 
 
 # ------------------------------------------------------------------------------------ shared IO

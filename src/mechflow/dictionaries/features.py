@@ -852,23 +852,3 @@ def feature_analysis(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path
     atomic_write_json(summary, result)
     log.info("feature analysis: %d records -> %s", len(records), features)
     return result
-
-
-# ----------------------------------------------------------------------------- Snakemake input functions
-
-OUTPUT_DIR = "sae_features"
-OUTPUT_FILES = ("features.jsonl", "features.html", "histograms.png", "task_attribution.parquet", "summary.json")
-
-
-def feature_datasets_of(wildcards: Any) -> list[str]:
-    """Input function of rule `feature_analysis`: datasets of the tasks in `sae.features.tasks`."""
-    from mechflow.workflow import RUNS, tasks_of_setting
-
-    features = RUNS[wildcards.run].cfg["sae"].get("features") or {}
-    wanted = tasks_of_setting(wildcards.run, "sae.features.tasks", features.get("tasks", FeaturesConfig().tasks))
-    return [f"results/{wildcards.run}/tasks/{task}/dataset.jsonl" for task in wanted]
-
-
-def feature_outputs_of(wildcards: Any) -> list[str]:
-    """The final outputs of rule `feature_analysis` for one run (inputs of `run_manifest`)."""
-    return [f"results/{wildcards.run}/dictionaries/{OUTPUT_DIR}/{name}" for name in OUTPUT_FILES]

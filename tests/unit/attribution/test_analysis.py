@@ -22,7 +22,6 @@ from mechflow.attribution.analysis import (
     ANALYZE_OUTPUTS,
     AnalysisConfig,
     CausalTracingConfig,
-    analysis_outputs,
     corpus_top_contexts,
     neuron_contexts,
     position_roles,
@@ -338,26 +337,9 @@ def test_default_yaml_dataclass_and_schema_agree():
         attribution_cfg({**group, "bogus": 1})
 
 
-def test_input_functions_follow_the_run_config(monkeypatch):
-    from mechflow.attribution import analysis
-    from mechflow.config import Run, compose_runs
-
-    (name, run_), = compose_runs().items()
-    monkeypatch.setitem(analysis.RUNS, name, run_)
-    wc = SimpleNamespace(run=name, task="factual_recall")
-    assert analysis.analysis_outputs_of(wc) == analysis_outputs(name, run_.cfg)
-    assert analysis.causal_tracing_of(wc) == [f"results/{name}/circuits/factual_recall/causal_tracing.parquet"]
-    assert analysis.causal_tracing_of(SimpleNamespace(run=name, task="ioi")) == []
-    assert "causal_tracing" not in analysis.analysis_cfg_of(wc)
-    assert analysis.causal_tracing_cfg_of(wc) == run_.cfg["attribution"]["analysis"]["causal_tracing"]
-    assert analysis.neuron_harvest_of(wc) == []  # the default harvest has no mlp.hook_post
-    cfg = {**run_.cfg, "harvest": {**run_.cfg["harvest"], "hooks": ["blocks.3.mlp.hook_post"]}}
-    monkeypatch.setitem(analysis.RUNS, name, Run(name, run_.overrides, cfg))
-    assert analysis.neuron_harvest_of(wc) == [f"results/{name}/harvest/index.json"]
-
-
 def test_dry_run_plans_analyze_for_every_task_and_causal_trace_for_factual_recall(tmp_path):
     from mechflow.config import compose_runs
+    from mechflow.workflow.inputs import analysis_outputs
 
     runs = compose_runs()
     (name, run_), = runs.items()

@@ -1,0 +1,313 @@
+"""Every Snakemake input and params function of the DAG (rule files import them; a rule file that
+defines functions fails `snakemake --lint`).
+
+Each takes the job's `wildcards` and reads the run `runs.RUNS[wildcards.run]`. Params functions
+return exactly the config keys a rule reads, because Snakemake re-runs a job when its params change:
+e.g. `stage_cfg("attribution", without=("analysis",))` keeps `attribute` from re-running when only the
+`analyze` settings change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from mechflow.workflow import paths
+from mechflow.workflow.runs import RUNS, model_pairs, pair_runs, tasks_of_setting, transcoder_hooks
+
+# ----------------------------------------------------------------------------- config (params)
+
+
+def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict]:
+    """A Snakemake `params` function returning the resolved config group of the job's run.
+
+    ``without``: keys of the group the rule does not read (e.g. ``attribution.analysis`` for
+    `attribute`), dropped so that editing them does not re-run the rule (params are a rerun trigger).
+    """
+
+    def params(wildcards) -> dict:
+        cfg = RUNS[wildcards.run].stage(group)
+        return {k: v for k, v in cfg.items() if k not in without} if without else cfg
+
+    params.__name__ = f"stage_cfg_{group}"
+    return params
+
+
+def task_cfg(wildcards) -> dict:
+    """`params` function: the resolved config of the job's task."""
+    return RUNS[wildcards.run].cfg["task"][wildcards.task]
+
+
+def run_cfg(wildcards) -> dict:
+    """`params` function: the whole resolved config of the job's run."""
+    return RUNS[wildcards.run].cfg
+
+
+def threads_of_run(wildcards) -> int:
+    return RUNS[wildcards.run].cfg["threads"]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def tasks_of(wildcards) -> list[str]:
+    return sorted(RUNS[wildcards.run].cfg["task"])
+
+
+def baselines_of(wildcards) -> list[str]:
+    return [paths.task_file(wildcards.run, task, "baseline.json") for task in tasks_of(wildcards)]
+
+
+def datasets_of(wildcards) -> list[str]:
+    return [paths.task_file(wildcards.run, task, "dataset.jsonl") for task in tasks_of(wildcards)]
+
+
+def task_input_file(wildcards) -> list[str]:
+    """The user file of a `kind: jsonl` task (relative paths are relative to the working directory)."""
+    task = RUNS[wildcards.run].cfg["task"][wildcards.task]
+    return [task["path"]] if task.get("kind") == "jsonl" and task.get("path") else []
+
+
+# ----------------------------------------------------------------------------- harvest, dictionaries
+
+
+def harvest_dir_of(wildcards) -> Path:
+    return Path(f"{paths.run_dir(wildcards.run)}/harvest")
+
+
+def sae_manifest_of(wildcards) -> Path:
+    """The harvest manifest of the hook the run's SAE trains on."""
+    return paths.harvest_manifest(wildcards.run, RUNS[wildcards.run].cfg["sae"]["hook"])
+
+
+def transcoder_manifests_of(wildcards) -> list[Path]:
+    """MLP-in and MLP-out manifests of every transcoder layer, interleaved (in, out, in, out, ...)."""
+    return [paths.harvest_manifest(wildcards.run, h) for pair in transcoder_hooks(wildcards.run) for h in pair]
+
+
+def dictionary_dir_of(kind: str) -> Callable[[Any], Path]:
+    def params(wildcards) -> Path:
+        return Path(paths.dictionaries_dir(wildcards.run)) / kind
+
+    params.__name__ = f"dictionary_dir_of_{kind}"
+    return params
+
+
+def dictionary_metrics_of(wildcards) -> list[str]:
+    return [f"{paths.dictionaries_dir(wildcards.run)}/sae_metrics.json",
+            f"{paths.dictionaries_dir(wildcards.run)}/transcoder_metrics.json"]
+
+
+FEATURES_DIR = "sae_features"
+FEATURE_OUTPUTS = ("features.jsonl", "features.html", "histograms.png", "task_attribution.parquet", "summary.json")
+
+
+def feature_datasets_of(wildcards) -> list[str]:
+    """Input function of rule `feature_analysis`: datasets of the tasks in `sae.features.tasks`."""
+    from mechflow.dictionaries.config import FeaturesConfig
+
+    features = RUNS[wildcards.run].cfg["sae"].get("features") or {}
+    wanted = tasks_of_setting(wildcards.run, "sae.features.tasks", features.get("tasks", FeaturesConfig().tasks))
+    return [paths.task_file(wildcards.run, task, "dataset.jsonl") for task in wanted]
+
+
+def feature_outputs_of(wildcards) -> list[str]:
+    """The final outputs of rule `feature_analysis` for one run (inputs of `run_manifest`)."""
+    return [f"{paths.dictionaries_dir(wildcards.run)}/{FEATURES_DIR}/{name}" for name in FEATURE_OUTPUTS]
+
+
+# ----------------------------------------------------------------------------- attribution, analysis, circuits
+
+
+def analysis_cfg_of(wildcards) -> dict:
+    """`attribution.analysis` without its causal_tracing entry (editing that re-runs `causal_trace` only)."""
+    cfg = RUNS[wildcards.run].stage("attribution").get("analysis", {})
+    return {k: v for k, v in cfg.items() if k != "causal_tracing"}
+
+
+def causal_tracing_cfg_of(wildcards) -> dict:
+    return RUNS[wildcards.run].stage("attribution").get("analysis", {}).get("causal_tracing", {})
+
+
+def neuron_harvest_of(wildcards) -> list[str]:
+    """The harvest index, only when the run harvests some `blocks.L.mlp.hook_post` (neuron contexts)."""
+    from mechflow.attribution.analysis import harvests_neurons
+
+    return [paths.harvest_index(wildcards.run)] if harvests_neurons(RUNS[wildcards.run].stage("harvest")) else []
+
+
+def causal_tracing_of(wildcards) -> list[str]:
+    """The task's causal tracing table when it has subject positions (summarised in analysis.md)."""
+    from mechflow.attribution.analysis import has_subjects
+
+    if has_subjects(RUNS[wildcards.run].cfg["task"][wildcards.task]):
+        return [f"{paths.circuits_dir(wildcards.run, wildcards.task)}/causal_tracing.parquet"]
+    return []
+
+
+def analysis_outputs(run: str, run_cfg: dict) -> list[str]:
+    """Every analysis output of a run: `analyze` per task, `causal_trace` for tasks with subjects."""
+    from mechflow.attribution.analysis import ANALYZE_OUTPUTS, CAUSAL_TRACE_OUTPUTS, has_subjects
+
+    out = []
+    for task in sorted(run_cfg["task"]):
+        base = paths.circuits_dir(run, task)
+        out += [f"{base}/{name}" for name in ANALYZE_OUTPUTS]
+        if has_subjects(run_cfg["task"][task]):
+            out += [f"{base}/{name}" for name in CAUSAL_TRACE_OUTPUTS]
+    return out
+
+
+def analysis_outputs_of(wildcards) -> list[str]:
+    """Every `analyze` output of the run's tasks, plus `causal_trace` outputs where the task has subjects."""
+    return analysis_outputs(wildcards.run, RUNS[wildcards.run].cfg)
+
+
+def circuit_outputs_of(wildcards) -> list[str]:
+    """Attribution outputs and the circuit (edges or nodes, `circuit.unit`) of every task."""
+    out = []
+    for task in tasks_of(wildcards):
+        out.append(f"{paths.circuits_dir(wildcards.run, task)}/node_scores.parquet")
+        out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
+    return out
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+REFERENCE_OUTPUTS = ("edge_reference.parquet", "auc.json", "roc.png", "reference.md")
+
+
+def edge_reference_cfg_of(wildcards) -> dict:
+    """The exact part of the run's ``reference`` group (prompts, restriction, sample, batch size)."""
+    from mechflow.reference.config import exact_settings
+
+    return exact_settings(RUNS[wildcards.run].stage("reference"))
+
+
+def circuit_scores_of(wildcards) -> dict[str, str]:
+    """The circuit rule's edge scores (reused when on the same prompts); none where edges are undefined."""
+    if not RUNS[wildcards.run].cfg["model"].get("edge_circuits", True):
+        return {}
+    base = paths.circuits_dir(wildcards.run, wildcards.task)
+    return {"circuit": f"{base}/circuit.json", "edge_scores": f"{base}/edge_scores.parquet"}
+
+
+def reference_tasks(run: str) -> list[str]:
+    """``reference.tasks`` of the run (null: every selected task), each checked against the run's tasks."""
+    return sorted(tasks_of_setting(run, "reference.tasks", RUNS[run].cfg["reference"].get("tasks")))
+
+
+def reference_outputs_of(wildcards) -> list[str]:
+    """The reference outputs of every task in ``reference.tasks`` (the edge part is skipped inside
+    where edges are undefined)."""
+    return [f"{paths.reference_dir(wildcards.run, task)}/{name}"
+            for task in reference_tasks(wildcards.run) for name in REFERENCE_OUTPUTS]
+
+
+# ----------------------------------------------------------------------------- statistics, cross-model
+
+
+def statistics_inputs_of(wildcards) -> dict[str, str]:
+    """Named inputs of `statistics`: node scores and the circuit's files, for every model (the
+    `circuit` rule finds an edge circuit where edge patching is defined, else a node circuit)."""
+    folder = paths.circuits_dir(wildcards.run, wildcards.task)
+    return {"node_scores": f"{folder}/node_scores.parquet", "prompts": f"{folder}/prompts.parquet",
+            "model_card": f"{paths.run_dir(wildcards.run)}/model_card.json", "circuit": f"{folder}/circuit.json",
+            "circuit_prompts": f"{folder}/circuit_prompts.parquet",
+            "curve_prompts": f"{folder}/curve_prompts.parquet"}
+
+
+def stats_dir_of(wildcards) -> Path:
+    return Path(paths.stats_dir(wildcards.run, wildcards.task))
+
+
+def statistics_of(wildcards) -> list[str]:
+    return [f"{paths.stats_dir(wildcards.run, task)}/bootstrap.parquet" for task in tasks_of(wildcards)]
+
+
+def cross_model_inputs_of(wildcards) -> dict[str, str]:
+    inputs = {}
+    for side, run in zip("ab", pair_runs(wildcards.pair)):
+        folder = paths.circuits_dir(run, wildcards.task)
+        inputs.update({f"node_scores_{side}": f"{folder}/node_scores.parquet",
+                       f"head_types_{side}": f"{folder}/head_types.parquet",
+                       f"prompts_{side}": f"{folder}/prompts.parquet",
+                       f"model_card_{side}": f"{paths.run_dir(run)}/model_card.json",
+                       f"dataset_{side}": paths.task_file(run, wildcards.task, "dataset.jsonl")})
+    return inputs
+
+
+def pair_stats_cfg(wildcards) -> dict:
+    return RUNS[pair_runs(wildcards.pair)[0]].cfg["stats"]
+
+
+def pair_model_cfg(side: str) -> Callable[[Any], dict]:
+    def params(wildcards) -> dict:
+        return RUNS[pair_runs(wildcards.pair)["ab".index(side)]].cfg["model"]
+
+    params.__name__ = f"pair_model_cfg_{side}"
+    return params
+
+
+def cross_model_dir_of(wildcards) -> Path:
+    return Path(paths.cross_model_dir(wildcards.pair)) / wildcards.task
+
+
+def feature_matching_inputs_of(wildcards) -> dict[str, Any]:
+    """Named inputs of `feature_matching`: each run's SAE (train_sae's training.json, in the SAELens
+    folder) and the task datasets of the pair's shared tasks (their prompts are shared texts)."""
+    a, b = pair_runs(wildcards.pair)
+    shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
+    inputs: dict[str, Any] = {}
+    for side, run in zip("ab", (a, b)):
+        inputs[f"training_{side}"] = f"{paths.dictionaries_dir(run)}/sae/training.json"
+        inputs[f"datasets_{side}"] = [paths.task_file(run, task, "dataset.jsonl") for task in shared]
+    return inputs
+
+
+def pair_feature_stats_cfg(wildcards) -> dict:
+    """The `stats` keys feature matching reads (so editing B or top_k does not re-run it)."""
+    cfg = RUNS[pair_runs(wildcards.pair)[0]].cfg["stats"]
+    return {k: cfg[k] for k in ("seed", "feature_null", "feature_n_permutations") if k in cfg}
+
+
+def pair_corpus_cfg(wildcards) -> dict:
+    """The `corpus` group of the pair (its runs differ only in the model): shared passages."""
+    return RUNS[pair_runs(wildcards.pair)[0]].cfg["corpus"]
+
+
+# ----------------------------------------------------------------------------- benchmark, summary, run
+
+
+def benchmark_dir_of(wildcards) -> Path:
+    return Path(paths.benchmark_dir(wildcards.run, wildcards.task))
+
+
+def benchmarks_of(wildcards) -> list[str]:
+    """The benchmark tables of the run, when `benchmark.enabled` (opt in: it is slow)."""
+    bench = RUNS[wildcards.run].cfg.get("benchmark", {})
+    if not bench.get("enabled", False):
+        return []
+    tasks = tasks_of_setting(wildcards.run, "benchmark.tasks", bench.get("tasks", []))
+    return [f"{paths.benchmark_dir(wildcards.run, task)}/table.csv" for task in tasks]
+
+
+def summary_results_of(wildcards) -> list[str]:
+    """JSON results whose headline numbers go into the run's summary table."""
+    out = dictionary_metrics_of(wildcards)
+    for task in tasks_of(wildcards):
+        out.append(f"{paths.circuits_dir(wildcards.run, task)}/agreement.json")
+        out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
+    return out
+
+
+def run_targets(wildcards) -> list[str]:
+    """Every run's manifest, and the cross-model comparison of every pair of runs that differ only in the model."""
+    targets = [f"{paths.run_dir(name)}/run_manifest.json" for name in RUNS]
+    for pair, (a, b) in model_pairs(RUNS).items():
+        shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
+        targets += [f"{paths.cross_model_dir(pair)}/{task}/fcas.json" for task in shared]
+        if "sae" in RUNS[a].cfg and "sae" in RUNS[b].cfg:  # SAE feature matching needs both SAEs
+            targets.append(f"{paths.cross_model_dir(pair)}/features/feature_matching.json")
+    return targets

@@ -1,0 +1,56 @@
+"""Result paths of the DAG, in one place: `results/{run}/<stage>/...` and `results/cross_model/{pair}/...`.
+
+Rule files declare outputs with the same folders (`R = "results/{run}"` in common.smk); input
+functions build the paths they list from these helpers so a folder is spelled once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mechflow.contracts import filenames
+
+RESULTS = "results"
+
+
+def run_dir(run: str) -> str:
+    return f"{RESULTS}/{run}"
+
+
+def task_file(run: str, task: str, name: str) -> str:
+    """A file of the `prepare_task` / `evaluate_task` folder of one task."""
+    return f"{run_dir(run)}/tasks/{task}/{name}"
+
+
+def harvest_index(run: str) -> str:
+    return f"{run_dir(run)}/harvest/index.json"
+
+
+def harvest_manifest(run: str, hook: str) -> Path:
+    """The shard manifest of one harvested hook."""
+    return Path(RESULTS) / run / "harvest" / hook / filenames.SHARD_MANIFEST
+
+
+def circuits_dir(run: str, task: str) -> str:
+    """Folder of a task's attribution, analysis and circuit outputs."""
+    return f"{run_dir(run)}/circuits/{task}"
+
+
+def dictionaries_dir(run: str) -> str:
+    return f"{run_dir(run)}/dictionaries"
+
+
+def stats_dir(run: str, task: str) -> str:
+    return f"{run_dir(run)}/stats/{task}"
+
+
+def reference_dir(run: str, task: str) -> str:
+    return f"{run_dir(run)}/reference/{task}"
+
+
+def benchmark_dir(run: str, task: str) -> str:
+    return f"{run_dir(run)}/benchmark/{task}"
+
+
+def cross_model_dir(pair: str) -> str:
+    return f"{RESULTS}/cross_model/{pair}"

