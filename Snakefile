@@ -21,8 +21,8 @@ include: "workflow/rules/reference.smk"
 include: "workflow/rules/summary.smk"
 
 
+# Every output of every run (one run per sweep point of the overrides).
 rule all:
-    """Every output of every run (one run per sweep point of the overrides)."""
+    default_target: True
     input:
         run_targets,
-    default_target: True

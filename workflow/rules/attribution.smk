@@ -9,22 +9,30 @@ rule attribute:
         lens=f"{R}/circuits/{{task}}/lens.parquet",
         dla=f"{R}/circuits/{{task}}/dla.parquet",
         agreement=f"{R}/circuits/{{task}}/agreement.json",
-        heads_figure=report(f"{R}/circuits/{{task}}/head_patching.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "head patching"}),
-        lens_figure=report(f"{R}/circuits/{{task}}/logit_lens.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "logit lens"}),
+        heads_figure=report(
+            f"{R}/circuits/{{task}}/head_patching.png",
+            category="Attribution",
+            labels={"run": "{run}", "task": "{task}", "figure": "head patching"},
+        ),
+        lens_figure=report(
+            f"{R}/circuits/{{task}}/logit_lens.png",
+            category="Attribution",
+            labels={"run": "{run}", "task": "{task}", "figure": "logit lens"},
+        ),
         summary=f"{R}/circuits/{{task}}/attribution.md",
-    params:
-        cfg=stage_cfg("attribution", without=("analysis",)),
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/attribute/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/attribute/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("attribution", without=("analysis",)),
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/attribute.py"
 
@@ -38,25 +46,33 @@ rule analyze:
         causal_tracing=causal_tracing_of,
     output:
         ablations=f"{R}/circuits/{{task}}/ablations.parquet",
-        ablations_figure=report(f"{R}/circuits/{{task}}/ablations.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "ablations"}),
+        ablations_figure=report(
+            f"{R}/circuits/{{task}}/ablations.png",
+            category="Attribution",
+            labels={"run": "{run}", "task": "{task}", "figure": "ablations"},
+        ),
         saliency=f"{R}/circuits/{{task}}/saliency.parquet",
-        saliency_figure=report(f"{R}/circuits/{{task}}/saliency.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "token saliency"}),
+        saliency_figure=report(
+            f"{R}/circuits/{{task}}/saliency.png",
+            category="Attribution",
+            labels={"run": "{run}", "task": "{task}", "figure": "token saliency"},
+        ),
         neurons=f"{R}/circuits/{{task}}/neurons.parquet",
         neurons_md=f"{R}/circuits/{{task}}/neurons.md",
         summary=f"{R}/circuits/{{task}}/analysis.md",
-    params:
-        cfg=analysis_cfg_of,
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/analyze/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/analyze/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=90,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=analysis_cfg_of,
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/analyze.py"
 
@@ -67,19 +83,23 @@ rule causal_trace:
         dataset=rules.prepare_task.output.dataset,
     output:
         causal_tracing=f"{R}/circuits/{{task}}/causal_tracing.parquet",
-        figure=report(f"{R}/circuits/{{task}}/causal_tracing.png", category="Attribution", labels={"run": "{run}", "task": "{task}", "figure": "causal tracing"}),
-    params:
-        cfg=causal_tracing_cfg_of,
-        model_cfg=stage_cfg("model"),
+        figure=report(
+            f"{R}/circuits/{{task}}/causal_tracing.png",
+            category="Attribution",
+            labels={"run": "{run}", "task": "{task}", "figure": "causal tracing"},
+        ),
     log:
         f"{R}/logs/causal_trace/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/causal_trace/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=causal_tracing_cfg_of,
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/causal_trace.py"

@@ -7,19 +7,27 @@ rule benchmark:
         table_tex=f"{R}/benchmark/{{task}}/table.tex",
         timings=f"{R}/benchmark/{{task}}/timings.json",
         summary=f"{R}/benchmark/{{task}}/benchmark.md",
-        roc=report(f"{R}/benchmark/{{task}}/roc.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "ROC"}),
-        curves=report(f"{R}/benchmark/{{task}}/faithfulness_curves.png", category="Benchmark", labels={"run": "{run}", "task": "{task}", "figure": "faithfulness"}),
-    params:
-        cfg=stage_cfg("benchmark", without=("enabled", "tasks")),  # selection keys: no rerun
-        model_cfg=stage_cfg("model"),
-        out_dir=benchmark_dir_of,
+        roc=report(
+            f"{R}/benchmark/{{task}}/roc.png",
+            category="Benchmark",
+            labels={"run": "{run}", "task": "{task}", "figure": "ROC"},
+        ),
+        curves=report(
+            f"{R}/benchmark/{{task}}/faithfulness_curves.png",
+            category="Benchmark",
+            labels={"run": "{run}", "task": "{task}", "figure": "faithfulness"},
+        ),
     log:
         f"{R}/logs/benchmark/{{task}}.log",
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=12000,
         runtime=240,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("benchmark", without=("enabled", "tasks")),  # selection keys: no rerun
+        model_cfg=stage_cfg("model"),
+        out_dir=benchmark_dir_of,
     script:
         "../scripts/benchmark.py"

@@ -9,20 +9,24 @@ rule circuit:
         circuit_prompts=f"{R}/circuits/{{task}}/circuit_prompts.parquet",
         curve_prompts=f"{R}/circuits/{{task}}/curve_prompts.parquet",
         dot=f"{R}/circuits/{{task}}/circuit.dot",
-        figure=report(f"{R}/circuits/{{task}}/circuit.png", category="Circuits", labels={"run": "{run}", "task": "{task}", "figure": "circuit"}),
+        figure=report(
+            f"{R}/circuits/{{task}}/circuit.png",
+            category="Circuits",
+            labels={"run": "{run}", "task": "{task}", "figure": "circuit"},
+        ),
         summary=f"{R}/circuits/{{task}}/circuit.md",
-    params:
-        cfg=stage_cfg("circuit"),
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/circuit/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/circuit/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("circuit"),
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/circuit.py"

@@ -49,13 +49,24 @@ from mechflow.workflow.inputs import (
     transcoder_manifests_of,
 )
 
-
 RUNS = load_runs(config)
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
     # compose_runs already validated with readable errors; this is Snakemake's own check.
     check_harvested_hooks(_run)
-    for _group in ("model", "corpus", "harvest", "summary", "sae", "transcoder", "attribution", "circuit", "stats", "benchmark", "reference"):
+    for _group in (
+        "model",
+        "corpus",
+        "harvest",
+        "summary",
+        "sae",
+        "transcoder",
+        "attribution",
+        "circuit",
+        "stats",
+        "benchmark",
+        "reference",
+    ):
         validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
     for _task in _run.cfg["task"].values():
         validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)

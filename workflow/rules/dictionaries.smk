@@ -4,22 +4,22 @@ rule train_sae:
         harvest_index=rules.harvest.output.index,
     output:
         training=f"{R}/dictionaries/sae/training.json",
+    log:
+        f"{R}/logs/train_sae.log",
+    benchmark:
+        f"{R}/benchmarks/train_sae.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         cfg=stage_cfg("sae", without=("features",)),
         model_cfg=stage_cfg("model"),
         wandb_cfg=stage_cfg("wandb"),
         manifest=sae_manifest_of,
         out_dir=dictionary_dir_of("sae"),  # the whole SAELens folder is swapped into place atomically
-    log:
-        f"{R}/logs/train_sae.log",
-    benchmark:
-        f"{R}/benchmarks/train_sae.tsv"
-    threads: threads_of_run
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/train_sae.py"
 
@@ -31,19 +31,19 @@ rule evaluate_sae:
         tokens=rules.prepare_corpus.output.tokens,
     output:
         metrics=f"{R}/dictionaries/sae_metrics.json",
+    log:
+        f"{R}/logs/evaluate_sae.log",
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         cfg=stage_cfg("sae", without=("features",)),
         model_cfg=stage_cfg("model"),
         manifest=sae_manifest_of,
         dictionary=dictionary_dir_of("sae"),
-    log:
-        f"{R}/logs/evaluate_sae.log",
-    threads: threads_of_run
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/evaluate_dictionary.py"
 
@@ -54,22 +54,22 @@ rule train_transcoder:
         harvest_index=rules.harvest.output.index,
     output:
         training=f"{R}/dictionaries/transcoder/training.json",
+    log:
+        f"{R}/logs/train_transcoder.log",
+    benchmark:
+        f"{R}/benchmarks/train_transcoder.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         cfg=stage_cfg("transcoder"),
         model_cfg=stage_cfg("model"),
         wandb_cfg=stage_cfg("wandb"),
         manifests=transcoder_manifests_of,
         out_dir=dictionary_dir_of("transcoder"),
-    log:
-        f"{R}/logs/train_transcoder.log",
-    benchmark:
-        f"{R}/benchmarks/train_transcoder.tsv"
-    threads: threads_of_run
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/train_transcoder.py"
 
@@ -81,18 +81,18 @@ rule evaluate_transcoder:
         tokens=rules.prepare_corpus.output.tokens,
     output:
         metrics=f"{R}/dictionaries/transcoder_metrics.json",
+    log:
+        f"{R}/logs/evaluate_transcoder.log",
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         cfg=stage_cfg("transcoder"),
         model_cfg=stage_cfg("model"),
         manifests=transcoder_manifests_of,
         dictionary=dictionary_dir_of("transcoder"),
-    log:
-        f"{R}/logs/evaluate_transcoder.log",
-    threads: threads_of_run
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/evaluate_transcoder.py"

@@ -15,20 +15,20 @@ rule feature_analysis:
         histograms=f"{FEATURES}/histograms.png",
         attribution=f"{FEATURES}/task_attribution.parquet",
         summary=f"{FEATURES}/summary.json",
+    log:
+        f"{R}/logs/feature_analysis.log",
+    benchmark:
+        f"{R}/benchmarks/feature_analysis.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         cfg=stage_cfg("sae"),
         model_cfg=stage_cfg("model"),
         manifest=sae_manifest_of,
         dictionary=dictionary_dir_of("sae"),
-    log:
-        f"{R}/logs/feature_analysis.log",
-    benchmark:
-        f"{R}/benchmarks/feature_analysis.tsv"
-    threads: threads_of_run
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/feature_analysis.py"

@@ -3,17 +3,17 @@ rule prepare_corpus:
     output:
         tokens=f"{R}/corpus/tokens.parquet",
         corpus_manifest=f"{R}/corpus/corpus.json",
-    params:
-        cfg=stage_cfg("corpus"),
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/prepare_corpus.log",
+    conda:
+        "../../envs/mechflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("corpus"),
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/prepare_corpus.py"
 
@@ -24,19 +24,19 @@ rule harvest:
         tokens=rules.prepare_corpus.output.tokens,
     output:
         index=f"{R}/harvest/index.json",
-    params:
-        cfg=stage_cfg("harvest"),
-        model_cfg=stage_cfg("model"),
-        harvest_dir=harvest_dir_of,  # not declared as output: shards survive a kill and resume
     log:
         f"{R}/logs/harvest.log",
     benchmark:
         f"{R}/benchmarks/harvest.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("harvest"),
+        model_cfg=stage_cfg("model"),
+        harvest_dir=harvest_dir_of,  # not declared as output: shards survive a kill and resume
     script:
         "../scripts/harvest.py"

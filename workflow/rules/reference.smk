@@ -9,19 +9,19 @@ rule edge_reference:
         dataset=rules.prepare_task.output.dataset,
     output:
         edge_reference=f"{R}/reference/{{task}}/edge_reference.parquet",
-    params:
-        cfg=edge_reference_cfg_of,  # exact part only: method settings do not re-run this rule
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/edge_reference/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/edge_reference/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=edge_reference_cfg_of,  # exact part only: method settings do not re-run this rule
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/edge_reference.py"
 
@@ -36,20 +36,24 @@ rule reference:
         edge_reference=rules.edge_reference.output.edge_reference,
     output:
         auc=f"{R}/reference/{{task}}/auc.json",
-        roc=report(f"{R}/reference/{{task}}/roc.png", category="Reference", labels={"run": "{run}", "task": "{task}", "figure": "ROC vs exact"}),
+        roc=report(
+            f"{R}/reference/{{task}}/roc.png",
+            category="Reference",
+            labels={"run": "{run}", "task": "{task}", "figure": "ROC vs exact"},
+        ),
         summary=f"{R}/reference/{{task}}/reference.md",
-    params:
-        cfg=stage_cfg("reference"),
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/reference/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/reference/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=8000,
         runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("reference"),
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/reference.py"

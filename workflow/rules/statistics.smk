@@ -6,18 +6,22 @@ rule statistics:
         bootstrap=f"{R}/stats/{{task}}/bootstrap.parquet",
         stability=f"{R}/stats/{{task}}/stability.json",
         summary=f"{R}/stats/{{task}}/statistics.md",
-        forest=report(f"{R}/stats/{{task}}/forest.png", category="Statistics", labels={"run": "{run}", "task": "{task}", "figure": "CIs"}),
-    params:
-        cfg=stage_cfg("stats"),
-        out_dir=stats_dir_of,
+        forest=report(
+            f"{R}/stats/{{task}}/forest.png",
+            category="Statistics",
+            labels={"run": "{run}", "task": "{task}", "figure": "CIs"},
+        ),
     log:
         f"{R}/logs/statistics/{{task}}.log",
+    conda:
+        "../../envs/mechflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("stats"),
+        out_dir=stats_dir_of,
     script:
         "../scripts/statistics.py"
 
@@ -29,19 +33,19 @@ rule cross_model:
     output:
         fcas="results/cross_model/{pair}/{task}/fcas.json",
         summary="results/cross_model/{pair}/{task}/cross_model.md",
+    log:
+        "results/cross_model/{pair}/logs/{task}.log",
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=12000,
+        runtime=30,
     params:
         cfg=pair_stats_cfg,
         model_cfg_a=pair_model_cfg("a"),
         model_cfg_b=pair_model_cfg("b"),
         out_dir=cross_model_dir_of,
-    log:
-        "results/cross_model/{pair}/logs/{task}.log",
-    threads: 2
-    resources:
-        mem_mb=12000,
-        runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/cross_model.py"
 
@@ -53,19 +57,23 @@ rule feature_matching:
     output:
         matching="results/cross_model/{pair}/features/feature_matching.json",
         summary="results/cross_model/{pair}/features/feature_matching.md",
-        figure=report("results/cross_model/{pair}/features/feature_matching.png", category="Statistics", labels={"pair": "{pair}", "figure": "feature matching"}),
+        figure=report(
+            "results/cross_model/{pair}/features/feature_matching.png",
+            category="Statistics",
+            labels={"pair": "{pair}", "figure": "feature matching"},
+        ),
+    log:
+        "results/cross_model/{pair}/logs/feature_matching.log",
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=30,
     params:
         cfg=pair_feature_stats_cfg,  # seed, feature_null, feature_n_permutations only
         model_cfg_a=pair_model_cfg("a"),
         model_cfg_b=pair_model_cfg("b"),
         corpus_cfg=pair_corpus_cfg,  # corpus passages are shared texts
-    log:
-        "results/cross_model/{pair}/logs/feature_matching.log",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=30,
-    conda:
-        "../../envs/mechflow.yaml"
     script:
         "../scripts/feature_matching.py"

@@ -7,17 +7,19 @@ rule summarize:
         results=summary_results_of,
     output:
         table=report(f"{R}/summary/summary.csv", category="Summary", labels={"run": "{run}", "file": "table"}),
-        figure=report(f"{R}/summary/activation_norms.png", category="Summary", labels={"run": "{run}", "file": "figure"}),
-    params:
-        cfg=stage_cfg("summary"),
+        figure=report(
+            f"{R}/summary/activation_norms.png", category="Summary", labels={"run": "{run}", "file": "figure"}
+        ),
     log:
         f"{R}/logs/summarize.log",
+    conda:
+        "../../envs/mechflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=stage_cfg("summary"),
     script:
         "../scripts/summarize.py"
 
@@ -42,12 +44,12 @@ rule run_manifest:
         analysis_outputs=analysis_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
-    params:
-        run_cfg=run_cfg,
     log:
         f"{R}/logs/run_manifest.log",
     localrule: True
     conda:
         "../../envs/mechflow.yaml"
+    params:
+        run_cfg=run_cfg,
     script:
         "../scripts/run_manifest.py"

@@ -4,17 +4,17 @@ rule prepare_task:
         user_file=task_input_file,  # a JSONL task's file: editing it re-runs the task
     output:
         dataset=f"{R}/tasks/{{task}}/dataset.jsonl",
-    params:
-        cfg=task_cfg,
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/prepare_task/{{task}}.log",
+    conda:
+        "../../envs/mechflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=task_cfg,
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/prepare_task.py"
 
@@ -25,18 +25,18 @@ rule evaluate_task:
         dataset=rules.prepare_task.output.dataset,
     output:
         baseline=f"{R}/tasks/{{task}}/baseline.json",
-    params:
-        cfg=task_cfg,
-        model_cfg=stage_cfg("model"),
     log:
         f"{R}/logs/evaluate_task/{{task}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate_task/{{task}}.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
         mem_mb=6000,
         runtime=20,
-    conda:
-        "../../envs/mechflow.yaml"
+    params:
+        cfg=task_cfg,
+        model_cfg=stage_cfg("model"),
     script:
         "../scripts/evaluate_task.py"
