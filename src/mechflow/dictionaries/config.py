@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,12 @@ _THRESHOLD_LR_SCALE = ("the thresholds' learning rate is lr x this (their own Ad
 
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    GROUP: ClassVar[str] = ""  # the config group, for error messages (set on top-level groups)
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> Any:
+        """Validate a composed config group; ConfigError naming `<group>.<field>` on bad input."""
+        return parse_config(cls, cfg, cls.GROUP or cls.__name__)
 
 
 class DataConfig(_Cfg):
@@ -86,6 +92,8 @@ class FeaturesConfig(_Cfg):
 class SAEConfig(_Cfg):
     """An SAE trained with SAELens' `SAETrainer` on one hook's activation shards."""
 
+    GROUP: ClassVar[str] = "sae"
+
     hook: str | None = Field("blocks.15.hook_resid_post",
                              description="expected manifest hook (null: whatever the manifest holds)")
     architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "gated", "matryoshka_batchtopk"] = "topk"
@@ -128,6 +136,8 @@ class SAEConfig(_Cfg):
 
 class TranscoderConfig(_Cfg):
     """A (skip / cross-layer) JumpReLU transcoder trained by `mechflow.dictionaries.transcoder`."""
+
+    GROUP: ClassVar[str] = "transcoder"
 
     kind: Literal["per_layer", "skip", "clt"] = "per_layer"
     layers: list[int] = Field(default_factory=lambda: [15], description="layers; a CLT spans them in order")

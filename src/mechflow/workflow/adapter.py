@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,13 +39,37 @@ def _as_path(value: Any) -> Any:
     return value
 
 
+def typed_config(value: Any, annotation: Any) -> Any:
+    """A resolved config group (dict) as the typed config the stage function's annotation names.
+
+    A class with a ``from_dict`` classmethod (every config model keeps one: it validates once and
+    raises the ConfigError that names ``<group>.<key>`` and the fix) or any pydantic model; other
+    annotations and values that are not mappings pass through unchanged.
+    """
+    if not isinstance(value, dict) or not isinstance(annotation, type):
+        return value
+    if callable(getattr(annotation, "from_dict", None)):
+        return annotation.from_dict(value)
+    if callable(getattr(annotation, "model_validate", None)):
+        return annotation.model_validate(value)
+    return value
+
+
 def call_with_named(fn: Callable, available: dict[str, Any]) -> Any:
-    """Call `fn` with the entries of `available` that its signature names (error if one is missing)."""
+    """Call `fn` with the entries of `available` that its signature names (error if one is missing).
+
+    Parameters annotated with a config model receive it typed (`typed_config`), so a stage reads
+    ``def circuit(cfg: CircuitConfig, *, ...)`` while its rule passes ``params: cfg=stage_cfg("circuit")``.
+    """
     sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve at run time: pass values as they are
+        hints = {}
     kwargs, missing = {}, []
     for name, param in sig.parameters.items():
         if name in available:
-            kwargs[name] = available[name]
+            kwargs[name] = typed_config(available[name], hints.get(name))
         elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             missing.append(name)
     if missing:

@@ -1,0 +1,39 @@
+"""`run_rule`'s argument passing: named inputs/outputs/params, typed configs, missing names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from mechflow.dictionaries.config import SAEConfig
+from mechflow.errors import ConfigError
+from mechflow.workflow.adapter import call_with_named
+
+
+class ToyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = 3
+
+
+def stage_typed(cfg: SAEConfig, *, out: Path, toy: ToyConfig, model_cfg: dict) -> tuple:
+    return cfg, out, toy, model_cfg
+
+
+def test_a_stage_receives_its_config_typed_and_other_values_unchanged(tmp_path):
+    cfg, out, toy, model_cfg = call_with_named(stage_typed, {"cfg": {"hook": "blocks.3.hook_resid_post"},
+                                                             "out": tmp_path, "toy": {"n": 5},
+                                                             "model_cfg": {"name": "m"}, "unused": 1})
+    assert isinstance(cfg, SAEConfig) and cfg.hook == "blocks.3.hook_resid_post"
+    assert out == tmp_path and toy == ToyConfig(n=5) and model_cfg == {"name": "m"}
+
+
+def test_a_bad_config_fails_with_the_config_error_of_its_model(tmp_path):
+    with pytest.raises(ConfigError, match="sae"):
+        call_with_named(stage_typed, {"cfg": {"bogus": 1}, "out": tmp_path, "toy": {}, "model_cfg": {}})
+
+
+def test_a_missing_named_argument_names_what_the_rule_provides():
+    with pytest.raises(TypeError, match=r"needs \['out'\].*provides"):
+        call_with_named(stage_typed, {"cfg": {}, "toy": {}, "model_cfg": {}})
