@@ -7,18 +7,29 @@
 3. `compose_config` composes `config/config.yaml` with one override list, resolves
    interpolations and validates every group against `workflow/schemas/config/<group>.schema.json`.
 4. `compose_runs` does 2–3 for every sweep point and names each run folder.
+5. `config_model` makes each group's typed config (`<stage>/config.py`): a frozen pydantic dataclass
+   whose fields carry the defaults, bounds and descriptions. `parse_group` validates a mapping into
+   it with one `ConfigError` naming `<group>.<field>` and the fix, and `config_json_schemas` generates
+   the `workflow/schemas/config/*.schema.json` files that step 3 validates against.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import re
 import shlex
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic.json_schema import GenerateJsonSchema
 
 from mechflow.errors import ConfigError
 from mechflow.io import canonical_hash
@@ -83,23 +94,58 @@ def _schema(schema_dir: str, group: str) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _field_path(prefix: str, error) -> str:
-    parts = [prefix, *[str(p) for p in error.absolute_path]]
-    return ".".join(p for p in parts if p)
+def _field_path(prefix: str, parts) -> str:
+    out = prefix
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
-def _describe(schema: dict, error) -> str:
-    """The `description` of the failing property, if the schema has one."""
-    node = schema
-    for part in error.absolute_path:
-        props = node.get("properties", {}) if isinstance(node, dict) else {}
+def _resolve(root: dict, node: Any) -> Any:
+    """`node` with a local `{"$ref": "#/$defs/X"}` replaced by its target (generated schemas use them)."""
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target: Any = root
+        for key in node["$ref"][2:].split("/"):
+            target = target[key]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def _describe(schema: dict, path) -> str:
+    """The `description` of the property at `path` (an error's `absolute_path`), if it has one."""
+    node: Any = _resolve(schema, schema)
+    for part in path:
+        if not isinstance(node, dict):
+            return ""
+        for branch in node.get("anyOf", []):  # `X | None`: follow the non-null branch
+            branch = _resolve(schema, branch)
+            if branch.get("type") != "null":
+                node = {**branch, **{k: v for k, v in node.items() if k != "anyOf"}}
+                break
+        props = node.get("properties", {})
         if isinstance(part, str) and part in props:
             node = props[part]
-        elif isinstance(node, dict) and "additionalProperties" in node and isinstance(node["additionalProperties"], dict):
+        elif isinstance(part, int) and isinstance(node.get("items"), dict):
+            node = node["items"]
+        elif isinstance(node.get("additionalProperties"), dict):
             node = node["additionalProperties"]
         else:
             return ""
-    return node.get("description", "") if isinstance(node, dict) else ""
+        node = _resolve(schema, node)
+    return node.get("description", "").rstrip(".") if isinstance(node, dict) else ""
+
+
+def _most_specific(error):
+    """For `anyOf` (an optional value): the error of the branch whose type the value has."""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        typed = [e for e in error.context if e.validator != "type"]
+        if not typed:
+            types = [t for e in error.context for t in ([e.validator_value] if isinstance(e.validator_value, str)
+                                                        else e.validator_value)]
+            error.message = f"{error.instance!r} is not of type {' or '.join(map(repr, types))}"
+            return error
+        error = typed[0]
+    return error
 
 
 def validate_group(group: str, value: Any, schema_dir: Path = DEFAULT_SCHEMA_DIR, prefix: str | None = None) -> None:
@@ -110,15 +156,21 @@ def validate_group(group: str, value: Any, schema_dir: Path = DEFAULT_SCHEMA_DIR
     if schema is None:
         return
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:
         return
-    err = errors[0]
-    where = _field_path(prefix if prefix is not None else group, err)
+    err = _most_specific(errors[0])
+    where = _field_path(prefix if prefix is not None else group, err.absolute_path)
+    forbidden = err.validator_value.get("required") if err.validator == "not" and isinstance(
+        err.validator_value, dict) and set(err.validator_value) == {"required"} else None
+    if forbidden:  # a key that only some values of another key use (e.g. task `path`, kind=jsonl only)
+        hint = "; ".join(_describe(schema, [*err.absolute_path, k]) for k in forbidden)
+        raise ConfigError(f"{_field_path(where, forbidden[:1])}: not used here" + (f" ({hint})" if hint else "")
+                          + "; remove it.")
     if err.validator == "additionalProperties":
-        allowed = sorted(err.schema.get("properties", {}))
+        allowed = sorted(_resolve(schema, err.schema).get("properties", {}))
         raise ConfigError(f"{where}: {err.message}. Allowed keys here: {allowed}. Fix the spelling or remove the key.")
-    hint = _describe(schema, err)
+    hint = _describe(schema, err.absolute_path)
     home = "config/config.yaml" if group == ROOT_SCHEMA else f"config/{group}/"
     raise ConfigError(f"{where}: {err.message}." + (f" Expected: {hint}." if hint else "")
                       + f" Fix it with an override, e.g. {where}=<value>, or in {home}.")
@@ -224,13 +276,326 @@ def _is_sweep(override: str) -> bool:
     return len(expand_sweeps([override])) > 1
 
 
+# ------------------------------------------------------------------------------ typed config groups
+
+GROUP_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+"""Every group: unknown keys fail and numbers are finite. Fields use pydantic's `Strict*` types, so
+`"5"`, `2.0` or `true` is not taken for an integer, nor `"yes"` for a boolean (as the schema files)."""
+
+JSON_SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"  # jsonschema/snakemake detect the dialect
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_.=+-]+$"
+
+
+class FieldError(ValueError):
+    """Raised by a group's cross-field check to blame one field: `<where>.<field> <message>`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
+
+
+class _UniqueItems:
+    """`Annotated[tuple[X, ...], UniqueItems]`: no value twice (`uniqueItems` in the schema)."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(_distinct, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict:
+        return {**handler(schema), "uniqueItems": True}
+
+
+def _distinct(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{list(values)!r} lists a value twice; give each value once")
+    return values
+
+
+UniqueItems = _UniqueItems()
+
+
+class GroupConfig:
+    """What every typed config (a class made by `config_model`) can do besides holding its fields."""
+
+    __config_where__: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> Self:
+        """Validate `cfg` (a mapping, DictConfig or None; missing keys take the class defaults)."""
+        return parse_group(cls, cfg)
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON data (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def field_defaults(cls) -> dict:
+        """Each field's class default as plain data (fields without a default are left out)."""
+        out = {}
+        for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
+            if not info.is_required():
+                value = info.get_default(call_default_factory=True)
+                out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return _plain(out)
+
+
+def config_model(where: str, **config: Any):
+    """Class decorator: a frozen pydantic dataclass for the config section `where` ("stats",
+    "benchmark.restriction"); constructing one with a bad value raises `ConfigError`, as `from_dict`.
+
+    A pydantic dataclass (not a `BaseModel`) so that `dataclasses.asdict`/`fields` keep working for
+    the stages that record a config with them.
+    """
+
+    def decorate(cls):
+        cls = pydantic_dataclass(frozen=True, config=ConfigDict(**{**GROUP_CONFIG, **config}))(cls)
+        cls.__config_where__ = where
+        validating_init = cls.__init__
+
+        @functools.wraps(validating_init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                validating_init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise config_error(exc, cls, where) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
+
+
+@lru_cache(maxsize=None)
+def _adapter(model: type) -> TypeAdapter:
+    return TypeAdapter(model)
+
+
+def parse_group(model: type, cfg: Any, where: str | None = None) -> Any:
+    """Validate `cfg` (dict, DictConfig, None or already a `model`) into `model`; raise one
+    `ConfigError` naming `<where>.<field>` (default: the model's own section) and the fix."""
+    where = model.__config_where__ if where is None else where
+    if isinstance(cfg, model):
+        return cfg
+    try:
+        return _adapter(model).validate_python(as_mapping(cfg, where))
+    except ValidationError as exc:
+        raise config_error(exc, model, where) from None
+
+
+def as_mapping(cfg: Any, where: str) -> dict:
+    """`cfg` (None, a mapping or an OmegaConf DictConfig) as a plain dict, without Hydra's `defaults`."""
+    if cfg is None:
+        return {}
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not hasattr(cfg, "keys"):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {type(cfg).__name__}")
+    return {k: v for k, v in dict(cfg).items() if k != "defaults"}  # Hydra's defaults list, in a raw YAML
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_error(exc: ValidationError, model: type, where: str) -> ConfigError:
+    """The first error of `exc` as a `ConfigError`: `<where>.<field>: what is wrong`, what the field
+    expects (its description) and where to fix it."""
+    err = exc.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a shared check (e.g. check_thresholds) names the field itself
+        return ConfigError(str(cause))
+    loc = list(err["loc"])
+    unknown = err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+    parts, holder, info = _walk(model, loc[:-1] if unknown else loc)
+    path = _field_path(where, parts)
+    home = _home(where)
+    if unknown:
+        keys = sorted(getattr(holder, "__pydantic_fields__", {}))
+        return ConfigError(f"{_field_path(path, [loc[-1]])}: unknown key; valid keys are {keys} "
+                           f"(check {home} or the override for a typo)")
+    if isinstance(cause, FieldError):
+        return ConfigError(f"{_field_path(path, [cause.field])} {cause.message} (fix it in {home} or with an override)")
+    if err["type"] == "missing":
+        text = "is required but missing"
+    elif isinstance(cause, ValueError):
+        text = str(cause)
+    elif err["type"] == "literal_error":
+        text = f"{err['input']!r} is not one of {list(_literal_choices(info.annotation if info else None))}"
+    else:
+        text = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})"
+    hint = f" Expected: {info.description.rstrip('.')}." if info is not None and info.description else ""
+    key = _field_path(where, [p for p in parts if isinstance(p, str)])  # an override sets the whole list
+    return ConfigError(f"{path}: {text}.{hint} Fix it in {home} or with an override, e.g. {key}=<value>.")
+
+
+def _walk(model: type, loc: list) -> tuple[list, type | None, Any]:
+    """`loc` of a pydantic error -> (field path, the config class it ends in, the last field's FieldInfo).
+
+    Union branch tags and validator names in `loc` ("int", "function-after[...]") are dropped.
+    """
+    parts: list = []
+    node: type | None = model
+    info = None
+    for p in loc:
+        fields = getattr(node, "__pydantic_fields__", None)
+        if isinstance(p, int) and fields is not None and not parts:  # a positional argument
+            p = list(fields)[p]
+        if isinstance(p, str) and fields is not None and p in fields:
+            info = fields[p]
+            parts.append(p)
+            node = _config_class(info.annotation)
+        elif isinstance(p, int):
+            parts.append(p)
+    return parts, node, info
+
+
+def _config_class(annotation: Any) -> type | None:
+    if hasattr(annotation, "__pydantic_fields__"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _config_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _literal_choices(annotation: Any) -> tuple:
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        if choices := _literal_choices(arg):
+            return choices
+    return ()
+
+
+def _home(where: str) -> str:
+    group, _, rest = where.partition(".")
+    if not group:
+        return "config/config.yaml"
+    if group == "task" and rest:
+        return f"config/task/{rest.split('.')[0]}.yaml"
+    return f"config/{group}/"
+
+
+class _GroupSchema(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema) -> bool:
+        return False  # the property name says it; "Batch Size" adds nothing
+
+
+def group_json_schema(model: type) -> dict:
+    """JSON schema of a typed config, self-contained (nested classes inlined) and compact
+    (`X | None` written as `"type": [X, "null"]`), so that its validation errors read well."""
+    schema = _adapter(model).json_schema(schema_generator=_GroupSchema)
+    defs = schema.pop("$defs", {})
+    return {"$schema": JSON_SCHEMA_DRAFT, **_sort_keys(_compact(_inline(schema, defs)))}
+
+
+def _sort_keys(node: Any, parent: str = "") -> Any:
+    """Keywords in alphabetical order, as pydantic writes them; properties stay in field order."""
+    if isinstance(node, list):
+        return node if parent in ("default", "enum", "const") else [_sort_keys(v) for v in node]
+    if not isinstance(node, dict) or parent in ("default", "const"):
+        return node
+    keys = node if parent == "properties" else sorted(node)
+    return {k: _sort_keys(node[k], k if parent != "properties" else "") for k in keys}
+
+
+def _inline(node: Any, defs: dict) -> Any:
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("$ref"), str):
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return {k: _inline(v, defs) for k, v in node.items()}
+
+
+def _compact(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_compact(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _compact(v) for k, v in node.items()}
+    branches = node.get("anyOf")
+    if isinstance(branches, list) and len(branches) == 2 and {"type": "null"} in branches:
+        other = next(b for b in branches if b != {"type": "null"})
+        if isinstance(other.get("type"), str) and not {"anyOf", "oneOf", "allOf", "const"} & set(other):
+            merged = {**other, "type": [other["type"], "null"]}
+            if "enum" in merged:
+                merged["enum"] = [*merged["enum"], None]
+            rest = {k: v for k, v in node.items() if k != "anyOf"}
+            node = {**merged, **rest}
+    return node
+
+
+@config_model("wandb")
+class WandbConfig(GroupConfig):
+    """Weights & Biases logging (`mechflow.tracking`); never needs an API key."""
+
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode; offline needs no key (the WANDB_MODE environment variable wins)")
+    project: StrictStr = Field("mechflow", description="wandb project name")
+
+
+@config_model("", extra="ignore")
+class RootConfig(GroupConfig):
+    """Root keys of `config/config.yaml`. Every other key is a config group, validated by its own
+    schema (`<group>.schema.json`; the task entries by `task.schema.json`)."""
+
+    model: dict[str, Any] = Field(description="the `model` group (config/model/)")
+    corpus: dict[str, Any] = Field(description="the `corpus` group (config/corpus/)")
+    harvest: dict[str, Any] = Field(description="the `harvest` group (config/harvest/)")
+    task: dict[str, Any] = Field(min_length=1, description="selected tasks, e.g. task=[ioi,greater_than]")
+    seed: StrictInt = Field(ge=0, description="global random seed")
+    threads: StrictInt = Field(ge=1, le=256, description="torch threads per job")
+    wandb: WandbConfig = Field(description="Weights & Biases logging")
+    run_name: StrictStr | None = Field(None, pattern=RUN_NAME_PATTERN,
+                                       description="run folder name: letters, digits and _.=+- only")
+
+
+# Config group (schema file name) -> its typed config, imported lazily: this module sits below the
+# stage packages. `sae`/`transcoder` come from `mechflow.dictionaries.config.json_schemas`.
+CONFIG_GROUPS: dict[str, str] = {
+    "attribution": "mechflow.attribution.config:AttributionConfig",
+    "benchmark": "mechflow.benchmark.config:BenchmarkConfig",
+    "circuit": "mechflow.circuits.config:CircuitConfig",
+    "corpus": "mechflow.corpus.config:CorpusConfig",
+    "harvest": "mechflow.harvest.config:HarvestConfig",
+    "model": "mechflow.models.config:ModelConfig",
+    "reference": "mechflow.reference.config:ReferenceConfig",
+    "root": "mechflow.config:RootConfig",
+    "stats": "mechflow.stats.config:StatsConfig",
+    "summary": "mechflow.summary.config:SummaryConfig",
+    "task": "mechflow.tasks.config:TaskConfig",
+}
+
+
+def group_model(group: str) -> type:
+    """The typed config of `group` (a key of `CONFIG_GROUPS`), imported by name: the stage configs
+    import this module."""
+    import importlib
+
+    module, _, name = CONFIG_GROUPS[group].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def config_json_schemas() -> dict[str, dict]:
-    """Config group name -> JSON schema generated from the group's pydantic model.
+    """Config group name -> JSON schema generated from the group's typed config.
 
     `python -m mechflow.contracts.export` writes each to `workflow/schemas/config/<group>.schema.json`
-    (compose-time validation and Snakemake's `validate` read those files); a test fails on drift.
-    Groups are imported lazily: this module sits below the stage packages.
+    as `json.dumps(schema, indent=2) + "\n"` (compose-time validation and Snakemake's `validate`
+    read those files); a test fails on drift.
     """
-    from mechflow.dictionaries.config import json_schemas
+    import importlib
 
-    return dict(json_schemas())
+    schemas = {group: group_json_schema(group_model(group)) for group in CONFIG_GROUPS}
+    schemas.update(importlib.import_module("mechflow.dictionaries.config").json_schemas())  # sae, transcoder
+    return dict(sorted(schemas.items()))

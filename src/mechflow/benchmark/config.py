@@ -1,24 +1,30 @@
 """Typed config of the benchmark stage (Hydra group ``benchmark``, `config/benchmark/default.yaml`).
 
-`BenchmarkConfig.from_dict` turns the composed mapping into a validated, frozen config; every bad
-value raises one `ConfigError` naming the field (``benchmark.acdc.thresholds``, ...) and the fix.
-`workflow/schemas/config/benchmark.schema.json` mirrors these fields;
-`tests/unit/benchmark/test_config.py` fails on drift.
+`BenchmarkConfig.from_dict` turns the composed mapping into a validated, frozen config; a bad value
+raises one `ConfigError` naming the field (``benchmark.acdc.thresholds``, ...) and the fix.
+`workflow/schemas/config/benchmark.schema.json` is generated from `BenchmarkConfig`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from mechflow.config import GroupConfig, config_model
 from mechflow.errors import ConfigError, check_known_keys
 from mechflow.io import canonical_hash
 
-METRICS = ("kl", "task")
-COMPONENTS = ("all", "heads")
+AcdcMetric = Literal["kl", "task"]
+Components = Literal["all", "heads"]
+METRICS: tuple[str, ...] = get_args(AcdcMetric)
+COMPONENTS: tuple[str, ...] = get_args(Components)
+# Read by the rules (`enabled`, `tasks`) and by `mechflow.benchmark.compare` (`compare`), not by
+# ACDC: left out of `to_dict` (the settings acdc.json records and hashes).
+STAGE_FIELDS = ("enabled", "tasks", "compare")
 
 
 def _is_number(x: Any) -> bool:
@@ -33,38 +39,16 @@ def _check_keys(where: str, cfg: Mapping[str, Any], cls) -> None:
     check_known_keys(where, cfg, cls)
 
 
-@dataclass(frozen=True)
-class RestrictionConfig:
-    """Which edges every method may remove (see `mechflow.benchmark.restriction`).
+@config_model("benchmark.restriction")
+class RestrictionConfig(GroupConfig):
+    """Edge subset shared by every method (ACDC, EAP, EAP-IG, exact evaluation); edges outside it
+    stay present (see `mechflow.benchmark.restriction`)."""
 
-    Attributes:
-        last_layers: only edges whose receiver is in the last ``last_layers`` layers or is the
-            logits; None = every layer.
-        sender_last_layers: only edges whose sender is a head or MLP of the last
-            ``sender_last_layers`` layers (the embedding is excluded); None = every sender.
-        components: ``"all"`` or ``"heads"`` (no edge that starts or ends at an MLP).
-    """
-
-    last_layers: int | None = None
-    sender_last_layers: int | None = None
-    components: str = "all"
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> RestrictionConfig:
-        cfg = dict(cfg or {})
-        _check_keys("benchmark.restriction", cfg, cls)
-        out = cls(**cfg)
-        if out.last_layers is not None and (not _is_int(out.last_layers) or out.last_layers < 1):
-            raise ConfigError(f"benchmark.restriction.last_layers: {out.last_layers!r} must be null "
-                              "(every layer) or an integer >= 1")
-        if out.sender_last_layers is not None and (not _is_int(out.sender_last_layers)
-                                                   or out.sender_last_layers < 1):
-            raise ConfigError(f"benchmark.restriction.sender_last_layers: {out.sender_last_layers!r} must be "
-                              "null (every sender) or an integer >= 1")
-        if out.components not in COMPONENTS:
-            raise ConfigError(f"benchmark.restriction.components: {out.components!r} must be one of "
-                              f"{list(COMPONENTS)}")
-        return out
+    last_layers: StrictInt | None = Field(None, ge=1, description="Only edges whose receiver is in the last N "
+                                          "layers or is the logits; null = every layer.")
+    sender_last_layers: StrictInt | None = Field(None, ge=1, description="Only edges whose sender is a head or MLP "
+                                                 "of the last N layers (embedding excluded); null = every sender.")
+    components: Components = Field("all", description="all, or heads: drop every edge that starts or ends at an MLP.")
 
 
 def check_thresholds(thresholds: Any) -> tuple[float, ...]:
@@ -85,51 +69,8 @@ def check_thresholds(thresholds: Any) -> tuple[float, ...]:
     return tuple(float(t) for t in taus)
 
 
-@dataclass(frozen=True)
-class AcdcConfig:
-    """ACDC settings (Conmy et al. 2023).
-
-    Attributes:
-        thresholds: the tau sweep, strictly increasing; one circuit per tau (ROC points).
-        metric: ``"kl"`` (KL(clean || circuit) at the answer position, mean over prompts) or
-            ``"task"`` (|mean task metric of the circuit - mean task metric of the model|).
-        speculation: most candidate edges evaluated in one batched forward (each copy removes
-            one more edge of the current receiver, assuming the earlier ones get removed; the
-            decisions are then made sequentially and exactly, see `mechflow.benchmark.acdc`).
-            1 = one candidate per forward.
-        max_batch_rows: cap on speculation x prompts rows per forward (memory bound).
-        prune_dead: as the original ACDC, drop without evaluation every incoming edge of a node
-            whose outgoing edges were all removed (its output no longer reaches the logits).
-    """
-
-    thresholds: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)
-    metric: str = "kl"
-    speculation: int = 1
-    max_batch_rows: int = 256
-    prune_dead: bool = True
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> AcdcConfig:
-        cfg = dict(cfg or {})
-        _check_keys("benchmark.acdc", cfg, cls)
-        if "thresholds" in cfg:
-            cfg["thresholds"] = check_thresholds(cfg["thresholds"])
-        out = cls(**cfg)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        check_thresholds(self.thresholds)
-        check_metric(self.metric)
-        for key in ("speculation", "max_batch_rows"):
-            v = getattr(self, key)
-            if not _is_int(v) or v < 1:
-                raise ConfigError(f"benchmark.acdc.{key}: {v!r} must be an integer >= 1")
-        if not isinstance(self.prune_dead, bool):
-            raise ConfigError(f"benchmark.acdc.prune_dead: {self.prune_dead!r} must be true or false")
-
-
 def check_metric(metric: Any) -> str:
+    """Return `metric` if it is an ACDC metric (`METRICS`), else raise `ConfigError`."""
     if metric not in METRICS:
         raise ConfigError(f"benchmark.acdc.metric: {metric!r} is not one of {list(METRICS)} "
                           "(kl: KL divergence to the clean output; task: distance of the task metric "
@@ -137,34 +78,46 @@ def check_metric(metric: Any) -> str:
     return metric
 
 
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """Benchmark stage settings.
+@config_model("benchmark.acdc")
+class AcdcConfig(GroupConfig):
+    """ACDC (Conmy et al. 2023) settings."""
 
-    Attributes:
-        n_prompts: prompt pairs used (the first ones of the largest equal-length bucket).
-        restriction: the edge subset every method works on.
-        acdc: ACDC settings.
-    """
+    thresholds: Annotated[tuple[Annotated[StrictFloat, Field(ge=0)], ...], BeforeValidator(check_thresholds)] = Field(
+        (0.001, 0.003, 0.01, 0.03, 0.1), min_length=1, description="Tau sweep, strictly increasing; an edge is "
+        "removed when the metric increase is below tau; one circuit (ROC point) per tau.")
+    metric: AcdcMetric = Field("kl", description="kl: mean KL(clean || circuit) at the answer position; task: "
+                               "|mean task metric of the circuit - of the full model|.")
+    speculation: StrictInt = Field(1, ge=1, description="Candidates evaluated per batched forward (each copy "
+                                   "removes one more edge of the current receiver); decisions stay those of "
+                                   "sequential ACDC. 1 = one candidate per forward.")
+    max_batch_rows: StrictInt = Field(256, ge=1, description="Upper bound on speculation x n_prompts rows per "
+                                      "forward (memory).")
+    prune_dead: StrictBool = Field(True, description="As the original ACDC, remove unevaluated the incoming edges "
+                                   "of a node none of whose outgoing edges is left.")
 
-    n_prompts: int = 16
-    restriction: RestrictionConfig = field(default_factory=RestrictionConfig)
-    acdc: AcdcConfig = field(default_factory=AcdcConfig)
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> BenchmarkConfig:
-        cfg = dict(cfg or {})
-        _check_keys("benchmark", cfg, cls)
-        n = cfg.get("n_prompts", cls.n_prompts)
-        if not _is_int(n) or n < 1:
-            raise ConfigError(f"benchmark.n_prompts: {n!r} must be an integer >= 1 (e.g. 16)")
-        return cls(n_prompts=n, restriction=RestrictionConfig.from_dict(cfg.get("restriction")),
-                   acdc=AcdcConfig.from_dict(cfg.get("acdc")))
+@config_model("benchmark")
+class BenchmarkConfig(GroupConfig):
+    """Benchmark stage config (config/benchmark/*.yaml): ACDC and the method comparison on one
+    restricted edge graph."""
+
+    n_prompts: StrictInt = Field(16, ge=1, description="Prompt pairs used: the first ones of the task's largest "
+                                 "equal-length bucket.")
+    restriction: RestrictionConfig = Field(RestrictionConfig(), description="Edge subset shared by "
+                                           "every method (ACDC, EAP, EAP-IG, exact evaluation); edges outside it "
+                                           "stay present.")
+    acdc: AcdcConfig = Field(AcdcConfig(), description="ACDC (Conmy et al. 2023) settings.")
+    enabled: StrictBool = Field(False, description="run the ACDC-vs-ours benchmark rule as part of `all` (minutes "
+                                "to hours: opt in)")
+    tasks: tuple[StrictStr, ...] = Field(("ioi",), min_length=1,
+                                         description="tasks to benchmark (each must be selected in `task`)")
+    compare: dict[str, Any] = Field(default_factory=dict, description="side-by-side comparison settings "
+                                    "(mechflow.benchmark.compare.CompareConfig): target, ig_steps, ig_rule, "
+                                    "percentages, reference_threshold, acdc_match")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["acdc"]["thresholds"] = list(self.acdc.thresholds)
-        return d
+        """The ACDC settings (recorded in acdc.json; `STAGE_FIELDS` are not)."""
+        return {k: v for k, v in super().to_dict().items() if k not in STAGE_FIELDS}
 
     def hash(self) -> str:
         return canonical_hash(self.to_dict())

@@ -1,61 +1,58 @@
-"""Typed view of the `corpus` config group (config/corpus/*.yaml)."""
+"""Typed config of the corpus stage (Hydra group ``corpus``, `config/corpus/*.yaml`).
+
+`workflow/schemas/config/corpus.schema.json` is generated from `CorpusConfig`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, get_args
 
-from mechflow.errors import ConfigError, check_known_keys
+from pydantic import Field, StrictInt, StrictStr, model_validator
 
-SOURCES = ("stdlib_docs", "python_docstrings", "text_files", "jsonl", "hf_dataset")
+from mechflow.config import FieldError, GroupConfig, config_model
+
+Source = Literal["stdlib_docs", "python_docstrings", "text_files", "jsonl", "hf_dataset"]
+SOURCES: tuple[str, ...] = get_args(Source)
 
 
-@dataclass(frozen=True)
-class CorpusConfig:
-    """See workflow/schemas/config/corpus.schema.json for each key's meaning."""
+@config_model("corpus")
+class CorpusConfig(GroupConfig):
+    """Where the text comes from and how it is cut into token contexts."""
 
-    name: str = "stdlib_docs"
-    source: str = "stdlib_docs"
-    context_size: int = 128
-    max_tokens: int = 100_000
-    paths: tuple[str, ...] = field(default_factory=tuple)
-    packages: tuple[str, ...] = field(default_factory=tuple)
-    text_field: str = "text"
-    hf_name: str | None = None
-    hf_config: str | None = None
-    hf_split: str = "train"
-    separator: str = "bos"
+    name: StrictStr = Field("stdlib_docs", min_length=1, description="Corpus name, used in output paths and "
+                            "corpus.json.")
+    source: Source = Field("stdlib_docs", description="stdlib_docs: Python standard library docstrings (offline "
+                           "default); python_docstrings: docstrings of the .py files of `packages`, read with ast, in "
+                           "a seeded random order (offline, millions of tokens); text_files: *.txt/*.md files or "
+                           "folders; jsonl: JSON lines with text_field; hf_dataset: Hugging Face dataset by name "
+                           "(online only).")
+    context_size: StrictInt = Field(128, ge=2, description="Tokens per context, BOS included when model.prepend_bos "
+                                    "(then BOS + context_size-1 text tokens).")
+    max_tokens: StrictInt = Field(100_000, ge=2, description="Cap on total tokens: at most max_tokens // "
+                                  "context_size contexts are written (so at least context_size).")
+    paths: tuple[StrictStr, ...] = Field((), description="Files or folders to read (text_files, jsonl).")
+    packages: tuple[StrictStr, ...] = Field(
+        (), description="python_docstrings: installed package names whose .py docstrings are read (no import); "
+        "'stdlib' = the standard library.")
+    text_field: StrictStr = Field("text", description="JSON field holding the document text (jsonl, hf_dataset).")
+    hf_name: StrictStr | None = Field(None, description="Hugging Face dataset name (hf_dataset).")
+    hf_config: StrictStr | None = Field(None, description="Hugging Face dataset configuration name, or null.")
+    hf_split: StrictStr = Field("train", description="Hugging Face dataset split (hf_dataset).")
+    separator: Literal["bos", "eos"] = Field(
+        "bos", description="Token between concatenated documents: bos = the model's BOS (model.bos_token; every "
+        "document starts like a prompt), eos = the tokenizer's EOS. Falls back to EOS when model.prepend_bos is "
+        "false.")
 
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "CorpusConfig":
-        check_known_keys("corpus", cfg, cls)
-        values = dict(cfg)
-        if "paths" in values:
-            paths = values["paths"]
-            values["paths"] = (paths,) if isinstance(paths, str) else tuple(str(p) for p in (paths or ()))
-        if "packages" in values:
-            pkgs = values["packages"]
-            values["packages"] = (pkgs,) if isinstance(pkgs, str) else tuple(str(p) for p in (pkgs or ()))
-        out = cls(**values)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"corpus.source={self.source!r} is not one of {list(SOURCES)}")
-        if not isinstance(self.context_size, int) or self.context_size < 2:
-            raise ConfigError(f"corpus.context_size={self.context_size!r} must be an integer ≥ 2")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < self.context_size:
-            raise ConfigError(
-                f"corpus.max_tokens={self.max_tokens!r} must be an integer ≥ corpus.context_size "
-                f"({self.context_size}) so that at least one context is written"
-            )
-        if self.separator not in ("bos", "eos"):
-            raise ConfigError(f"corpus.separator={self.separator!r} must be 'bos' or 'eos'")
+    @model_validator(mode="after")
+    def _source_has_what_it_reads(self) -> CorpusConfig:
+        if self.max_tokens < self.context_size:
+            raise FieldError("max_tokens", f"({self.max_tokens}) must be >= corpus.context_size "
+                             f"({self.context_size}) so that at least one context is written")
         if self.source in ("text_files", "jsonl") and not self.paths:
-            raise ConfigError(f"corpus.paths is empty; corpus.source={self.source} needs files or folders to read")
+            raise FieldError("paths", f"is empty; corpus.source={self.source} needs files or folders to read")
         if self.source == "python_docstrings" and not self.packages:
-            raise ConfigError("corpus.packages is empty; corpus.source=python_docstrings needs package names, "
-                              "e.g. [stdlib, numpy]")
+            raise FieldError("packages", "is empty; corpus.source=python_docstrings needs package names, "
+                             "e.g. [stdlib, numpy]")
         if self.source == "hf_dataset" and not self.hf_name:
-            raise ConfigError("corpus.hf_name is empty; corpus.source=hf_dataset needs a dataset name")
+            raise FieldError("hf_name", "is empty; corpus.source=hf_dataset needs a dataset name")
+        return self

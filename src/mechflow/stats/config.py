@@ -1,89 +1,53 @@
 """Typed configuration of the statistics stage (`config/stats/default.yaml`).
 
-`StatsConfig.from_dict` is the single entry point that turns a (Hydra-composed) mapping into a
-validated, frozen config; every bad value raises one `ConfigError` naming the field
-(`stats.<field>`) and the fix. The JSON schema `workflow/schemas/config/stats.schema.json`
-mirrors these fields; `tests/unit/stats/test_config.py` fails on drift.
+`StatsConfig.from_dict` turns a (Hydra-composed) mapping into a validated, frozen config; a bad
+value raises one `ConfigError` naming the field (`stats.<field>`) and the fix.
+`workflow/schemas/config/stats.schema.json` is generated from this class.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, get_args
 
+from pydantic import Field, StrictFloat, StrictInt
+
+from mechflow.config import GroupConfig, UniqueItems, config_model
 from mechflow.errors import ConfigError
 
-CI_METHODS = ("percentile", "bca")
-FCAS_NULLS = ("shuffle_depth", "random_sets")
-FEATURE_NULLS = ("shuffle", "circular_shift")
+CiMethod = Literal["percentile", "bca"]
+FcasNull = Literal["shuffle_depth", "random_sets"]
+FeatureNull = Literal["shuffle", "circular_shift"]
+CI_METHODS: tuple[str, ...] = get_args(CiMethod)
+FCAS_NULLS: tuple[str, ...] = get_args(FcasNull)
+FEATURE_NULLS: tuple[str, ...] = get_args(FeatureNull)
 
 
-@dataclass(frozen=True)
-class StatsConfig:
-    """Statistics stage settings. See the schema for each field's meaning."""
+@config_model("stats")
+class StatsConfig(GroupConfig):
+    """Statistics stage config (config/stats/*.yaml)."""
 
-    B: int = 1000
-    ci_level: float = 0.95
-    ci_methods: tuple[str, ...] = CI_METHODS
-    seed: int = 0
-    top_k: int = 20
-    n_permutations: int = 1000
-    fcas_null: str = "shuffle_depth"
-    quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
-    feature_null: str = "shuffle"
-    feature_n_permutations: int = 100
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "StatsConfig":
-        """Validate `cfg` (missing keys take defaults; unknown keys are an error)."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(
-                f"stats.{unknown[0]}: unknown key; valid keys are {sorted(known)} "
-                "(check for a typo in config/stats/*.yaml or the override)"
-            )
-        for key in ("ci_methods", "quantiles"):
-            if key in cfg and not isinstance(cfg[key], str):
-                try:
-                    cfg[key] = tuple(cfg[key])
-                except TypeError:
-                    raise ConfigError(f"stats.{key}: expected a list, got {cfg[key]!r}") from None
-        out = cls(**cfg)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid field."""
-        check_positive_int("stats.B", self.B)
-        check_ci_level("stats.ci_level", self.ci_level)
-        if isinstance(self.ci_methods, str) or not self.ci_methods or any(
-            m not in CI_METHODS for m in self.ci_methods
-        ):
-            raise ConfigError(
-                f"stats.ci_methods: {self.ci_methods!r} must be a non-empty list drawn from {list(CI_METHODS)}"
-            )
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"stats.seed: {self.seed!r} must be a non-negative integer")
-        check_positive_int("stats.top_k", self.top_k)
-        check_positive_int("stats.n_permutations", self.n_permutations)
-        if self.fcas_null not in FCAS_NULLS:
-            raise ConfigError(f"stats.fcas_null: {self.fcas_null!r} must be one of {list(FCAS_NULLS)}")
-        if isinstance(self.quantiles, str) or not self.quantiles or any(
-            not _is_number(q) or not 0.0 <= q <= 1.0 for q in self.quantiles
-        ):
-            raise ConfigError(f"stats.quantiles: {self.quantiles!r} must be a non-empty list of numbers in [0, 1]")
-        if self.feature_null not in FEATURE_NULLS:
-            raise ConfigError(
-                f"stats.feature_null: {self.feature_null!r} must be one of {list(FEATURE_NULLS)}"
-            )
-        check_positive_int("stats.feature_n_permutations", self.feature_n_permutations)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    B: StrictInt = Field(1000, ge=1, description="Number of bootstrap resamples of prompts (with replacement).")
+    ci_level: StrictFloat = Field(0.95, gt=0, lt=1,
+                                  description="Two-sided nominal coverage of the confidence intervals.")
+    ci_methods: Annotated[tuple[CiMethod, ...], UniqueItems] = Field(
+        CI_METHODS, min_length=1,
+        description="Bootstrap interval methods: percentile and/or BCa (Efron & Tibshirani 1993).")
+    seed: StrictInt = Field(0, ge=0,
+                            description="Seed of the numpy Generator used for resampling and permutation nulls.")
+    top_k: StrictInt = Field(20, ge=1, description="Number of top components (by |attribution|) for top-k overlap "
+                             "and FCAS; must not exceed the number of components.")
+    n_permutations: StrictInt = Field(1000, ge=1, description="Number of FCAS permutation-null draws; the smallest "
+                                      "reachable p-value is 1/(1+n_permutations).")
+    fcas_null: FcasNull = Field("shuffle_depth", description="FCAS null: shuffle the component-to-depth assignment "
+                                "within each model, or draw random component sets of size top_k.")
+    quantiles: tuple[Annotated[StrictFloat, Field(ge=0, le=1)], ...] = Field(
+        (0.05, 0.25, 0.5, 0.75, 0.95), min_length=1,
+        description="Quantile levels reported for the Kendall tau and Jaccard distributions.")
+    feature_null: FeatureNull = Field("shuffle", description="Null for cross-model feature matching: permute or "
+                                      "circularly shift the shared token axis of one model.")
+    feature_n_permutations: StrictInt = Field(100, ge=1,
+                                              description="Number of null draws for cross-model feature matching.")
 
 
 def _is_int(x: Any) -> bool:
@@ -95,7 +59,10 @@ def _is_number(x: Any) -> bool:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    """Return `value` if it is an int >= 1, else raise `ConfigError` naming `name`."""
+    """Return `value` if it is an int >= 1, else raise `ConfigError` naming `name`.
+
+    For the statistics functions called with plain arguments; a `StatsConfig` is already checked.
+    """
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{name}: {value!r} must be an integer >= 1")
     return value

@@ -1,9 +1,8 @@
-"""Benchmark config: YAML defaults = dataclass defaults = schema; every bad value names its field."""
+"""Benchmark config: shipped YAML parses; every bad value names its field; ACDC refuses bad metrics."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import jsonschema
@@ -18,28 +17,23 @@ from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError
 
 ROOT = Path(__file__).parents[3]
-YAML = ROOT / "config" / "benchmark" / "default.yaml"
-SCHEMA = ROOT / "workflow" / "schemas" / "config" / "benchmark.schema.json"
+SCHEMA = json.loads((ROOT / "workflow" / "schemas" / "config" / "benchmark.schema.json").read_text())
 
 
-def test_default_yaml_matches_dataclass_defaults_and_schema():
-    raw = yaml.safe_load(YAML.read_text())
-    jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
-    assert BenchmarkConfig.from_dict({k: v for k, v in raw.items() if k not in ("enabled", "tasks", "compare")}) \
-        == BenchmarkConfig()
+@pytest.mark.parametrize("name", ["default", "last4"])
+def test_shipped_yaml_parses_and_validates(name):
+    raw = yaml.safe_load((ROOT / "config" / "benchmark" / f"{name}.yaml").read_text())
+    raw = {k: v for k, v in raw.items() if k != "defaults"}
+    jsonschema.validate(raw, SCHEMA)
+    cfg = BenchmarkConfig.from_dict(raw)
+    assert cfg.acdc.thresholds == (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
-def test_schema_mirrors_dataclasses():
-    schema = json.loads(SCHEMA.read_text())
-    for cls, props in ((BenchmarkConfig, schema["properties"]),
-                       (RestrictionConfig, schema["properties"]["restriction"]["properties"]),
-                       (AcdcConfig, schema["properties"]["acdc"]["properties"])):
-        stage_keys = {"enabled", "tasks", "compare"} if cls is BenchmarkConfig else set()  # read by the rule / compare
-        assert set(props) - stage_keys == {f.name for f in fields(cls)}, cls.__name__
-        for f in fields(cls):
-            if "default" in props[f.name]:
-                default = getattr(cls(), f.name)
-                assert props[f.name]["default"] == (list(default) if isinstance(default, tuple) else default)
+def test_recorded_settings_leave_out_the_rule_keys():
+    cfg = BenchmarkConfig.from_dict({"enabled": True, "tasks": ["ioi", "greater_than"], "compare": {"target": 0.9}})
+    assert set(cfg.to_dict()) == {"n_prompts", "restriction", "acdc"}
+    assert cfg.hash() == BenchmarkConfig().hash()
+    assert cfg.to_dict()["acdc"]["thresholds"] == [0.001, 0.003, 0.01, 0.03, 0.1]
 
 
 @pytest.mark.parametrize("thresholds", [[], ["0.1"], [True], [0.1, -0.01], [0.1, 0.01], [0.01, 0.01], "0.1",
@@ -58,11 +52,22 @@ def test_bad_thresholds_name_the_field(thresholds):
     ({"restriction": {"last_layers": 0}}, r"benchmark\.restriction\.last_layers"),
     ({"restriction": {"sender_last_layers": -1}}, r"benchmark\.restriction\.sender_last_layers"),
     ({"restriction": {"components": "mlps"}}, r"benchmark\.restriction\.components"),
+    ({"tasks": []}, r"benchmark\.tasks"),
+    ({"enabled": "yes"}, r"benchmark\.enabled"),
     ({"method": "acdc"}, r"benchmark\.method: unknown key"),
 ])
 def test_bad_values_raise_config_error_naming_field(cfg, field):
     with pytest.raises(ConfigError, match=field):
         BenchmarkConfig.from_dict(cfg)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(cfg, SCHEMA)
+
+
+def test_constructing_a_bad_config_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.speculation"):
+        AcdcConfig(speculation=0)
+    with pytest.raises(ConfigError, match=r"benchmark\.restriction\.components"):
+        RestrictionConfig(components="mlps")
 
 
 def test_unknown_metric_is_refused_by_acdc_too(tiny_llama):

@@ -7,8 +7,8 @@ import json
 import jsonschema
 import pytest
 import yaml
-
 from task_helpers import REPO
+
 from mechflow.errors import ConfigError
 from mechflow.tasks import parse_task_config
 
@@ -47,6 +47,9 @@ def test_all_four_kinds_are_shipped():
         ({"name": "t", "kind": "greater_than", "n_prompts": 8, "seed": 0, "centuries": [7]}, "centuries"),
         ({"name": "t", "kind": "riddles", "n_prompts": 8, "seed": 0}, "kind"),
         ({"name": "t", "kind": "ioi", "n_prompts": 0, "seed": 0}, "n_prompts"),
+        ({"name": "t", "kind": "jsonl", "n_prompts": 8, "path": None}, "path"),
+        ({"name": "a b", "kind": "ioi", "n_prompts": 8}, "name"),
+        ({"name": "t", "kind": "ioi"}, r"task\.t\.n_prompts"),
     ],
 )
 def test_bad_entries_fail_in_schema_and_parser_naming_the_field(cfg, field):
@@ -54,6 +57,11 @@ def test_bad_entries_fail_in_schema_and_parser_naming_the_field(cfg, field):
         jsonschema.validate(cfg, SCHEMA)
     with pytest.raises(ConfigError, match=field):
         parse_task_config(cfg)
+
+
+def test_centuries_are_sorted_and_distinct():
+    cfg = {"name": "gt", "kind": "greater_than", "n_prompts": 9, "centuries": [17, 11, 17]}
+    assert parse_task_config(cfg).centuries == (11, 17)
 
 
 def test_config_hash_tracks_settings():

@@ -1,0 +1,26 @@
+"""Typed config of the model group (`config/model/<name>.yaml`).
+
+`workflow/schemas/config/model.schema.json` is generated from `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, StrictBool, StrictStr
+
+from mechflow.config import GroupConfig, config_model
+
+
+@config_model("model")
+class ModelConfig(GroupConfig):
+    """The model every stage of a run loads (`mechflow.models.load_model_from_cfg`)."""
+
+    name: StrictStr = Field(min_length=1, description="an embedded model (smollm2_135m, gemma3_270m) or a "
+                            "TransformerLens/HF hub name (online only)")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        description="weight dtype on CPU; float32 is the tested default")
+    prepend_bos: StrictBool = Field(description="start every prompt and corpus context with the BOS token")
+    edge_circuits: StrictBool = Field(True, description="whether edge-level circuits (MIB graph) are defined for "
+                                      "this model; false: node-level circuits only")
+    bos_token: StrictStr | None = Field(None, description="BOS token string; null = the tokenizer's own")
