@@ -74,13 +74,11 @@ from mechflow.circuits.faithfulness import (
 )
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.circuits.search import check_target, minimal_faithful_prefix
+from mechflow.contracts.benchmark import TimingsDocument
+from mechflow.contracts.documents import write_document
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import (
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    canonical_hash,
-)
+from mechflow.io import atomic_path, atomic_write_text, canonical_hash
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +88,6 @@ COLUMNS = ("method", "seconds", "n_forward", "n_backward", "n_edges_in_circuit",
            "cmd", "roc_auc")
 TIMING_COLUMNS = ("seconds",)
 MATCH = ("closest", "at_least")
-SCHEMA_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -565,7 +562,7 @@ def _write_outputs(out: Path, doc: dict, rows: list[dict], curves: dict, scores:
         w.writerow([_fmt(r[c]) for c in COLUMNS])
     atomic_write_text(out / TABLE_CSV, buf.getvalue())
     atomic_write_text(out / TABLE_TEX, _latex(rows))
-    atomic_write_json(out / TIMINGS_JSON, doc)
+    write_document(out / TIMINGS_JSON, TimingsDocument, doc)
     _plots(out, curves, scores, positives, restriction, acdc_roc, aucs)
     atomic_write_text(out / BENCHMARK_MD, _markdown(doc, rows))
 

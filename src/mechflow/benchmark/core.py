@@ -7,7 +7,8 @@ Steps:
 4. Evaluate every circuit exactly with the task metric (MIB normalised faithfulness, edges outside
    the restriction present).
 5. Write ``acdc_steps.parquet`` (every decision) and then ``acdc.json`` (edge sets per tau, counts,
-   timings), each atomically; ``acdc.json`` is written last and marks completion.
+   timings), each atomically; ``acdc.json`` is written last and marks completion. Layouts:
+   `mechflow.contracts.parquet.ACDC_STEPS_SCHEMA`, `mechflow.contracts.benchmark.AcdcDocument`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from mechflow.benchmark.config import BenchmarkConfig
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.faithfulness import CircuitEvaluator
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.benchmark import AcdcDocument
+from mechflow.contracts.documents import write_document
+from mechflow.contracts.parquet import ACDC_STEPS_SCHEMA, check_schema
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
-from mechflow.io import atomic_path, atomic_write_json, sha256_file
+from mechflow.io import atomic_path, sha256_file
 from mechflow.tasks import select_batch
 from mechflow.tasks.dataset import TaskDataset
 
 log = logging.getLogger(__name__)
 
 ACDC_JSON, ACDC_STEPS = "acdc.json", "acdc_steps.parquet"
-SCHEMA_VERSION = "1"
 
 
 def load_task_batch(model_cfg: dict, dataset: Path, n_prompts: int, model: Any = None):
@@ -78,9 +82,11 @@ def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model:
         "runs": [_run_doc(run, graph, restriction, evaluator) for run in runs],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    steps = _steps_table(runs, graph)
+    check_schema(steps.schema, ACDC_STEPS_SCHEMA, ACDC_STEPS)
     with atomic_path(out_dir / ACDC_STEPS) as tmp:
-        pq.write_table(_steps_table(runs, graph), tmp)
-    atomic_write_json(out_dir / ACDC_JSON, doc)
+        pq.write_table(steps, tmp)
+    write_document(out_dir / ACDC_JSON, AcdcDocument, doc)
     return doc
 
 

@@ -2,7 +2,8 @@
 
 Nodes: ``input``, ``a{L}.h{h}``, ``m{L}``, ``logits``. Receivers of a head are ``a{L}.h{h}<q>``,
 ``<k>``, ``<v>``; for grouped-query attention every QUERY head gets its own q, k and v receiver
-(as MIB does). Edge names: ``"{sender}->{receiver}"``.
+(as MIB does). Edge names: ``"{sender}->{receiver}"``. The names are the contract's
+(`mechflow.contracts.names`).
 
 Index layout (dense ``[n_senders, n_receivers]`` matrices hold scores and masks):
 
@@ -21,6 +22,8 @@ from functools import cached_property
 
 import torch
 from torch import Tensor
+
+from mechflow.contracts import names as mib
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,11 @@ class EdgeGraph:
 
     @cached_property
     def sender_names(self) -> list[str]:
-        names = ["input"]
-        for L in range(self.n_layers):
-            names += [f"a{L}.h{h}" for h in range(self.n_heads)] + [f"m{L}"]
-        return names
+        return mib.sender_names(self.n_layers, self.n_heads)
 
     @cached_property
     def receiver_names(self) -> list[str]:
-        names = []
-        for L in range(self.n_layers):
-            for kind in "qkv":
-                names += [f"a{L}.h{h}<{kind}>" for h in range(self.n_heads)]
-            names.append(f"m{L}")
-        return names + ["logits"]
+        return mib.receiver_names(self.n_layers, self.n_heads)
 
     @cached_property
     def n_readable(self) -> Tensor:
@@ -106,11 +101,11 @@ class EdgeGraph:
         return per_layer + self.n_senders
 
     def edge_name(self, sender: int, receiver: int) -> str:
-        return f"{self.sender_names[sender]}->{self.receiver_names[receiver]}"
+        return mib.edge_name(self.sender_names[sender], self.receiver_names[receiver])
 
     def edge_index(self, name: str) -> tuple[int, int]:
         """Inverse of `edge_name`; raises KeyError for a name that is not an edge of this graph."""
-        s_name, _, r_name = name.partition("->")
+        s_name, r_name = mib.split_edge(name)
         s, r = self._sender_lookup[s_name], self._receiver_lookup[r_name]
         if not bool(self.valid[s, r]):
             raise KeyError(f"{name!r} is not an edge: the sender does not precede the receiver")
@@ -140,6 +135,6 @@ class EdgeGraph:
         mask = mask & self.valid
         nodes = {self.sender_names[s] for s in mask.any(1).nonzero().flatten().tolist()}
         for r in mask.any(0).nonzero().flatten().tolist():
-            nodes.add(self.receiver_names[r].split("<")[0])
-        order = {n: i for i, n in enumerate(self.sender_names + ["logits"])}
+            nodes.add(mib.receiver_node(self.receiver_names[r]))
+        order = {n: i for i, n in enumerate(self.sender_names + [mib.LOGITS])}
         return sorted(nodes, key=order.__getitem__)

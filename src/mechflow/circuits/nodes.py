@@ -37,15 +37,18 @@ from tqdm.auto import tqdm
 from mechflow.attribution.patching import PairBatch, check_batch
 from mechflow.circuits.eap import interpolation_points
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.hooks import COMPONENT_HOOKS, INPUT_HOOK, block_hook
+from mechflow.contracts.names import node_kind
+
+__all__ = ["INPUT_HOOK", "NodeEvaluator", "cache_nodes", "node_hooks", "node_kind", "node_patch_hooks", "node_scores",
+           "ranked_nodes"]
 
 log = logging.getLogger(__name__)
-
-INPUT_HOOK = "blocks.0.hook_resid_pre"
 
 
 def node_hooks(n_layers: int) -> list[str]:
     """The hook names holding every node's activation (input, then per layer hook_z, hook_mlp_out)."""
-    return [INPUT_HOOK] + [f"blocks.{L}.{h}" for L in range(n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    return [INPUT_HOOK] + [block_hook(L, COMPONENT_HOOKS[kind]) for L in range(n_layers) for kind in ("head", "mlp")]
 
 
 @torch.no_grad()
@@ -179,13 +182,3 @@ def ranked_nodes(scores: Tensor, absolute: bool = True) -> Tensor:
     """Node indices best first (|score| by default; stable on ties)."""
     vals = scores.double().abs() if absolute else scores.double()
     return torch.sort(-vals, stable=True).indices
-
-
-def node_kind(name: str) -> tuple[str, int, int]:
-    """(kind, layer, head) of a node name: input -> ("input", -1, -1), a3.h1 -> ("head", 3, 1), m4 -> ("mlp", 4, -1)."""
-    if name == "input":
-        return "input", -1, -1
-    if name.startswith("a"):
-        layer, head = name[1:].split(".h")
-        return "head", int(layer), int(head)
-    return "mlp", int(name[1:]), -1

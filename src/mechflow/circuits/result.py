@@ -8,172 +8,33 @@ from the file alone with implementations INDEPENDENT of the search's: for edges 
 own split-q/k/v-input and attention-result hooks, patched in Python per receiver (not
 `graph_forward`); for nodes the per-head ``hook_result`` (not the search's ``hook_z``).
 
-The pydantic model is a proposal for `mechflow.contracts.models` (it lives here until the lead
-moves it).
+The file's layout is the contract `mechflow.contracts.circuits.CircuitFile` (re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from mechflow.circuits.faithfulness import normalized_faithfulness
 from mechflow.circuits.forward import tl_flags
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.circuits import (  # noqa: F401  (re-exported: the circuits package's names)
+    CircuitEdgeEntry,
+    CircuitFile,
+    CircuitNodeEntry,
+    CurvePointEntry,
+    LogitDiffSpec,
+    PromptSet,
+    TargetMetricSpec,
+)
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LogitDiffSpec(_Doc):
-    """metric(logits)[i] = logits[i, position, correct_ids[i]] - logits[i, position, incorrect_ids[i]]."""
-
-    kind: Literal["logit_diff"] = "logit_diff"
-    position: int = -1
-    correct_ids: list[int]
-    incorrect_ids: list[int]
-
-    def build(self):
-        pos = self.position
-        correct, incorrect = torch.tensor(self.correct_ids), torch.tensor(self.incorrect_ids)
-
-        def metric(logits: Tensor) -> Tensor:
-            rows = torch.arange(logits.shape[0])
-            return logits[rows, pos, correct] - logits[rows, pos, incorrect]
-
-        return metric
-
-
-class TargetMetricSpec(_Doc):
-    """metric(logits)[i] = sum_j sign[i][j] * v[i, position, target_ids[i][j]] with v = logits (``logit``)
-    or their softmax (``prob``): the tasks' logit and probability differences (`TaskBatch.metric`)."""
-
-    kind: Literal["targets"] = "targets"
-    value: Literal["logit", "prob"]
-    position: int = -1
-    target_ids: list[list[int]]
-    target_signs: list[list[float]]
-
-    @classmethod
-    def from_task_batch(cls, batch) -> TargetMetricSpec:
-        return cls(value="prob" if batch.metric_kind == "prob_diff" else "logit",
-                   target_ids=batch.target_ids.tolist(), target_signs=batch.target_signs.double().tolist())
-
-    def build(self):
-        pos = self.position
-        ids, signs = torch.tensor(self.target_ids), torch.tensor(self.target_signs)
-
-        def metric(logits: Tensor) -> Tensor:
-            last = logits[:, pos, :]
-            values = last.softmax(dim=-1) if self.value == "prob" else last
-            return (values.gather(-1, ids) * signs.to(values.dtype)).sum(dim=-1)
-
-        return metric
-
-
-class PromptSet(_Doc):
-    clean_tokens: list[list[int]]
-    corrupted_tokens: list[list[int]]
-    prompt_ids: list[str] | None = None
-    dataset_sha256: str | None = None
-
-
-class CircuitEdgeEntry(_Doc):
-    name: str
-    score: float
-
-
-class CircuitNodeEntry(_Doc):
-    name: str
-    score: float
-
-
-class CurvePointEntry(_Doc):
-    """One budget of the faithfulness curve; ``n_units`` counts the circuit's unit (edges or nodes).
-
-    Files written before node circuits existed name it ``n_edges``; both spellings are read.
-    """
-
-    percent: float
-    n_units: int = Field(validation_alias=AliasChoices("n_units", "n_edges"))
-    metric: float
-    faithfulness: float
-
-    @property
-    def n_edges(self) -> int:
-        """Alias of ``n_units`` (the count is of edges in an edge circuit)."""
-        return self.n_units
-
-
-class CircuitFile(_Doc):
-    """``results/circuits/{model}/{task}/circuit.json``.
-
-    ``unit`` says what the circuit is made of. Edge circuits: ``edges`` (best first, with scores),
-    ``nodes`` the nodes they touch, ``n_edges`` / ``n_edges_total`` their counts. Node circuits:
-    ``edges`` empty, ``nodes`` the circuit's nodes best first (scores in ``node_scores``),
-    ``n_edges`` / ``n_edges_total`` null. ``n_units`` / ``n_units_total`` count the unit either
-    way, and the curve's budgets are percentages of ``n_units_total``.
-    """
-
-    schema_version: Literal["1"] = "1"
-    model: dict
-    n_layers: int
-    n_heads: int
-    unit: Literal["edges", "nodes"] = "edges"
-    n_units_total: int | None = None
-    n_units: int | None = None
-    n_edges_total: int | None
-    level: Literal["edge", "node"] = "edge"
-    method: str
-    config: dict
-    config_hash: str
-    target: float
-    edges: list[CircuitEdgeEntry]
-    nodes: list[str]
-    node_scores: list[CircuitNodeEntry] = []
-    n_edges: int | None
-    m_full: float
-    m_empty: float
-    m_circuit: float
-    faithfulness: float
-    faithfulness_one_fewer: float
-    sufficiency: float
-    comprehensiveness: float
-    f1: float
-    curve: list[CurvePointEntry]
-    cpr: float
-    cmd: float
-    n_evaluations: int
-    metric: Annotated[LogitDiffSpec | TargetMetricSpec, Field(discriminator="kind")]
-    prompts: PromptSet
-
-    @model_validator(mode="after")
-    def _consistent_unit(self) -> CircuitFile:
-        if self.unit == "edges":
-            if self.n_edges is None or self.n_edges_total is None:
-                raise ValueError("an edge circuit needs n_edges and n_edges_total")
-            self.n_units = self.n_edges if self.n_units is None else self.n_units
-            self.n_units_total = self.n_edges_total if self.n_units_total is None else self.n_units_total
-            if (self.n_units, self.n_units_total) != (self.n_edges, self.n_edges_total):
-                raise ValueError("an edge circuit's n_units/n_units_total must equal n_edges/n_edges_total")
-        else:
-            if self.edges or self.n_edges is not None or self.n_edges_total is not None:
-                raise ValueError("a node circuit lists no edges (edges: [], n_edges and n_edges_total null)")
-            if self.n_units is None or self.n_units_total is None or self.n_units != len(self.nodes):
-                raise ValueError("a node circuit needs n_units == len(nodes) and n_units_total")
-        if self.level != self.unit[:-1]:
-            raise ValueError(f"level {self.level!r} contradicts unit {self.unit!r}")
-        return self
 
 
 def write_circuit(path: str | Path, circuit: CircuitFile) -> Path:

@@ -12,7 +12,8 @@
 The score table keeps the rule's file name ``edge_scores.parquet`` for both units. Edge circuits:
 columns edge, sender, receiver, score, rank, in_circuit (one row per edge). Node circuits:
 columns node, kind, layer, head, score, rank, in_circuit (one row per node; no ``edge`` column, so
-no edge reader can mistake it), and the Parquet metadata ``mechflow.unit`` says which.
+no edge reader can mistake it), and the Parquet metadata ``mechflow.unit`` says which. Every table
+is checked against its contract (`mechflow.contracts.parquet`) before it is written.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ from mechflow.circuits.config import CircuitConfig
 from mechflow.circuits.core import discover_circuit, resolve_unit
 from mechflow.circuits.faithfulness import CircuitEvaluator, ranked_edges
 from mechflow.circuits.graph import EdgeGraph
-from mechflow.circuits.nodes import NodeEvaluator, node_kind, ranked_nodes
+from mechflow.circuits.nodes import NodeEvaluator, ranked_nodes
 from mechflow.circuits.result import CircuitFile, TargetMetricSpec, write_circuit
+from mechflow.contracts.names import INPUT, LOGITS, node_kind, receiver_node
+from mechflow.contracts.parquet import (
+    CIRCUIT_PROMPTS_SCHEMA,
+    UNIT_KEY,
+    check_schema,
+    curve_prompts_schema,
+    edge_scores_schema,
+)
 from mechflow.io import atomic_path, atomic_write_text, sha256_file
 from mechflow.tasks import TaskDataset, select_batch
 
@@ -43,11 +52,13 @@ log = logging.getLogger(__name__)
 STAGE_KEYS = ("n_prompts", "draw_max_edges")
 
 
-def _write_parquet(frame: pl.DataFrame, path: Path, unit: str = "edges") -> None:
+def _write_parquet(frame: pl.DataFrame, path: Path, unit: str = "edges", contract=None) -> None:
     with atomic_path(path) as tmp:
         table = frame.to_arrow()
+        if contract is not None:
+            check_schema(table.schema, contract, Path(path).name)
         meta = dict(table.schema.metadata or {})
-        meta[b"mechflow.unit"] = unit.encode()
+        meta[UNIT_KEY] = unit.encode()
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
 
 
@@ -108,14 +119,13 @@ def _node_table(scores: torch.Tensor, graph: EdgeGraph, order: torch.Tensor, n_k
 
 def _node_layer(name: str, n_layers: int) -> float:
     """Vertical position: input at -1, a{l} at l, m{l} at l + 0.5, logits at n_layers."""
-    base = name.split("<")[0]
-    if base == "input":
+    base = receiver_node(name)
+    if base == INPUT:
         return -1.0
-    if base == "logits":
+    if base == LOGITS:
         return float(n_layers)
-    if base.startswith("a"):
-        return float(base[1:].split(".")[0])
-    return float(base[1:]) + 0.5
+    kind, layer, _ = node_kind(base)
+    return float(layer) if kind == "head" else float(layer) + 0.5
 
 
 def circuit_dot(edges: list[tuple[str, str, float]]) -> str:
@@ -125,7 +135,7 @@ def circuit_dot(edges: list[tuple[str, str, float]]) -> str:
     for sender, receiver, score in edges:
         colour = "#1f77b4" if score >= 0 else "#d62728"
         width = 0.5 + 3.0 * abs(score) / biggest
-        lines.append(f'  "{sender}" -> "{receiver.split("<")[0]}" '
+        lines.append(f'  "{sender}" -> "{receiver_node(receiver)}" '
                      f'[color="{colour}", penwidth={width:.2f}, label="{receiver[receiver.find("<"):] if "<" in receiver else ""}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -133,7 +143,7 @@ def circuit_dot(edges: list[tuple[str, str, float]]) -> str:
 
 def draw_circuit(edges: list[tuple[str, str, float]], n_layers: int, path: Path, title: str) -> None:
     """A layered drawing (no Graphviz binary needed): nodes by layer, edges coloured by score sign."""
-    nodes = sorted({n for s, r, _ in edges for n in (s, r.split("<")[0])}, key=lambda n: (_node_layer(n, n_layers), n))
+    nodes = sorted({n for s, r, _ in edges for n in (s, receiver_node(r))}, key=lambda n: (_node_layer(n, n_layers), n))
     by_layer: dict[float, list[str]] = {}
     for n in nodes:
         by_layer.setdefault(_node_layer(n, n_layers), []).append(n)
@@ -141,7 +151,7 @@ def draw_circuit(edges: list[tuple[str, str, float]], n_layers: int, path: Path,
     fig, ax = plt.subplots(figsize=(10, max(4, 0.35 * (n_layers + 2))))
     biggest = max((abs(s) for _, _, s in edges), default=1.0) or 1.0
     for sender, receiver, score in edges:
-        (x0, y0), (x1, y1) = pos[sender], pos[receiver.split("<")[0]]
+        (x0, y0), (x1, y1) = pos[sender], pos[receiver_node(receiver)]
         ax.plot([x0, x1], [y0, y1], color="tab:blue" if score >= 0 else "tab:red",
                 lw=0.3 + 2.5 * abs(score) / biggest, alpha=0.6)
     for n, (x, y) in pos.items():
@@ -267,9 +277,9 @@ def write_circuit_outputs(model, batch, ccfg: CircuitConfig, doc: CircuitFile, s
         ev = NodeEvaluator(model, batch, graph)
         table = _node_table(scores, graph, order, doc.n_units)
     prompts, curve = _per_prompt_tables(ev, order, doc)
-    _write_parquet(prompts, circuit_prompts, doc.unit)
-    _write_parquet(curve, curve_prompts, doc.unit)
-    _write_parquet(table, edge_scores, doc.unit)
+    _write_parquet(prompts, circuit_prompts, doc.unit, CIRCUIT_PROMPTS_SCHEMA)
+    _write_parquet(curve, curve_prompts, doc.unit, curve_prompts_schema(doc.unit))
+    _write_parquet(table, edge_scores, doc.unit, edge_scores_schema(doc.unit))
 
     name = doc.model.get("name", "model")
     shown = table.head(min(doc.n_units, draw_max))

@@ -11,7 +11,7 @@
    of ``mechflow.models.LoadedModel.to_tokens``; without it, ``context_size`` stream tokens.
    The final partial context is dropped. At most ``max_tokens // context_size`` contexts are kept,
    so the total token count (BOS included) never exceeds ``max_tokens``.
-4. Write ``tokens.parquet`` (``CORPUS_SCHEMA``) atomically, then ``corpus.json``.
+4. Write ``tokens.parquet`` (``CORPUS_SCHEMA``) atomically, then ``corpus.json`` (``CorpusManifest``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mechflow.contracts.parquet import CORPUS_SCHEMA, CORPUS_SCHEMA_VERSION
+from mechflow.contracts.corpus import CorpusManifest
+from mechflow.contracts.documents import write_document
+from mechflow.contracts.parquet import CORPUS_SCHEMA
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.corpus import sources
 from mechflow.corpus.config import CorpusConfig
 from mechflow.corpus.tokenizer import TokenizerInfo, load_tokenizer
 from mechflow.errors import DataError
-from mechflow.io import atomic_path, atomic_write_json, canonical_hash, sha256_file
+from mechflow.io import atomic_path, canonical_hash, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
     with atomic_path(tokens) as tmp:
         pq.write_table(contexts_table(contexts), tmp, compression="zstd")
     summary = {
-        "schema_version": CORPUS_SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "corpus": ccfg.name,
         "source": ccfg.source,
         "source_detail": _source_detail(ccfg),
@@ -174,7 +177,7 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
         "text_sha256": stats["text_sha256"],
         "config_hash": canonical_hash({"corpus": cfg, "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}}),
     }
-    atomic_write_json(corpus_manifest, summary)
+    write_document(corpus_manifest, CorpusManifest, summary)
     log.info("corpus %s: %d docs → %d contexts × %d tokens", ccfg.name, summary["n_docs"],
              summary["n_contexts"], ccfg.context_size)
     return summary

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mechflow.contracts.filenames import SHARD_MANIFEST
-from mechflow.contracts.models import HarvestManifest, ShardInfo
+from mechflow.contracts.harvest import HarvestManifest, ShardInfo
 from mechflow.errors import ConfigError, DataError, IntegrityError
 from mechflow.io import sha256_file_cached
 

@@ -22,7 +22,6 @@ Steps of `evaluate_dictionary`:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +32,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from mechflow.contracts.dictionaries import DictionaryMetrics, DictionaryTraining, TranscoderStackMetrics
+from mechflow.contracts.documents import load_document, write_document
 from mechflow.dictionaries.config import EvalConfig, parse_config
 from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,8 @@ def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: P
     exclude_bos = bool((raw.get("data") or {}).get("exclude_bos", True)) if is_group else True
     dictionary = Path(dictionary)
     summary_path = dictionary / TRAINING_SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = load_document(summary_path, DictionaryTraining, fix="re-run the training stage", partial=True) \
+        if summary_path.exists() else {}
     sae = load_sae(dictionary)
     sae.eval()
     man, _ = load_manifest(manifest)
@@ -314,7 +315,7 @@ def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: P
             hooks = sae_splice_hooks(sae, man.hook, mean, start)
         result.update(ce_metrics(model, tok, hooks, eval_cfg.ce_batch_size))
         result["ce_contexts"] = int(len(tok))
-    atomic_write_json(metrics, result)
+    write_document(metrics, DictionaryMetrics, result)
     log.info("dictionary %s: EV %.4f (with outliers %.4f), L0 %.1f, dead %.3f, CE recovered (zero) %s",
              dictionary, result["explained_variance"], result["explained_variance_with_outliers"], result["l0"],
              result["dead_fraction"], result.get("ce_recovered_zero"))
@@ -400,7 +401,8 @@ def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], to
                                    tokens=tokens, metrics=metrics, model_cfg=model_cfg, model=model)
     from mechflow.dictionaries.sae import TRAINING_SUMMARY
 
-    summary = json.loads((dictionary / TRAINING_SUMMARY).read_text())
+    summary = load_document(dictionary / TRAINING_SUMMARY, DictionaryTraining, fix="re-run train_transcoder",
+                            partial=True)
     holdout = summary.get("holdout_shards")
     if not holdout:
         raise DataError(f"{dictionary / TRAINING_SUMMARY} records no held-out shards (transcoder.data."
@@ -430,7 +432,7 @@ def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], to
         hooks = stack_splice_hooks(stack, in_hooks, out_hooks, means, 1 if exclude_bos else 0)
         result.update(ce_metrics(model, tok, hooks, tcfg.eval.ce_batch_size))
         result["ce_contexts"] = int(len(tok))
-    atomic_write_json(metrics, result)
+    write_document(metrics, TranscoderStackMetrics, result)
     log.info("transcoder %s (%s, layers %s): FVU %.4f, L0 %.1f, dead %.3f, CE increase %s", dictionary,
              index["kind"], index["layers"], result["fvu"], result["l0"], result["dead_fraction"],
              result.get("ce_increase"))

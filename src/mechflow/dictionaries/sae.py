@@ -22,7 +22,6 @@ Steps of `train_sae`:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import shutil
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 
+from mechflow.contracts.dictionaries import SaeDataState, SaeTraining
+from mechflow.contracts.documents import load_document, write_document
 from mechflow.dictionaries.config import SAEConfig, parse_config
 from mechflow.dictionaries.data import (
     ActivationStream,
@@ -43,7 +44,7 @@ from mechflow.dictionaries.data import (
 )
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, ModelLoadError
-from mechflow.io import atomic_write_json, canonical_hash, sha256_file
+from mechflow.io import canonical_hash, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     out_dir = Path(out_dir)
     ckpt_root = out_dir.with_name(f".{out_dir.name}.checkpoints")
     resume_from = _latest_checkpoint(ckpt_root)
-    data_state = json.loads((resume_from / DATA_STATE).read_text()) if resume_from else None
+    data_state = load_document(resume_from / DATA_STATE, SaeDataState, fix=f"delete {ckpt_root} to start afresh") \
+        if resume_from else None
     # what is trained (not the bookkeeping): a checkpoint of another config must not be resumed
     config_key = canonical_hash(cfg.model_dump(mode="json", exclude={"n_checkpoints", "log_every", "eval"}))
     if data_state and (data_state.get("manifest_sha256"), data_state.get("config_hash")) != (manifest_sha, config_key):
@@ -301,9 +303,9 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
 
     def save_stream_state(checkpoint_path: Path | None) -> None:
         if checkpoint_path is not None:  # written last: marks the checkpoint complete
-            atomic_write_json(checkpoint_path / DATA_STATE, {"stream": stream.state_dict(),
-                                                              "manifest_sha256": manifest_sha,
-                                                              "config_hash": config_key})
+            write_document(checkpoint_path / DATA_STATE, SaeDataState, {"stream": stream.state_dict(),
+                                                                         "manifest_sha256": manifest_sha,
+                                                                         "config_hash": config_key})
 
     config_dump = cfg.model_dump(mode="json")
     t0 = time.perf_counter()
@@ -371,7 +373,7 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
         "heldout": heldout, "data_state": stream.state_dict(),
         "resumed_from": str(resume_from) if resume_from else None,
     }
-    atomic_write_json(tmp / TRAINING_SUMMARY, summary)
+    write_document(tmp / TRAINING_SUMMARY, SaeTraining, summary)
     _write_curves_csv(trainer.curves, tmp / CURVES_CSV)
     plot_curves(trainer.curves, tmp / CURVES_PNG, f"{cfg.architecture} SAE, {manifest_obj.model} {manifest_obj.hook}")
     _replace_dir(tmp, out_dir)

@@ -59,6 +59,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mechflow.contracts.dictionaries import CltConfig, TranscoderIndex, TranscoderTraining
+from mechflow.contracts.documents import check_document, load_document, write_document
 from mechflow.dictionaries.config import TranscoderConfig, parse_config
 from mechflow.dictionaries.data import (
     ActivationStream,
@@ -71,7 +73,7 @@ from mechflow.dictionaries.data import (
 from mechflow.dictionaries.sae import CURVES_CSV, CURVES_PNG, TRAINING_SUMMARY, _replace_dir, _write_curves_csv, plot_curves
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_write_json, sha256_file
+from mechflow.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +300,7 @@ def save_stack(model: JumpReLUTranscoderStack, folder: Path, *, layers: list[int
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, folder / CLT_WEIGHTS)
         cfg = {"architecture": "jumprelu_clt", **index, "bandwidth": model.bandwidth, "dtype": "float32",
                "metadata": metadata}
-        (folder / CLT_CFG).write_text(json.dumps(cfg, indent=2))
+        (folder / CLT_CFG).write_text(json.dumps(check_document(CltConfig, cfg), indent=2))
         index["files"] = [CLT_CFG, CLT_WEIGHTS]
         return index
     from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig, JumpReLUTranscoderConfig
@@ -328,7 +330,7 @@ def read_transcoder_index(folder: str | Path) -> dict[str, Any]:
     if not index_path.exists():
         raise DataError(f"{index_path} is missing: {folder} is not a transcoder folder written by "
                         "train_transcoder (re-run that stage)")
-    return json.loads(index_path.read_text())
+    return load_document(index_path, TranscoderIndex, fix="re-run train_transcoder")
 
 
 def load_transcoder(folder: str | Path) -> JumpReLUTranscoderStack:
@@ -339,7 +341,7 @@ def load_transcoder(folder: str | Path) -> JumpReLUTranscoderStack:
     index = read_transcoder_index(folder)
     L = len(index["layers"])
     if index["kind"] == "clt":
-        cfg = json.loads((folder / CLT_CFG).read_text())
+        cfg = load_document(folder / CLT_CFG, CltConfig, fix="re-run train_transcoder")
         model = JumpReLUTranscoderStack(L, cfg["d_in"], cfg["d_out"], cfg["d_sae"], "clt", bandwidth=cfg["bandwidth"])
         state = load_file(folder / CLT_WEIGHTS)
         with torch.no_grad():
@@ -443,7 +445,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
     if tmp.exists():
         shutil.rmtree(tmp)
     index = save_stack(model, tmp, layers=cfg.layers, in_hooks=in_hooks, out_hooks=out_hooks, metadata=metadata)
-    atomic_write_json(tmp / TRANSCODER_INDEX, index)
+    write_document(tmp / TRANSCODER_INDEX, TranscoderIndex, index)
     summary = {"stage": "train_transcoder", "config": config_dump, "model": first.model, "kind": cfg.kind,
                "layers": cfg.layers, "in_hooks": in_hooks, "out_hooks": out_hooks, "manifests_sha256": sha,
                "train_shards": [s.file for s in train_shards], "holdout_shards": [s.file for s in holdout],
@@ -453,7 +455,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
                "training_tokens": n_steps * cfg.data.batch_size, "seconds": round(seconds, 3),
                "tokens_per_second": round(n_steps * cfg.data.batch_size / max(seconds, 1e-9), 1),
                **extra, "heldout": heldout}
-    atomic_write_json(tmp / TRAINING_SUMMARY, summary)
+    write_document(tmp / TRAINING_SUMMARY, TranscoderTraining, summary)
     _write_curves_csv(curves, tmp / CURVES_CSV)
     plot_curves(curves, tmp / CURVES_PNG, f"{cfg.kind} transcoder, {first.model} layers {cfg.layers}")
     _replace_dir(tmp, out_dir)

@@ -7,7 +7,7 @@
    contexts, caching only the hooks needed and stopping after the deepest hook's block
    (``stop_at_layer``); copy activations into the shard's preallocated buffer; write it
    atomically with its sidecar. Memory is bounded by one shard per hook, whatever the corpus size.
-4. Write each hook's ``_manifest.json`` (HarvestManifest), then the index, last.
+4. Write each hook's ``_manifest.json`` (HarvestManifest), then the index (HarvestIndex), last.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mechflow.contracts.documents import write_document
 from mechflow.contracts.filenames import SHARD_MANIFEST
-from mechflow.contracts.models import HarvestManifest, ShardInfo
+from mechflow.contracts.harvest import HarvestIndex, HarvestManifest, ShardInfo
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.corpus.core import read_contexts
 from mechflow.errors import DataError
 from mechflow.harvest import shards
 from mechflow.harvest.config import HarvestConfig
 from mechflow.harvest.hooks import capture, expand_hooks, hook_layer, stop_layer
-from mechflow.io import atomic_write_json, canonical_hash, sha256_file
+from mechflow.io import canonical_hash, sha256_file
 
 log = logging.getLogger(__name__)
-
-INDEX_SCHEMA_VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -189,7 +188,7 @@ def _write_manifest(folder: Path, hook: str, cfg: HarvestConfig, info: ModelInfo
         shards=[done[p.index][0] for p in plans],
         config_hash=canonical_hash({"harvest": asdict(cfg), "model": asdict(info), "corpus_sha256": corpus_sha}),
     )
-    atomic_write_json(folder / SHARD_MANIFEST, manifest)
+    write_document(folder / SHARD_MANIFEST, HarvestManifest, manifest)
     return manifest
 
 
@@ -200,8 +199,8 @@ def _write_index(index: Path, harvest_dir: Path, info: ModelInfo, corpus_sha: st
         rel = f"{hook}/{SHARD_MANIFEST}"
         entries.append({"hook": hook, "layer": m.layer, "d": m.d, "n_rows": m.n_rows, "n_shards": len(m.shards),
                         "manifest": rel, "sha256": sha256_file(harvest_dir / rel)})
-    atomic_write_json(index, {
-        "schema_version": INDEX_SCHEMA_VERSION, "model": info.name, "model_sha256": info.sha256,
+    write_document(index, HarvestIndex, {
+        "schema_version": SCHEMA_VERSION, "model": info.name, "model_sha256": info.sha256,
         "corpus_sha256": corpus_sha, "n_contexts": len(contexts), "context_size": int(contexts.shape[1]),
         "harvest_dir": os.path.relpath(harvest_dir, index.parent), "hooks": entries,
     })

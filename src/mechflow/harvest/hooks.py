@@ -1,26 +1,24 @@
-"""Hook selection: config → validated TransformerLens hook names, and one forward pass for all."""
+"""Hook selection: config → validated TransformerLens hook names, and one forward pass for all.
+
+The hook vocabulary (`HOOK_POINTS`, the layers × hook_points expansion, `hook_layer`) is the
+contract's: `mechflow.contracts.hooks`.
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
+from mechflow.contracts.hooks import HOOK_POINTS, expand_hook_points, hook_layer
 from mechflow.errors import ConfigError
-from mechflow.harvest.config import HOOK_POINTS, HarvestConfig
+from mechflow.harvest.config import HarvestConfig
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+__all__ = ["capture", "expand_hooks", "hook_layer", "stop_layer"]
 # Hooks whose second axis is not the token position: they cannot be stored one row per token.
 _NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")
 # Hooks computed before the first block: stop_at_layer=0 already produces them.
 _PRE_BLOCK = ("hook_embed", "hook_pos_embed", "hook_tokens")
-
-
-def hook_layer(hook: str) -> int | None:
-    """The block index of a `blocks.{l}.…` hook, else None."""
-    m = _BLOCK.match(hook)
-    return int(m.group(1)) if m else None
 
 
 def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:
@@ -37,12 +35,11 @@ def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:
     if bad_layers:
         raise ConfigError(f"harvest.layers: {bad_layers[0]} is out of range for a {n_layers}-layer model; "
                           f"use 0..{n_layers - 1}")
-    names = [HOOK_POINTS[p].format(layer=layer) for layer in cfg.layers for p in cfg.hook_points]
-    names += list(cfg.hooks)
+    names = expand_hook_points(cfg.layers, cfg.hook_points) + list(cfg.hooks)
     valid = model.hook_dict
     for name in names:
         if name not in valid or name.endswith(_NOT_PER_POSITION):
-            examples = [HOOK_POINTS[p].format(layer=0) for p in HOOK_POINTS] + ["hook_embed", "ln_final.hook_normalized"]
+            examples = expand_hook_points([0], HOOK_POINTS) + ["hook_embed", "ln_final.hook_normalized"]
             why = "is not per-position" if name in valid else "is not a hook of this model"
             raise ConfigError(f"harvest.hooks: {name!r} {why}; valid examples: {examples} "
                               f"(or hook_points {list(HOOK_POINTS)} with harvest.layers)")

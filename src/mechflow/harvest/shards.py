@@ -3,7 +3,7 @@
 Layout of one hook folder (``harvest_dir/<hook>/``)::
 
     part-00000.parquet   ACTIVATIONS schema, zstd, row groups of `row_group_rows`
-    _part-00000.json     sidecar: the shard's ShardInfo (sha256 included), `d` and a plan key
+    _part-00000.json     sidecar (ShardSidecar): the shard's ShardInfo (sha256 included), `d` and a plan key
     _manifest.json       HarvestManifest, written once every shard is present
 
 Shard ``i`` always holds contexts ``[i*k, min((i+1)*k, n))`` with ``k = shard_rows // context_size``
@@ -20,7 +20,6 @@ Leading ``_``/``.`` names keep sidecars and temp files out of ``pyarrow.dataset`
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
+from mechflow.contracts.documents import write_document
 from mechflow.contracts.filenames import SHARD_MANIFEST, SHARD_PATTERN
-from mechflow.contracts.models import HarvestManifest, ShardInfo
+from mechflow.contracts.harvest import HarvestIndex, HarvestManifest, ShardInfo, ShardSidecar
 from mechflow.contracts.parquet import activations_schema
 from mechflow.errors import ConfigError, DataError, IntegrityError
-from mechflow.io import atomic_path, atomic_write_json, sha256_file
+from mechflow.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def write_shard(folder: Path, plan: ShardPlan, table: pa.Table, *, plan_key: str
     info = ShardInfo(file=plan.file, rows=table.num_rows, sha256=digest, first_context=plan.first_context,
                      last_context=plan.stop_context - 1)
     d = table.schema.field("activation").type.list_size
-    atomic_write_json(folder / plan.sidecar, {"shard": info.model_dump(), "d": d, "plan_key": plan_key})
+    write_document(folder / plan.sidecar, ShardSidecar, {"shard": info.model_dump(), "d": d, "plan_key": plan_key})
     return info
 
 
@@ -134,13 +134,12 @@ def completed_shard(folder: Path, plan: ShardPlan, plan_key: str) -> tuple[Shard
     if not (path.exists() and sidecar.exists()):
         return None
     try:
-        meta = json.loads(sidecar.read_text())
-        info = ShardInfo(**meta["shard"])
-        d = int(meta["d"])
+        meta = ShardSidecar.model_validate_json(sidecar.read_text())
+        info, d = meta.shard, meta.d
     except (ValueError, KeyError, TypeError):
         log.warning("%s is unreadable; shard %s will be rewritten", sidecar, path.name)
         return None
-    if meta.get("plan_key") != plan_key:
+    if meta.plan_key != plan_key:
         log.info("%s was written under another config; rewriting it", path)
         return None
     if sha256_file(path) != info.sha256:
@@ -175,12 +174,11 @@ def resolve_manifest(path: str | Path, hook: str | None = None) -> Path:
         return path
     if path.is_file():  # the harvest index
         try:
-            index = json.loads(path.read_text())
-            entries = {h["hook"]: h for h in index["hooks"]}
+            index = HarvestIndex.model_validate_json(path.read_text())
+            entries = {h.hook: h for h in index.hooks}
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: neither a {SHARD_MANIFEST} nor a harvest index ({exc})") from exc
-        root = path.parent / index.get("harvest_dir", ".")
-        return root / _pick(entries, hook, path)["manifest"]
+        return path.parent / index.harvest_dir / _pick(entries, hook, path).manifest
     if (path / SHARD_MANIFEST).is_file():
         return path / SHARD_MANIFEST
     found = {p.parent.name: p for p in sorted(path.glob(f"*/{SHARD_MANIFEST}"))}

@@ -11,7 +11,8 @@ Steps:
    started from the cached clean state at the receiver's stage), one call per receiver layer so
    progress and per-layer time are visible.
 4. Write ``edge_reference.parquet`` (`mechflow.contracts.parquet.EDGE_REFERENCE_SCHEMA`; its footer
-   holds the run document under `META_KEY`: prompts, m(N), m(empty), sampling, timings) atomically.
+   holds the run document under `META_KEY`: prompts, m(N), m(empty), sampling, timings;
+   `mechflow.contracts.reference.EdgeReferenceDocument`) atomically.
 
 Models on which edges are not defined (Gemma-3's post-norms: `check_edge_model`, or
 ``model.edge_circuits: false``) get an empty table whose footer records the reason; no forward runs.
@@ -37,7 +38,10 @@ from mechflow.benchmark.config import RestrictionConfig
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.forward import check_edge_model
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.documents import check_document
 from mechflow.contracts.parquet import EDGE_REFERENCE_SCHEMA
+from mechflow.contracts.reference import EDGE_REFERENCE_META_KEY, EdgeReferenceDocument
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, canonical_hash
 from mechflow.reference.config import ReferenceConfig
@@ -45,8 +49,7 @@ from mechflow.reference.sampling import receiver_layers, stratified_sample
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
-META_KEY = b"mechflow.edge_reference"
+META_KEY = EDGE_REFERENCE_META_KEY
 
 
 def prompts_hash(batch: PairBatch, ids: list[str]) -> str:
@@ -105,6 +108,7 @@ def _table(graph: EdgeGraph, restricted: Tensor, sampled: Tensor, strata: list[d
 
 
 def write_edge_reference(path: Path, table: pa.Table, doc: dict) -> None:
+    doc = check_document(EdgeReferenceDocument, doc)
     table = table.replace_schema_metadata({META_KEY: json.dumps(doc, default=str).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -120,6 +124,11 @@ def read_edge_reference(path: Path) -> tuple[pa.Table, dict]:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION!r}; "
                         "re-run rule edge_reference")
+    try:
+        check_document(EdgeReferenceDocument, doc)
+    except ValueError as exc:
+        raise DataError(f"{path}: its footer is not an edge reference document ({exc}); "
+                        "re-run rule edge_reference") from exc
     return table.replace_schema_metadata(None), doc
 
 

@@ -30,20 +30,17 @@ import torch
 
 from mechflow.circuits.eap import edge_scores as compute_edge_scores
 from mechflow.circuits.graph import EdgeGraph
+from mechflow.contracts.documents import write_document
+from mechflow.contracts.reference import AucDocument
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
-from mechflow.io import (
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    canonical_hash,
-)
+from mechflow.io import atomic_path, atomic_write_text, canonical_hash
 from mechflow.reference.auc import VARIANTS, method_report, positives, roc_curve
 from mechflow.reference.config import ReferenceConfig
 from mechflow.reference.edges import prompts_hash, read_edge_reference
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
 NODE_METHODS = {"ap": "attribution patching", "ig": "IG patching"}
 EDGE_METHODS = ("eap", "eap-ig")
 EDGE_SETS = {"restricted": "every edge of the restricted graph", "sampled": "stratified sample of the full graph"}
@@ -262,7 +259,7 @@ def run_reference(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: Pat
                "scores": "methods ranked by |score|; AUC = Mann-Whitney U / (n_pos n_neg), ties 1/2"},
            "nodes": nodes, "edges": edges}
     doc["hash"] = canonical_hash(doc)
-    atomic_write_json(auc, doc)
+    write_document(auc, AucDocument, doc)
     _plot(Path(roc), node_vec, edge_vec, edges["skipped"],
           f"{model_cfg.get('name')} × {task}: ROC vs exact patching (solid: top-k positives, dashed: threshold)")
     atomic_write_text(summary, _markdown(doc, str(model_cfg.get("name")), task))

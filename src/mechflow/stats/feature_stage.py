@@ -44,7 +44,6 @@ correlation against a sampled permutation null (`mechflow.stats.feature_matching
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -57,8 +56,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mechflow.contracts.dictionaries import DictionaryTraining
+from mechflow.contracts.documents import load_document, write_document
+from mechflow.contracts.stats import FeatureMatchingDocument
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path, atomic_write_json, atomic_write_text
+from mechflow.io import atomic_path, atomic_write_text
 from mechflow.stats.config import StatsConfig
 from mechflow.stats.feature_matching import (
     FeatureMatching,
@@ -256,7 +258,8 @@ def _load_sae(training: Path, side: ModelSide) -> tuple[Any, str]:
     meta = sae.cfg.metadata
     trained_on = getattr(meta, "model_name", None)
     if Path(training).is_file():
-        trained_on = json.loads(Path(training).read_text()).get("model", trained_on)
+        trained_on = load_document(training, DictionaryTraining, fix="re-run train_sae", partial=True
+                                   ).get("model", trained_on)
     if trained_on and trained_on != side.name:
         raise ConfigError(f"SAE {folder} was trained on {trained_on!r}, not {side.name!r}: pass each model's own "
                           "SAE (results/<run>/dictionaries/sae of the run with that model)")
@@ -881,7 +884,7 @@ def feature_matching_markdown(doc: dict[str, Any]) -> str:
 def _write(doc: dict[str, Any], matching: Path, summary: Path, figure: Path) -> dict[str, Any]:
     paths = {"feature_matching.png": _plot(doc, figure),
              "feature_matching.md": atomic_write_text(summary, feature_matching_markdown(doc)),
-             "feature_matching.json": atomic_write_json(matching, doc)}
+             "feature_matching.json": write_document(matching, FeatureMatchingDocument, doc)}
     headline: dict[str, Any] = {"model_a": doc["model_a"], "model_b": doc["model_b"],
                                 "n_words": doc["texts"]["n_words_used"]}
     for kind in ("activation", "logit"):

@@ -12,9 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mechflow.contracts.parquet import CKA_SCHEMA, check_schema
 from mechflow.errors import DataError
 from mechflow.io import atomic_path, atomic_write_json
 from mechflow.stats.bootstrap import BootstrapResult
@@ -33,9 +35,13 @@ def _none_if_nan(x: Any) -> Any:
     return x
 
 
-def write_table(df: pl.DataFrame, out_dir: str | Path, stem: str) -> dict[str, Path]:
-    """Write `df` as `{stem}.parquet` and `{stem}.csv` in `out_dir`, each atomically."""
+def write_table(df: pl.DataFrame, out_dir: str | Path, stem: str, contract: pa.Schema | None = None
+                ) -> dict[str, Path]:
+    """Write `df` as `{stem}.parquet` and `{stem}.csv` in `out_dir`, each atomically (checked
+    against `contract` first, when given: `mechflow.contracts.parquet`)."""
     out_dir = Path(out_dir)
+    if contract is not None:
+        check_schema(df.head(0).to_arrow().schema, contract, f"{stem}.parquet")
     paths = {"parquet": out_dir / f"{stem}.parquet", "csv": out_dir / f"{stem}.csv"}
     with atomic_path(paths["parquet"]) as tmp:
         df.write_parquet(tmp)
@@ -213,7 +219,7 @@ def summarize_cka(res: DepthCKA, out_dir: str | Path, *, stem: str = "cka", mode
         "depth_a": np.repeat(res.depth_a, len(lb)), "depth_b": np.tile(res.depth_b, len(la)),
         "cka": res.matrix.ravel(),
         "cka_debiased": (res.debiased if res.debiased is not None else np.full_like(res.matrix, np.nan)).ravel()})
-    paths = write_table(df, out_dir, stem)
+    paths = write_table(df, out_dir, stem, CKA_SCHEMA)
     shown, what = (res.debiased, "debiased linear CKA") if res.debiased is not None else (res.matrix, "linear CKA")
     paths["heatmap"] = matrix_heatmap([f"{model_a} L{l}" for l in la], [f"{model_b} L{l}" for l in lb],
                                       shown, out_dir / f"{stem}.png", vmin=0.0, vmax=1.0,

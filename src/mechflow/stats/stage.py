@@ -36,9 +36,22 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from mechflow.contracts.documents import write_document
 from mechflow.contracts.models import ModelCard
+from mechflow.contracts.names import component_name
+from mechflow.contracts.parquet import (
+    BOOTSTRAP_SCHEMA,
+    CIRCUIT_PROMPTS_SCHEMA,
+    CURVE_COUNT_COLUMNS,
+    CURVE_PROMPTS_SCHEMA,
+    HEAD_TYPES_SCHEMA,
+    NODE_SCORES_SCHEMA,
+    PROMPTS_SCHEMA,
+    reader_columns,
+)
+from mechflow.contracts.stats import CkaDocument, FcasDocument, StabilityDocument
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path, atomic_write_json, atomic_write_text
+from mechflow.io import atomic_path, atomic_write_text
 from mechflow.stats.bootstrap import BootstrapResult, bootstrap_mean_functional, resample_indices
 from mechflow.stats.cka import DepthCKA, cka_by_depth
 from mechflow.stats.config import StatsConfig
@@ -61,16 +74,14 @@ MIN_CKA_PROMPTS = 8
 # circuit.json and circuit_prompts.parquet hold the same means up to summation order (~1e-16)
 REFERENCE_RTOL = 1e-9
 
-NODE_SCORES_COLUMNS = {"method": "str", "component": "str", "kind": "str", "layer": "int", "head": "int",
-                       "prompt": "int", "score": "float"}
-PROMPTS_COLUMNS = {"prompt": "int", "example_id": "str", "template": "str?", "clean_metric": "float",
-                   "corrupted_metric": "float"}
-HEAD_TYPES_COLUMNS = {"component": "str", "layer": "int", "head": "int", "label": "str"}
-CIRCUIT_PROMPTS_COLUMNS = {"prompt": "int", "m_full": "float", "m_empty": "float", "m_circuit": "float",
-                           "m_without_circuit": "float"}
-CURVE_PROMPTS_COLUMNS = {"budget_pct": "float", "n_edges": "int", "prompt": "int", "metric": "float"}
-# node circuits (circuit.json "unit": "nodes") count nodes per budget in column n_nodes instead of n_edges
-CURVE_COUNT_COLUMNS = {"edges": "n_edges", "nodes": "n_nodes"}
+# The columns each reader checks (loose kinds: any integer width is "int"; "?" allows nulls), from
+# the tables' contracts (`mechflow.contracts.parquet`). Node circuits (circuit.json "unit": "nodes")
+# count nodes per budget in column n_nodes instead of n_edges (CURVE_COUNT_COLUMNS).
+NODE_SCORES_COLUMNS = reader_columns(NODE_SCORES_SCHEMA)
+PROMPTS_COLUMNS = reader_columns(PROMPTS_SCHEMA)
+HEAD_TYPES_COLUMNS = reader_columns(HEAD_TYPES_SCHEMA, ["component", "layer", "head", "label"])
+CIRCUIT_PROMPTS_COLUMNS = reader_columns(CIRCUIT_PROMPTS_SCHEMA)
+CURVE_PROMPTS_COLUMNS = reader_columns(CURVE_PROMPTS_SCHEMA)
 
 CIRCUIT_QUANTITIES = ("m_full", "m_empty", "m_circuit", "faithfulness", "sufficiency", "comprehensiveness", "f1")
 CURVE_QUANTITIES = ("cpr", "cmd")
@@ -169,11 +180,6 @@ def read_prompts(path: Path) -> Prompts:
     return Prompts(ids, df["example_id"].to_list(), df["template"].to_list(),
                    df["clean_metric"].to_numpy().astype(np.float64),
                    df["corrupted_metric"].to_numpy().astype(np.float64))
-
-
-def component_name(kind: str, layer: int, head: int) -> str:
-    """The contract's component name: "a{layer}.h{head}" for heads, "m{layer}" for MLPs."""
-    return f"a{layer}.h{head}" if kind == "head" else f"m{layer}"
 
 
 @dataclass(frozen=True)
@@ -657,8 +663,8 @@ def _write_statistics(out_dir: Path, scfg: StatsConfig, card: ModelCard, ns: Nod
     from mechflow.stats import report
 
     interval = "bca" if "bca" in scfg.ci_methods else "percentile"
-    paths = {f"bootstrap.{ext}": p for ext, p in write_table(table, out_dir, "bootstrap").items()}
-    paths["stability.json"] = atomic_write_json(out_dir / "stability.json", stab)
+    paths = {f"bootstrap.{ext}": p for ext, p in write_table(table, out_dir, "bootstrap", BOOTSTRAP_SCHEMA).items()}
+    paths["stability.json"] = write_document(out_dir / "stability.json", StabilityDocument, stab)
     with atomic_path(out_dir / "stability_methods.csv") as tmp:
         stability_methods_table(stab).write_csv(tmp)
     paths["stability_methods.csv"] = out_dir / "stability_methods.csv"
@@ -902,8 +908,8 @@ def _write_cross_model(out_dir: Path, doc: dict[str, Any], fres: FCASResult, cka
         cp = summarize_cka(cka_res, out_dir, model_a=card_a.name, model_b=card_b.name)
         paths.update({"cka.parquet": cp["parquet"], "cka.csv": cp["csv"], "cka.png": cp["heatmap"]})
         cka_doc = report.cka_headline(cka_res, cka_prompts, card_a.name, card_b.name)
-        paths["cka.json"] = atomic_write_json(out_dir / "cka.json", cka_doc)
-    paths["fcas.json"] = atomic_write_json(out_dir / "fcas.json", doc)
+        paths["cka.json"] = write_document(out_dir / "cka.json", CkaDocument, cka_doc)
+    paths["fcas.json"] = write_document(out_dir / "fcas.json", FcasDocument, doc)
     paths["fcas_null.png"] = null_histogram(fres.null, fres.score, out_dir / "fcas_null.png",
                                             title=f"FCAS {card_a.name} vs {card_b.name} (k={fres.k}) vs "
                                                   f"{fres.null_kind} null", p_value=fres.p_value)

@@ -1,12 +1,12 @@
 """Summarize a run: one CSV table and one figure (activation-norm distributions per hook).
 
 Every number in the table is read from, or recomputed from, a result file of the run; the
-`source` column names that file so a reader can check it.
+`source` column names that file so a reader can check it. Every JSON file is read through its
+contract (`mechflow.contracts`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from mechflow.contracts.models import HarvestManifest  # noqa: E402
+from mechflow.contracts.attribution import Agreement  # noqa: E402
+from mechflow.contracts.circuits import CircuitFile  # noqa: E402
+from mechflow.contracts.dictionaries import TranscoderMetrics  # noqa: E402
+from mechflow.contracts.documents import load_document, read_document  # noqa: E402
+from mechflow.contracts.harvest import HarvestIndex, HarvestManifest  # noqa: E402
+from mechflow.contracts.models import ModelCard  # noqa: E402
+from mechflow.contracts.tasks import TaskBaseline  # noqa: E402
 from mechflow.io import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -26,7 +32,7 @@ TABLE_COLUMNS = ["kind", "name", "quantity", "value", "source"]
 
 
 def _task_rows(baseline_path: Path) -> list[dict]:
-    data = json.loads(Path(baseline_path).read_text())
+    data = load_document(baseline_path, TaskBaseline, fix="re-run the evaluate_task stage")
     name = data.get("task", baseline_path.parent.name)
     rows = []
     for key in ("n_prompts", "clean_metric_mean", "corrupted_metric_mean", "accuracy", "chance_accuracy"):
@@ -56,8 +62,8 @@ DICTIONARY_QUANTITIES = ("explained_variance", "explained_variance_with_outliers
                          "ce_recovered_mean", "kl_spliced")
 
 
-def _json_rows(kind: str, name: str, path: Path, keys: tuple[str, ...]) -> list[dict]:
-    data = json.loads(Path(path).read_text())
+def _json_rows(kind: str, name: str, path: Path, keys: tuple[str, ...], model) -> list[dict]:
+    data = load_document(path, model, fix=f"re-run the stage that writes {Path(path).name}")
     return [{"kind": kind, "name": name, "quantity": k, "value": str(data[k]), "source": str(path)}
             for k in keys if data.get(k) is not None]
 
@@ -67,13 +73,14 @@ def _result_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in map(Path, paths):
         if path.name == "circuit.json":
-            rows += _json_rows("circuit", path.parent.name, path, CIRCUIT_QUANTITIES)
+            rows += _json_rows("circuit", path.parent.name, path, CIRCUIT_QUANTITIES, CircuitFile)
         elif path.name == "agreement.json":
-            data = json.loads(path.read_text())
+            data = load_document(path, Agreement, fix="re-run the attribute rule")
             rows += [{"kind": "attribution", "name": path.parent.name, "quantity": f"{m}_{k}", "value": str(v),
                       "source": str(path)} for m in ("ap", "ig") for k, v in data.get(m, {}).items()]
         elif path.name.endswith("_metrics.json"):
-            rows += _json_rows("dictionary", path.name.removesuffix("_metrics.json"), path, DICTIONARY_QUANTITIES)
+            rows += _json_rows("dictionary", path.name.removesuffix("_metrics.json"), path, DICTIONARY_QUANTITIES,
+                               TranscoderMetrics)
     return rows
 
 
@@ -85,18 +92,18 @@ def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_ca
     headline numbers join the table.
     """
     rows: list[dict] = []
-    card = json.loads(Path(model_card).read_text())
+    card = read_document(model_card, ModelCard, fix="re-run the model_card rule")
     for key in ("name", "n_layers", "d_model", "source_sha256"):
-        rows.append({"kind": "model", "name": card["name"], "quantity": key, "value": str(card[key]),
+        rows.append({"kind": "model", "name": card.name, "quantity": key, "value": str(getattr(card, key)),
                      "source": str(model_card)})
     for path in baselines:
         rows.extend(_task_rows(Path(path)))
 
-    index = json.loads(Path(harvest_index).read_text())
-    hooks = index.get("hooks", [])
+    index = read_document(harvest_index, HarvestIndex, fix="re-run the harvest stage")
+    hooks = index.hooks
     fig, axes = plt.subplots(1, max(1, len(hooks)), figsize=(5 * max(1, len(hooks)), 3.6), squeeze=False)
     for ax, entry in zip(axes[0], hooks):
-        manifest_path = Path(harvest_index).parent / entry["manifest"]
+        manifest_path = Path(harvest_index).parent / entry.manifest
         manifest = HarvestManifest.model_validate_json(manifest_path.read_text())
         norms, positions = _activation_norms(manifest_path, manifest, int(cfg.get("norm_sample_rows", 20000)))
         first = positions == 0

@@ -7,8 +7,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from mechflow.contracts.documents import write_document
+from mechflow.contracts.tasks import TaskBaseline
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
-from mechflow.io import atomic_write_json, sha256_file
+from mechflow.io import sha256_file
 from mechflow.tasks.baseline import score_dataset, summarize
 from mechflow.tasks.common import Built
 from mechflow.tasks.config import TaskConfig, parse_task_config
@@ -20,8 +23,6 @@ from mechflow.tasks.jsonl import build_jsonl
 from mechflow.tasks.tokenization import TaskTokenizer
 
 log = logging.getLogger(__name__)
-
-BASELINE_SCHEMA_VERSION = "1"
 
 BUILDERS: dict[str, Callable[[TaskConfig, TaskTokenizer], Built]] = {
     "ioi": build_ioi,
@@ -105,7 +106,7 @@ def evaluate_task(cfg: dict, *, model_cfg: dict, dataset: Path, baseline: Path, 
     scores = score_dataset(loaded.model, ds, batch_size=task.batch_size)
     summary = summarize(ds, scores)
     result = {
-        "schema_version": BASELINE_SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "task": task.name,
         "kind": task.kind,
         "metric": ds.metric_kind,
@@ -118,7 +119,7 @@ def evaluate_task(cfg: dict, *, model_cfg: dict, dataset: Path, baseline: Path, 
             {"id": i, "clean": c, "corrupted": k} for i, c, k in zip(scores.example_ids, scores.clean, scores.corrupted)
         ],
     }
-    atomic_write_json(baseline, result)
+    write_document(baseline, TaskBaseline, result)
     log.info("baseline %s on %s: accuracy %s (chance %s), clean %s, corrupted %s -> %s", task.name,
              loaded.card.name, result["accuracy"], result["chance_accuracy"], result["clean_metric_mean"],
              result["corrupted_metric_mean"], result["verdict"])

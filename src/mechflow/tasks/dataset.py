@@ -1,11 +1,12 @@
 """Token-exact task datasets: ``dataset.jsonl`` (one example per line) + ``dataset.meta.json``.
 
-Each JSONL line holds the :class:`~mechflow.contracts.models.TaskExample` fields plus the ids the
+Each JSONL line holds the :class:`~mechflow.contracts.tasks.TaskExample` fields plus the ids the
 model sees: ``clean_ids``/``corrupted_ids`` (BOS included per the model convention, always of
 equal length so activations can be patched position by position), ``answer_id``/``wrong_id``, and
 ``good_ids``/``bad_ids``, the token sets the metric contrasts. Dataset-level facts (task config and
 its hash, tokenizer, BOS convention, metric, what the filters dropped, whether the task could be
-posed at all) live in the sidecar ``dataset.meta.json``.
+posed at all) live in the sidecar ``dataset.meta.json``. Both layouts are contracts
+(`mechflow.contracts.tasks.TaskDatasetRow`, `TaskDatasetMeta`).
 
 Metrics (both read the logits at the final position; both are differentiable):
 
@@ -27,14 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechflow.contracts.models import TaskExample
+from mechflow.contracts.documents import check_document, write_document
+from mechflow.contracts.tasks import TaskDatasetMeta, TaskDatasetRow, TaskExample
+from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError, IntegrityError
-from mechflow.io import atomic_write_json, atomic_write_text, sha256_bytes
+from mechflow.io import atomic_write_text, sha256_bytes
 
 log = logging.getLogger(__name__)
 
 META_SUFFIX = ".meta.json"
-META_SCHEMA_VERSION = "1"
 METRICS = ("logit_diff", "prob_diff")
 
 
@@ -261,22 +263,28 @@ class TaskDataset:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); re-run prepare_task") from exc
                 items.append(TaskItem.from_row(row, f"{path}:{lineno}"))
+        try:
+            check_document(TaskDatasetMeta, meta)
+        except ValueError as exc:
+            raise DataError(f"{meta_path}: not a valid dataset.meta.json ({exc}); "
+                            "re-run the prepare_task stage") from exc
         return cls(name=meta["task"], kind=meta["kind"], metric_kind=meta["metric"], examples=items, meta=meta)
 
 
 def write_dataset(path: Path, items: list[TaskItem], meta: dict) -> dict:
     """Write ``dataset.jsonl`` and ``dataset.meta.json`` atomically; return the full metadata."""
     path = Path(path)
-    text = "".join(json.dumps(it.to_row(), ensure_ascii=False) + "\n" for it in items)
+    rows = [check_document(TaskDatasetRow, it.to_row()) for it in items]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     full_meta = {
-        "schema_version": META_SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         **meta,
         "n_examples": len(items),
         "token_lengths": sorted({it.n_tokens for it in items}),
         "dataset_sha256": sha256_bytes(text.encode("utf-8")),
     }
     # Metadata first: a kill between the two writes leaves a sha mismatch that `load` reports.
-    atomic_write_json(meta_path_of(path), full_meta)
+    write_document(meta_path_of(path), TaskDatasetMeta, full_meta)
     atomic_write_text(path, text)
     return full_meta
 

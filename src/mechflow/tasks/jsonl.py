@@ -1,7 +1,7 @@
 """User task examples from a JSONL file (schema: ``workflow/schemas/task_example.schema.json``).
 
 One JSON object per line with ``prompt``, ``corrupted_prompt``, ``answer``, ``wrong_answer`` and
-optionally ``id`` and ``template`` (:class:`~mechflow.contracts.models.TaskExample`). Answers are
+optionally ``id`` and ``template`` (:class:`~mechflow.contracts.tasks.TaskExample`). Answers are
 the literal next-token strings, leading space included when the answer follows a space
 (``" Paris"``). Blank lines are skipped. Each example must satisfy, for the model's tokenizer:
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mechflow.contracts.models import TaskExample
+from mechflow.contracts.tasks import TaskExample
 from mechflow.errors import DataError
 from mechflow.tasks.common import Built
 from mechflow.tasks.config import TaskConfig
