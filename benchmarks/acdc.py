@@ -113,8 +113,9 @@ def main() -> None:
     model, graph = lm.model, EdgeGraph.from_cfg(lm.model.cfg)
     restriction = EdgeRestriction.build(graph, RestrictionConfig(
         last_layers=args.last_layers, sender_last_layers=args.sender_last_layers, components=args.components))
-    res = {"model": model_cfg["name"], "task": "ioi", "n_prompts": len(batch), "n_pos": int(batch.clean_tokens.shape[1]),
-           "torch_threads": torch.get_num_threads(), "restriction": vars(restriction.spec),
+    res = {"model": model_cfg["name"], "task": "ioi", "n_prompts": len(batch),
+           "n_pos": int(batch.clean_tokens.shape[1]), "torch_threads": torch.get_num_threads(),
+           "restriction": vars(restriction.spec),
            "n_edges_total": graph.n_edges, "n_edges_restricted": restriction.n_edges, "metric": args.metric,
            "anchor_autocircuit_seconds_per_edge": 3.3, "acdc": []}
 
@@ -232,7 +233,8 @@ def _table(res: dict) -> None:
     print(f"\nSmolLM2 IOI, {res['n_prompts']} prompts x {res['n_pos']} tokens, restriction {res['restriction']}: "
           f"{res['n_edges_restricted']} of {res['n_edges_total']} edges; metric {res['metric']}")
     print(f"naive full edge-patched forward: {res['naive_full_forward_eval_seconds']:.3f} s; "
-          + (f"EAP {res['eap_seconds']:.2f} s, EAP-IG(5) {res['eap-ig_seconds']:.2f} s" if "eap_seconds" in res else ""))
+          + (f"EAP {res['eap_seconds']:.2f} s, EAP-IG(5) {res['eap-ig_seconds']:.2f} s"
+             if "eap_seconds" in res else ""))
     cols = ["speculation", "threshold", "seconds", "n_kept", "n_forward", "n_evaluations", "n_wasted",
             "n_pruned_dead", "seconds_per_evaluated_edge", "f_acdc", "f_eap_ig_same_size"]
     print(" | ".join(cols))

@@ -44,7 +44,10 @@ def ioi_pairs(lm, n: int) -> TokenPairs:
     rows = [(io, s, c, p, o) for (io, s, c) in NAMES for (p, o) in PLACES][:n]
     clean = [f"When {io} and {s} went to the {p}, {s} gave {o} to" for io, s, c, p, o in rows]
     corr = [f"When {io} and {s} went to the {p}, {c} gave {o} to" for io, s, c, p, o in rows]
-    tid = lambda w: lm.tokenizer.encode(" " + w, add_special_tokens=False)[0]
+
+    def tid(w):
+        return lm.tokenizer.encode(" " + w, add_special_tokens=False)[0]
+
     good = torch.tensor([tid(r[0]) for r in rows])
     bad = torch.tensor([tid(r[1]) for r in rows])
 
@@ -145,7 +148,8 @@ def main() -> None:
         "circuit_eval_all_positions_over_fwd": res["exact_circuit_eval_top5pct_all_positions"]["seconds"] / f,
     }
     atomic_write_json(args.out, res)
-    print(json.dumps({k: (v["seconds"] if isinstance(v, dict) and "seconds" in v else v) for k, v in res.items()}, indent=1))
+    print(json.dumps({k: (v["seconds"] if isinstance(v, dict) and "seconds" in v else v) for k, v in res.items()},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mechflow-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
-        corpus = prepare_corpus(corpus_cfg, model_cfg=model_cfg, tokens=tmp / "tokens.parquet", corpus_manifest=tmp / "corpus.json")
+        corpus = prepare_corpus(corpus_cfg, model_cfg=model_cfg, tokens=tmp / "tokens.parquet",
+                                corpus_manifest=tmp / "corpus.json")
         corpus_seconds = time.perf_counter() - t0
         contexts = torch.from_numpy(read_contexts(tmp / "tokens.parquet"))
 
@@ -121,8 +122,9 @@ def main() -> None:
                 out_dir = tmp / f"{key}-{rep}"  # a fresh folder: otherwise resume would keep every shard
                 with RssSampler() as rss:
                     t0 = time.perf_counter()
-                    summary = harvest({**harvest_cfg, "layers": layers}, model_cfg=model_cfg, tokens=tmp / "tokens.parquet",
-                                      index=out_dir / "index.json", harvest_dir=out_dir / "shards", loaded_model=loaded)
+                    summary = harvest({**harvest_cfg, "layers": layers}, model_cfg=model_cfg,
+                                      tokens=tmp / "tokens.parquet", index=out_dir / "index.json",
+                                      harvest_dir=out_dir / "shards", loaded_model=loaded)
                     wall = time.perf_counter() - t0
                 rate = contexts.numel() / wall
                 samples[key].append(rate)
@@ -133,7 +135,6 @@ def main() -> None:
                                  "rss_start_mb": rss.start / 2**20, "rss_peak_mb": rss.peak / 2**20,
                                  "rss_growth_mb": (rss.peak - rss.start) / 2**20,
                                  "shard_megabytes": shard_bytes / 2**20, "n_hooks": len(summary["hooks"])}
-        del hf_model
         rates = {k: max(v) for k, v in samples.items()}
 
     result = {

@@ -1,4 +1,4 @@
-"""Dictionary recipe study: what each change to a training recipe does to held-out quality.
+r"""Dictionary recipe study: what each change to a training recipe does to held-out quality.
 
 Every recipe is a list of Hydra overrides on top of the study's base overrides (`--recipes`, a
 YAML file, default `benchmarks/sae_recipes.yaml`). Each one trains a dictionary on the SAME
@@ -10,7 +10,8 @@ processes with disjoint `--only` lists can share the two cores (pass `--threads 
 `--report` collects every finished recipe into `table.csv` and `recipes.md` (numbers read back
 from each recipe's `metrics.json` and `training.json`).
 
-    python benchmarks/sae_recipes.py --run-dir results/sae_study --out results/sae_recipes --threads 1 --only baseline,aux_window_25
+    python benchmarks/sae_recipes.py --run-dir results/sae_study --out results/sae_recipes --threads 1 \
+        --only baseline,aux_window_25
     python benchmarks/sae_recipes.py --run-dir results/sae_study --out results/sae_recipes --report
 """
 

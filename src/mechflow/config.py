@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import re
 import shlex
 import typing
@@ -599,3 +600,13 @@ def config_json_schemas() -> dict[str, dict]:
     schemas = {group: group_json_schema(group_model(group)) for group in CONFIG_GROUPS}
     schemas.update(importlib.import_module("mechflow.dictionaries.config").json_schemas())  # sae, transcoder
     return dict(sorted(schemas.items()))
+
+
+def is_int(x: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is not a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

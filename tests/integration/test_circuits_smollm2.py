@@ -10,8 +10,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from mechflow.attribution.gradients import attribution_patching, integrated_gradients_patching
 from mechflow.attribution.patching import TokenPairs, exact_patching
-from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask, ranked_edges
 from mechflow.circuits.eap import edge_scores
+from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask, ranked_edges
 from mechflow.circuits.result import tl_edge_patched_logits
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,10 @@ IOI = [("Mary", "John", "Tom", "store", "a drink"), ("Alice", "Bob", "Kate", "pa
 def ioi_batch(lm) -> TokenPairs:
     clean = [f"When {io} and {s} went to the {p}, {s} gave {o} to" for io, s, _, p, o in IOI]
     corrupt = [f"When {io} and {s} went to the {p}, {c} gave {o} to" for io, s, c, p, o in IOI]
-    ids = lambda name: lm.tokenizer.encode(" " + name, add_special_tokens=False)
+
+    def ids(name):
+        return lm.tokenizer.encode(" " + name, add_special_tokens=False)
+
     good, bad = [ids(x[0]) for x in IOI], [ids(x[1]) for x in IOI]
     assert all(len(t) == 1 for t in good + bad), "names must be single tokens"
     good, bad = torch.tensor([t[0] for t in good]), torch.tensor([t[0] for t in bad])

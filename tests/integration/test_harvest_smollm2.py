@@ -20,7 +20,8 @@ MODEL_CFG = yaml.safe_load((ROOT / "config/model/smollm2_135m.yaml").read_text()
 @pytest.mark.slow
 def test_harvest_matches_run_with_cache_and_mlp_pair(tmp_path, smollm2):
     corpus_cfg = yaml.safe_load((ROOT / "config/corpus/smoke.yaml").read_text())
-    prepare_corpus(corpus_cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "tokens.parquet", corpus_manifest=tmp_path / "corpus.json")
+    prepare_corpus(corpus_cfg, model_cfg=MODEL_CFG, tokens=tmp_path / "tokens.parquet",
+                   corpus_manifest=tmp_path / "corpus.json")
     ctx = read_contexts(tmp_path / "tokens.parquet")
     # The tokenizer-only path agrees with the loaded model's own BOS convention.
     first = smollm2.to_tokens(next(iter(stdlib_docs())))[0, : ctx.shape[1]].numpy()
@@ -39,8 +40,8 @@ def test_harvest_matches_run_with_cache_and_mlp_pair(tmp_path, smollm2):
     for entry in index["hooks"]:
         manifest = verify_shards(tmp_path / "shards" / entry["hook"])
         assert manifest.model_sha256 == smollm2.card.source_sha256 and manifest.d == 576
-        stored[entry["hook"]] = np.concatenate(list(iter_activation_batches(tmp_path / "index.json", 64, hook=entry["hook"],
-                                                                            as_numpy=True)))
+        batches = iter_activation_batches(tmp_path / "index.json", 64, hook=entry["hook"], as_numpy=True)
+        stored[entry["hook"]] = np.concatenate(list(batches))
     tokens = torch.tensor(ctx[:n])
     with torch.inference_mode():
         _, cache = smollm2.model.run_with_cache(tokens)  # the full model, no stop_at_layer

@@ -111,7 +111,8 @@ def test_smoke_run_end_to_end(tmp_path):
     index = json.loads((run / "harvest" / "index.json").read_text())
     assert index["hooks"] and all((run / "harvest" / h["manifest"]).exists() for h in index["hooks"])
     for task in ("ioi", "greater_than"):
-        assert (run / "stats" / task / "bootstrap.parquet").exists() and (run / "stats" / task / "statistics.md").exists()
+        assert (run / "stats" / task / "bootstrap.parquet").exists()
+        assert (run / "stats" / task / "statistics.md").exists()
         folder = run / "circuits" / task
         for name in ("node_scores.parquet", "head_types.parquet", "circuit.json", "circuit.png", "circuit.dot",
                      "circuit_prompts.parquet", "curve_prompts.parquet", "edge_scores.parquet"):

@@ -31,12 +31,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechflow.attribution.lens import head_frame, layer_frame
+from mechflow.contracts.hooks import COMPONENT_HOOKS
 from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("zero", "mean", "resample")
-HOOKS = {"head": "attn.hook_z", "mlp": "hook_mlp_out"}
+HOOKS = {k: COMPONENT_HOOKS[k] for k in ("head", "mlp")}
 
 
 def derangement(n: int, seed: int) -> Tensor:

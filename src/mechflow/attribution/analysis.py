@@ -40,7 +40,6 @@ Rule `analyze` runs `run_analysis` (steps 1-5); rule `causal_trace` runs `run_ca
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -69,7 +68,10 @@ from mechflow.attribution.neurons import (
     top_neurons,
 )
 from mechflow.attribution.saliency import gradient_saliency, integrated_gradients
-from mechflow.attribution.stage import _long_rows
+from mechflow.attribution.stage import long_rows
+from mechflow.contracts.documents import read_document
+from mechflow.contracts.harvest import HarvestIndex
+from mechflow.contracts.hooks import NEURON_HOOK, selected_hooks
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, atomic_write_text
 from mechflow.tasks import TaskBatch, TaskDataset, make_batch, select_batch
@@ -81,7 +83,6 @@ ROLES = ("prefix", "first subject", "middle subject", "last subject", "first sub
 IG_BASELINES = ("corrupted", "zero")
 IG_CHECKS = ("error", "flag")
 CT_METRICS = ("probability", "task")
-NEURON_HOOK = "blocks.{layer}.mlp.hook_post"
 ANALYZE_OUTPUTS = ("ablations.parquet", "ablations.png", "saliency.parquet", "saliency.png", "neurons.parquet",
                    "neurons.md", "analysis.md")
 CAUSAL_TRACE_OUTPUTS = ("causal_tracing.parquet", "causal_tracing.png")
@@ -206,11 +207,8 @@ def has_subjects(task_cfg: dict) -> bool:
 
 def harvested_hooks(harvest_cfg: dict) -> set[str]:
     """TransformerLens hook names a `harvest` config group produces."""
-    from mechflow.harvest.config import HOOK_POINTS
-
-    hooks = {HOOK_POINTS[p].format(layer=layer) for layer in harvest_cfg.get("layers", [])
-             for p in harvest_cfg.get("hook_points", [])}
-    return hooks | set(harvest_cfg.get("hooks", []))
+    return set(selected_hooks(harvest_cfg.get("layers", []), harvest_cfg.get("hook_points", []),
+                              harvest_cfg.get("hooks", [])))
 
 
 def harvests_neurons(harvest_cfg: dict) -> bool:
@@ -356,10 +354,8 @@ def corpus_top_contexts(model, contexts: np.ndarray, wanted: dict[int, list[int]
 def _harvest_hooks(harvest_index: Path | None) -> set[str]:
     if harvest_index is None:
         return set()
-    try:
-        return {h["hook"] for h in json.loads(Path(harvest_index).read_text())["hooks"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{harvest_index}: not a readable harvest index ({exc}); rerun the harvest stage") from exc
+    index = read_document(harvest_index, HarvestIndex, fix="rerun the harvest stage")
+    return {h.hook for h in index.hooks}
 
 
 def neuron_contexts(model, wanted: dict[int, list[int]], c: AnalysisConfig, *, tokens: Path,
@@ -470,7 +466,7 @@ def ablations_table(model, batch: TaskBatch, bucket: TaskBatch, c: AnalysisConfi
         kw = {"reference_tokens": ref, "seed": c.seed, "max_batch": c.max_batch, "per_prompt": True, "progress": True}
         heads = ablate_components(model, batch.clean_tokens, batch.metric, "head", method, **kw)
         mlps = ablate_components(model, batch.clean_tokens, batch.metric, "mlp", method, **kw)
-        frames.append(_long_rows(method, heads.detach(), mlps.detach()))
+        frames.append(long_rows(method, heads.detach(), mlps.detach()))
         log.info("%s ablation done", method)
     with torch.no_grad():
         clean = batch.metric(model(batch.clean_tokens)).double().tolist()

@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechflow.contracts.hooks import COMPONENT_HOOKS
 from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KIND_HOOKS = {"resid": "hook_resid_pre", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+KIND_HOOKS = {k: COMPONENT_HOOKS[k] for k in ("resid", "mlp", "attn")}
 Metric = Callable[[Tensor], Tensor]
 
 

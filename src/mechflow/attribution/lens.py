@@ -150,7 +150,7 @@ def softcapped(model) -> bool:
     return cap is not None and cap > 0
 
 
-def _pos_index(pos: int, n_pos: int) -> int:
+def pos_index(pos: int, n_pos: int) -> int:
     p = pos if pos >= 0 else n_pos + pos
     if not 0 <= p < n_pos:
         raise ConfigError(f"pos: {pos} is outside a {n_pos}-token prompt")
@@ -204,7 +204,7 @@ def logit_lens(model, tokens: Tensor, answer_ids, wrong_ids=None, pos: int = -1,
     are applied as the model does).
     """
     n, n_pos = tokens.shape
-    p = _pos_index(pos, n_pos)
+    p = pos_index(pos, n_pos)
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{L}.hook_resid_post" for L in range(model.cfg.n_layers)]
     labels = ["resid_pre 0"] + [f"resid_post {L}" for L in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
@@ -278,7 +278,7 @@ def direct_logit_attribution(model, tokens: Tensor, answer_ids, wrong_ids=None, 
     See the module docstring. Works on SmolLM2 (llama-like) and Gemma-3 (post-norms frozen).
     """
     n, n_pos = tokens.shape
-    p = _pos_index(pos, n_pos)
+    p = pos_index(pos, n_pos)
     L = model.cfg.n_layers
     post = has_post_norms(model)
     wanted = {"blocks.0.hook_resid_pre", "ln_final.hook_scale", f"blocks.{L - 1}.hook_resid_post"}

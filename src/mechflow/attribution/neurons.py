@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from mechflow.attribution.lens import (
-    _pos_index,
     answer_directions,
     has_post_norms,
     norm_linear,
+    pos_index,
     scores_frame,
 )
 from mechflow.attribution.patching import TokenPairs, base_and_source
@@ -67,7 +67,7 @@ def neuron_dla(model, tokens: Tensor, answer_ids, wrong_ids=None, layers: list[i
                pos: int = -1) -> NeuronDLA:
     """Per-neuron direct logit attribution (module docstring, step 1)."""
     n, n_pos = tokens.shape
-    p = _pos_index(pos, n_pos)
+    p = pos_index(pos, n_pos)
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     post_norm = has_post_norms(model)
     names = {"ln_final.hook_scale"} | {f"blocks.{l}.mlp.hook_post" for l in layers}

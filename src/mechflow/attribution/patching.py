@@ -26,6 +26,7 @@ from typing import Callable, Literal, Protocol
 import torch
 from torch import Tensor
 
+from mechflow.contracts import hooks as contract_hooks
 from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ Component = Literal["head", "mlp", "resid"]
 Direction = Literal["noising", "denoising"]
 
 #: TransformerLens hook (suffix under ``blocks.{L}.``) that each component kind patches.
-COMPONENT_HOOKS: dict[str, str] = {"head": "attn.hook_z", "mlp": "hook_mlp_out", "resid": "hook_resid_pre"}
+COMPONENT_HOOKS: dict[str, str] = {k: contract_hooks.COMPONENT_HOOKS[k] for k in ("head", "mlp", "resid")}
 
 
 class PairBatch(Protocol):

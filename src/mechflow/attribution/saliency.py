@@ -37,11 +37,12 @@ import torch
 from torch import Tensor
 
 from mechflow.attribution.gradients import ig_points
+from mechflow.contracts.hooks import INPUT_HOOK
 from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-EMBED_HOOK = "blocks.0.hook_resid_pre"
+EMBED_HOOK = INPUT_HOOK
 Metric = Callable[[Tensor], Tensor]
 
 

@@ -26,8 +26,10 @@ from mechflow.attribution.head_types import SCORE_KINDS, head_type_scores, ioi_h
 from mechflow.attribution.lens import direct_logit_attribution, logit_lens
 from mechflow.attribution.patching import exact_patching
 from mechflow.attribution.plots import plot_head_grid, plot_logit_lens
+from mechflow.contracts.attribution import Agreement
+from mechflow.contracts.documents import write_document
 from mechflow.errors import ConfigError
-from mechflow.io import atomic_path, atomic_write_json, atomic_write_text
+from mechflow.io import atomic_path, atomic_write_text
 from mechflow.tasks import TaskDataset, select_batch
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
         frame.write_parquet(tmp, compression="zstd")
 
 
-def _long_rows(method: str, heads: torch.Tensor, mlps: torch.Tensor) -> pl.DataFrame:
+def long_rows(method: str, heads: torch.Tensor, mlps: torch.Tensor) -> pl.DataFrame:
     """[L, H, n] and [L, n] per-prompt scores -> the node_scores long table."""
     L, H, n = heads.shape
     comp, kind, layer, head, prompt, score = [], [], [], [], [], []
@@ -133,7 +135,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
                                                  max_batch=c["max_batch"])
         per_method[method] = (heads.detach(), mlps.detach())
         log.info("attribution %s done", method)
-    table = pl.concat([_long_rows(m, *per_method[m]) for m in c["methods"]])
+    table = pl.concat([long_rows(m, *per_method[m]) for m in c["methods"]])
     _write_parquet(table, node_scores)
 
     with torch.no_grad():
@@ -168,7 +170,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
     agree.update({"n_prompts": n, "ig_steps": c["ig_steps"], "direction": "noising",
                   "m_clean_mean": sum(clean_m) / n, "m_corrupted_mean": sum(corrupted_m) / n,
                   "dla_sum_minus_logit_diff_max": float((dla_result.total() - lens_result.logit_diff[-1]).abs().max())})
-    atomic_write_json(agreement, agree)
+    write_document(agreement, Agreement, agree)
 
     exact_heads = per_method["exact"][0].mean(-1)
     plot_head_grid(exact_heads, heads_figure, title=f"{model_cfg['name']} × {task}: exact head patching "

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from mechflow.attribution.patching import PairBatch
 from mechflow.benchmark.acdc import Acdc, AcdcRun, depth_weighted_factor, roc_points, stage_costs
-from mechflow.benchmark.config import BenchmarkConfig, _check_keys, _is_int, _is_number
+from mechflow.benchmark.config import BenchmarkConfig
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.resume import ResumableForward, StageCache
 from mechflow.circuits.eap import edge_scores
@@ -74,10 +74,11 @@ from mechflow.circuits.faithfulness import (
 )
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.circuits.search import check_target, minimal_faithful_prefix
+from mechflow.config import is_int, is_number
 from mechflow.contracts.benchmark import TimingsDocument
 from mechflow.contracts.documents import write_document
 from mechflow.contracts.versions import SCHEMA_VERSION
-from mechflow.errors import ConfigError, DataError
+from mechflow.errors import ConfigError, DataError, check_known_keys
 from mechflow.io import atomic_path, atomic_write_text, canonical_hash
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class CompareConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> CompareConfig:
         cfg = dict(cfg or {})
-        _check_keys("benchmark.compare", cfg, cls)
+        check_known_keys("benchmark.compare", cfg, cls)
         if "percentages" in cfg:
             p = cfg["percentages"]
             if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__") or not list(p):
@@ -127,16 +128,16 @@ class CompareConfig:
             check_target(out.target)
         except ConfigError as e:
             raise ConfigError(str(e).replace("circuit.target", "benchmark.compare.target")) from None
-        if not _is_int(out.ig_steps) or out.ig_steps < 1:
+        if not is_int(out.ig_steps) or out.ig_steps < 1:
             raise ConfigError(f"benchmark.compare.ig_steps: {out.ig_steps!r} must be an integer >= 1")
         if out.ig_rule not in ("left", "midpoint"):
             raise ConfigError(f"benchmark.compare.ig_rule: {out.ig_rule!r} must be left or midpoint")
         ps = out.percentages
-        if not all(_is_number(x) and 0 < x <= 100 for x in ps) or any(b <= a for a, b in pairwise(ps)):
+        if not all(is_number(x) and 0 < x <= 100 for x in ps) or any(b <= a for a, b in pairwise(ps)):
             raise ConfigError(f"benchmark.compare.percentages: {list(ps)!r} must be strictly increasing "
                               "numbers in (0, 100]")
         t = out.reference_threshold
-        if t is not None and (not _is_number(t) or t <= 0):
+        if t is not None and (not is_number(t) or t <= 0):
             raise ConfigError(f"benchmark.compare.reference_threshold: {t!r} must be null (top-k, k = "
                               "our circuit size) or a number > 0 (fraction of |m(N) - m(~R)|)")
         if out.acdc_match not in MATCH:

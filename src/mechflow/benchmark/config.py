@@ -7,15 +7,13 @@ raises one `ConfigError` naming the field (``benchmark.acdc.thresholds``, ...) a
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from itertools import pairwise
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from mechflow.config import GroupConfig, config_model
-from mechflow.errors import ConfigError, check_known_keys
+from mechflow.config import GroupConfig, config_model, is_number
+from mechflow.errors import ConfigError
 from mechflow.io import canonical_hash
 
 AcdcMetric = Literal["kl", "task"]
@@ -27,16 +25,7 @@ COMPONENTS: tuple[str, ...] = get_args(Components)
 STAGE_FIELDS = ("enabled", "tasks", "compare")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_keys(where: str, cfg: Mapping[str, Any], cls) -> None:
-    check_known_keys(where, cfg, cls)
 
 
 @config_model("benchmark.restriction")
@@ -59,7 +48,7 @@ def check_thresholds(thresholds: Any) -> tuple[float, ...]:
     taus = list(thresholds)
     if not taus:
         raise ConfigError(f"{where}: the list is empty; give at least one tau >= 0, e.g. [0.01]")
-    bad = [t for t in taus if not _is_number(t)]
+    bad = [t for t in taus if not is_number(t)]
     if bad:
         raise ConfigError(f"{where}: {bad[0]!r} is not a finite number; every tau must be a number >= 0")
     if any(t < 0 for t in taus):

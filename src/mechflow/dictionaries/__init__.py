@@ -2,7 +2,8 @@
 
 from mechflow.dictionaries.config import DataConfig, EvalConfig, SAEConfig, TranscoderConfig
 from mechflow.dictionaries.data import ActivationStream, ShardSource, load_manifest, split_shards
-from mechflow.dictionaries.metrics import ce_metrics, evaluate_dictionary, evaluate_transcoder, reconstruction_metrics
+from mechflow.dictionaries.evaluate import evaluate_dictionary, evaluate_transcoder
+from mechflow.dictionaries.metrics import ce_metrics, reconstruction_metrics
 from mechflow.dictionaries.sae import load_pretrained_sae, load_sae, train_sae
 from mechflow.dictionaries.transcoder import JumpReLUTranscoderStack, load_transcoder, train_transcoder
 

@@ -1,19 +1,16 @@
 """Typed configs of the dictionary stages (`config/sae/*.yaml`, `config/transcoder/*.yaml`).
 
 `workflow/schemas/config/{sae,transcoder}.schema.json` are generated from these models
-(`python -m mechflow.dictionaries.config`); a unit test fails when they drift.
+(`python -m mechflow.contracts.export`); a unit test fails when they drift.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mechflow.errors import ConfigError
-
 
 # JumpReLU threshold options shared by SAEs and transcoders (see mechflow.dictionaries.thresholds)
 _TARGET_L0 = ("start each latent's threshold at the quantile of its pre-activations (on the norm-estimate "
@@ -193,14 +190,3 @@ def json_schemas() -> dict[str, dict]:
     draft = {"$schema": "https://json-schema.org/draft/2020-12/schema"}  # jsonschema/snakemake detect the dialect
     return {"sae": {**draft, **SAEConfig.model_json_schema()},
             "transcoder": {**draft, **TranscoderConfig.model_json_schema()}}
-
-
-def write_json_schemas(folder: str | Path = "workflow/schemas/config") -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, schema in json_schemas().items():
-        (folder / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    write_json_schemas()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import math
 import re
@@ -55,12 +54,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechflow.contracts.dictionaries import DictionaryTraining, FeatureSummary
+from mechflow.contracts.documents import load_document, write_document
+from mechflow.contracts.hooks import hook_layer
 from mechflow.dictionaries.config import FeaturesConfig, SAEConfig, parse_config
 from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import (
     atomic_path,
-    atomic_write_json,
     atomic_write_text,
     sha256_file,
     to_json,
@@ -73,7 +74,7 @@ log = logging.getLogger(__name__)
 HIST_LOG10_LO, HIST_LOG10_HI, HIST_BINS_PER_DECADE = -4.0, 4.0, 10
 N_HIST_BINS = int((HIST_LOG10_HI - HIST_LOG10_LO) * HIST_BINS_PER_DECADE)
 # Hooks whose activations live in the residual-stream basis (what W_U reads).
-_RESIDUAL_HOOK = re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|hook_embed)$")
+RESIDUAL_HOOK = re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|hook_embed)$")
 
 
 # ----------------------------------------------------------------------------- 1. streaming stats
@@ -785,7 +786,8 @@ def feature_analysis(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path
     if sha256_file(tokens) != man.corpus_sha256:
         raise DataError(f"{tokens} is not the corpus harvest {mfile} ran on (sha256 differs): re-run the harvest")
     training_file = dictionary / "training.json"
-    training = json.loads(training_file.read_text()) if training_file.exists() else {}
+    training = (load_document(training_file, DictionaryTraining, fix="re-run train_sae", partial=True)
+                if training_file.exists() else {})
     exclude_bos = bool(training.get("exclude_bos", full.data.exclude_bos if full else True))
     verify = full.data.verify_sha256 if full else True
     source = ShardSource([mfile], exclude_bos=exclude_bos, verify_sha256=verify)
@@ -817,13 +819,12 @@ def feature_analysis(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path
     always = [i for r in task_results for i in r.get("joint", {}).get("features", [])]
     chosen = select_features(stats, c, always)
 
-    residual = bool(_RESIDUAL_HOOK.search(man.hook)) and sae.cfg.d_in == model.cfg.d_model
+    residual = bool(RESIDUAL_HOOK.search(man.hook)) and sae.cfg.d_in == model.cfg.d_model
     logit_fx = logit_effects(model, spliced.decoder, chosen, c.n_logits) if residual else None
     if not residual:
         log.warning("hook %s is not in the residual-stream basis of width d_model=%d: no logit effects",
                     man.hook, model.cfg.d_model)
     windows = read_windows(tokens, {cid for f in chosen for _, cid, _ in stats.top_contexts(f)})
-    from mechflow.harvest.hooks import hook_layer
 
     base = {"hook": man.hook, "layer": hook_layer(man.hook), "model": man.model,
             "architecture": sae.cfg.architecture(), "dictionary": str(dictionary)}
@@ -849,6 +850,6 @@ def feature_analysis(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path
                     f"{man.model} {man.hook}: {sae.cfg.architecture()} SAE, d_sae {sae.cfg.d_sae}")
     write_jsonl(records, Path(features))
     atomic_write_text(html, render_html(records, result, Path(histograms).read_bytes()))
-    atomic_write_json(summary, result)
+    write_document(summary, FeatureSummary, result)
     log.info("feature analysis: %d records -> %s", len(records), features)
     return result

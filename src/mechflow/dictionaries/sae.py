@@ -42,6 +42,7 @@ from mechflow.dictionaries.data import (
     manifest_path,
     split_shards,
 )
+from mechflow.dictionaries.metrics import reconstruction_metrics
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, ModelLoadError
 from mechflow.io import canonical_hash, sha256_file
@@ -204,7 +205,7 @@ def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _write_curves_csv(curves: list[dict[str, float]], path: Path) -> None:
+def write_curves_csv(curves: list[dict[str, float]], path: Path) -> None:
     keys = sorted({k for p in curves for k in p}, key=lambda k: (k not in ("step", "tokens"), k))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
@@ -219,7 +220,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name)) if done else None
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move a finished folder onto `out_dir` (replacing an old one) with renames only."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
@@ -256,8 +257,9 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     Returns:
         The training summary (also written to `out_dir/training.json`).
     """
-    from mechflow.tracking import stage_run
     from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    from mechflow.tracking import stage_run
 
     cfg = parse_config(SAEConfig, cfg, "sae")
     manifest_obj, _ = load_manifest(manifest)
@@ -329,7 +331,7 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
 
         def save_trainer_state_and_curves(path: Path) -> None:
             orig_save(path)
-            _write_curves_csv(trainer.curves, path / CURVES_CSV)
+            write_curves_csv(trainer.curves, path / CURVES_CSV)
 
         trainer.save_trainer_state = save_trainer_state_and_curves  # curves survive a resume too
         threshold_init = None
@@ -339,8 +341,6 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
         stream.close()
         seconds = time.perf_counter() - t0
         tokens_done = trainer.n_training_samples
-
-        from mechflow.dictionaries.metrics import reconstruction_metrics
 
         sae.eval()
         heldout = None
@@ -356,8 +356,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     if tmp.exists():
         shutil.rmtree(tmp)
     sae.save_inference_model(tmp)
-    from safetensors.torch import save_file
     from sae_lens.constants import SPARSITY_FILENAME
+    from safetensors.torch import save_file
 
     save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
     summary = {
@@ -374,9 +374,9 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
         "resumed_from": str(resume_from) if resume_from else None,
     }
     write_document(tmp / TRAINING_SUMMARY, SaeTraining, summary)
-    _write_curves_csv(trainer.curves, tmp / CURVES_CSV)
+    write_curves_csv(trainer.curves, tmp / CURVES_CSV)
     plot_curves(trainer.curves, tmp / CURVES_PNG, f"{cfg.architecture} SAE, {manifest_obj.model} {manifest_obj.hook}")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     if ckpt_root.exists():
         shutil.rmtree(ckpt_root)
     log.info("trained %s SAE on %d tokens in %.1f s -> %s", cfg.architecture, tokens_done, seconds, out_dir)

@@ -70,7 +70,14 @@ from mechflow.dictionaries.data import (
     manifest_path,
     split_shards,
 )
-from mechflow.dictionaries.sae import CURVES_CSV, CURVES_PNG, TRAINING_SUMMARY, _replace_dir, _write_curves_csv, plot_curves
+from mechflow.dictionaries.sae import (
+    CURVES_CSV,
+    CURVES_PNG,
+    TRAINING_SUMMARY,
+    plot_curves,
+    replace_dir,
+    write_curves_csv,
+)
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import sha256_file
@@ -365,7 +372,7 @@ def load_transcoder(folder: str | Path) -> JumpReLUTranscoderStack:
 # ----------------------------------------------------------------------------- stage
 
 
-def _resolve_manifests(cfg: TranscoderConfig, manifests: list[Path]) -> tuple[list[Path], list[Path], list[str], list[str]]:
+def resolve_manifests(cfg: TranscoderConfig, manifests: list[Path]) -> tuple[list[Path], list[Path], list[str], list[str]]:
     by_hook: dict[str, Path] = {}
     for m in manifests:
         man, _ = load_manifest(m)
@@ -398,7 +405,7 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
         raise ConfigError(f"transcoder.layers={cfg.layers} must be increasing without repeats")
     if cfg.kind == "clt" and cfg.layers != list(range(cfg.layers[0], cfg.layers[-1] + 1)):
         raise ConfigError(f"transcoder.layers={cfg.layers}: a CLT spans consecutive layers, e.g. [0, 1, 2, 3]")
-    in_paths, out_paths, in_hooks, out_hooks = _resolve_manifests(cfg, list(manifests))
+    in_paths, out_paths, in_hooks, out_hooks = resolve_manifests(cfg, list(manifests))
     first, _ = load_manifest(in_paths[0])
     d_ins = {load_manifest(p)[0].d for p in in_paths}
     d_outs = {load_manifest(p)[0].d for p in out_paths}
@@ -456,9 +463,9 @@ def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cf
                "tokens_per_second": round(n_steps * cfg.data.batch_size / max(seconds, 1e-9), 1),
                **extra, "heldout": heldout}
     write_document(tmp / TRAINING_SUMMARY, TranscoderTraining, summary)
-    _write_curves_csv(curves, tmp / CURVES_CSV)
+    write_curves_csv(curves, tmp / CURVES_CSV)
     plot_curves(curves, tmp / CURVES_PNG, f"{cfg.kind} transcoder, {first.model} layers {cfg.layers}")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     log.info("trained %s transcoder (layers %s) in %.1f s -> %s", cfg.kind, cfg.layers, seconds, out_dir)
     return summary
 

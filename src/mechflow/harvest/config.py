@@ -10,19 +10,9 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from mechflow.config import FieldError, GroupConfig, config_model
+from mechflow.contracts.hooks import HOOK_POINTS
 from mechflow.contracts.parquet import ACTIVATION_DTYPES
 
-# Short names for the per-layer hook points; expanded by `mechflow.harvest.hooks.expand_hooks`.
-HOOK_POINTS: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    # What the MLP reads: the ln2-normalised residual. mechflow loads models with fold_ln, so the
-    # norm weight lives in W_in/W_gate and this is exactly the MLP's input (transcoders read it).
-    "mlp_in": "blocks.{layer}.ln2.hook_normalized",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-}
 HookPoint = Literal[tuple(HOOK_POINTS)]  # type: ignore[valid-type]
 ActivationDtype = Literal[tuple(ACTIVATION_DTYPES)]  # type: ignore[valid-type]
 

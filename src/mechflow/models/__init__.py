@@ -8,8 +8,8 @@ from mechflow.models.registry import (
     load_model,
     load_model_from_cfg,
     load_tokenizer,
-    resolve_bos_id,
     model_card,
+    resolve_bos_id,
 )
 
 __all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference", "load_tokenizer", "resolve_bos_id", "model_card"]

@@ -7,12 +7,11 @@ value raises one `ConfigError` naming the field (`stats.<field>`) and the fix.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, StrictFloat, StrictInt
 
-from mechflow.config import GroupConfig, UniqueItems, config_model
+from mechflow.config import GroupConfig, UniqueItems, config_model, is_int, is_number
 from mechflow.errors import ConfigError
 
 CiMethod = Literal["percentile", "bca"]
@@ -50,12 +49,6 @@ class StatsConfig(GroupConfig):
                                               description="Number of null draws for cross-model feature matching.")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -63,13 +56,13 @@ def check_positive_int(name: str, value: Any) -> int:
 
     For the statistics functions called with plain arguments; a `StatsConfig` is already checked.
     """
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{name}: {value!r} must be an integer >= 1")
     return value
 
 
 def check_ci_level(name: str, value: Any) -> float:
     """Return `value` if it is a number strictly inside (0, 1), else raise `ConfigError`."""
-    if not _is_number(value) or not 0.0 < value < 1.0:
+    if not is_number(value) or not 0.0 < value < 1.0:
         raise ConfigError(f"{name}: {value!r} must be a number strictly between 0 and 1 (e.g. 0.95)")
     return float(value)

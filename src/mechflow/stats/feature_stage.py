@@ -388,9 +388,9 @@ def logit_profile(model: Any, decoder: torch.Tensor, token_ids: np.ndarray, chun
 
 def is_residual(hook: str, sae: Any, model: Any) -> bool:
     """Whether the hook's activations live in the residual basis W_U reads (else no logit effects)."""
-    from mechflow.dictionaries.features import _RESIDUAL_HOOK
+    from mechflow.dictionaries.features import RESIDUAL_HOOK
 
-    return bool(_RESIDUAL_HOOK.search(hook)) and sae.cfg.d_in == model.cfg.d_model
+    return bool(RESIDUAL_HOOK.search(hook)) and sae.cfg.d_in == model.cfg.d_model
 
 
 # ----------------------------------------------------------------------------- 4. matching

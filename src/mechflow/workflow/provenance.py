@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import json
 import logging
 import platform
 import subprocess
@@ -17,6 +16,8 @@ import yaml
 
 from mechflow import __version__
 from mechflow.config import REPO_ROOT, config_hash
+from mechflow.contracts.documents import read_document, write_document
+from mechflow.contracts.harvest import HarvestIndex
 from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
 from mechflow.workflow.runs import RUNS
@@ -93,7 +94,7 @@ def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
 
     loaded = load_model_from_cfg(model_cfg)
     payload = loaded.card.model_dump(mode="json")
-    atomic_write_json(model_card, {**payload})
+    write_document(model_card, ModelCard, payload)
     log.info("model %s loaded in %.1fs", loaded.card.name, loaded.load_seconds)
     return loaded.card
 
@@ -105,8 +106,8 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
               benchmarks: list[Path] = (), feature_outputs: list[Path] = (), analysis_outputs: list[Path] = (),
               reference_outputs: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced."""
-    index = json.loads(Path(harvest_index).read_text())
-    harvest_manifests = [Path(harvest_index).parent / h["manifest"] for h in index.get("hooks", [])]
+    index = read_document(harvest_index, HarvestIndex, fix="re-run the harvest stage")
+    harvest_manifests = [Path(harvest_index).parent / h.manifest for h in index.hooks]
     return write_run_manifest(
         run_cfg,
         resolved_config=resolved_config,

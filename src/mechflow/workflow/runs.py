@@ -7,6 +7,7 @@ The Snakefile calls `load_runs(config)`; input/params functions (`mechflow.workf
 from __future__ import annotations
 
 from mechflow.config import Run, compose_runs
+from mechflow.contracts.hooks import selected_hooks
 from mechflow.errors import ConfigError
 
 RUNS: dict[str, Run] = {}
@@ -72,11 +73,8 @@ def transcoder_hooks(run: str) -> list[tuple[str, str]]:
 
 def check_harvested_hooks(run: Run) -> None:
     """Fail early when a dictionary trains on a hook the harvest does not produce."""
-    from mechflow.harvest.config import HOOK_POINTS
-
     harvest = run.cfg["harvest"]
-    harvested = {HOOK_POINTS[p].format(layer=layer) for layer in harvest["layers"] for p in harvest["hook_points"]}
-    harvested |= set(harvest.get("hooks", []))
+    harvested = set(selected_hooks(harvest["layers"], harvest["hook_points"], harvest.get("hooks", [])))
     needed = []
     if "sae" in run.cfg:
         needed.append(("sae.hook", run.cfg["sae"]["hook"]))

@@ -60,7 +60,8 @@ def test_resample_ablation_uses_a_seeded_derangement(tiny_llama):
         act[:, :, 1] = cache["blocks.0.attn.hook_z"][perm][:, :, 1]
         return act
 
-    torch.testing.assert_close(got[0, 1], _rerun(tiny_llama, toks, "blocks.0.attn.hook_z", resample), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[0, 1], _rerun(tiny_llama, toks, "blocks.0.attn.hook_z", resample),
+                               rtol=0, atol=1e-12)
     again = ablate_components(tiny_llama, toks, metric, "head", "resample", seed=5, per_prompt=True)
     assert torch.equal(got, again)
     frame = ablation_frame(got.mean(-1), "head", "resample")
@@ -71,6 +72,7 @@ def test_bad_arguments(tiny_llama):
     with pytest.raises(ConfigError, match="ablation.method"):
         ablate_components(tiny_llama, _tokens(), metric, "head", "noise")
     with pytest.raises(ConfigError, match="reference_tokens"):
-        ablate_components(tiny_llama, _tokens(), metric, "mlp", "mean", reference_tokens=torch.zeros(2, 3, dtype=torch.long))
+        ablate_components(tiny_llama, _tokens(), metric, "mlp", "mean",
+                          reference_tokens=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ConfigError, match="at least 2 prompts"):
         ablate_components(tiny_llama, _tokens(n=1), metric, "mlp", "resample")

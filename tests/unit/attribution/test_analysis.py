@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import jsonschema
 import numpy as np
@@ -122,7 +121,8 @@ def test_every_output_is_written_with_its_columns(run):
     abl = pl.read_parquet(run["out"]["ablations"])
     assert abl.columns == ["method", "component", "kind", "layer", "head", "prompt", "score", "example_id",
                            "clean_metric", "reference"]
-    assert abl.filter(pl.col("method") == "resample")["reference"][0] == "a seeded draw from the 2 held-out bucket prompts"
+    assert (abl.filter(pl.col("method") == "resample")["reference"][0]
+            == "a seeded draw from the 2 held-out bucket prompts")
     assert abl.height == 3 * (2 * 4 + 2) * 4  # 3 methods x (8 heads + 2 MLPs) x 4 prompts
     sal = pl.read_parquet(run["out"]["saliency"])
     assert {"method", "prompt", "position", "token_id", "score", "ig_completeness_residual", "ig_complete"} <= set(
@@ -269,7 +269,8 @@ def test_neuron_contexts_from_harvest_equal_the_corpus_scan_and_brute_force(tmp_
                                    harvest_index=tmp_path / "h" / "index.json")
     from_corpus = neuron_contexts(model, wanted, c, tokens=tmp_path / "tokens.parquet", harvest_index=None)
     assert set(from_harvest.filter(pl.col("layer") == 1)["context_source"]) == {"harvest:blocks.1.mlp.hook_post"}
-    assert set(from_harvest.filter(pl.col("layer") == 0)["context_source"]) == {"corpus:120 tokens"}  # layer 0 not harvested
+    # layer 0 not harvested
+    assert set(from_harvest.filter(pl.col("layer") == 0)["context_source"]) == {"corpus:120 tokens"}
     a, b = from_harvest.sort("layer", "neuron", "rank"), from_corpus.sort("layer", "neuron", "rank")
     for col in ("layer", "neuron", "rank", "context_id", "position", "token_id", "context_token_ids"):
         assert a[col].to_list() == b[col].to_list(), col

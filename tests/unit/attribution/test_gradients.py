@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mechflow.testing import make_tiny_llama
 
 from mechflow.attribution.gradients import attribution_patching, ig_points, integrated_gradients_patching
 from mechflow.attribution.patching import TokenPairs, exact_patching, hook_name, patch_whole_layer
 from mechflow.errors import ConfigError
+from mechflow.testing import make_tiny_llama
 
 
 def make_batch(seed: int, n: int = 3, pos: int = 6, vocab: int = 50) -> TokenPairs:

@@ -1,4 +1,7 @@
-"""Helpers for circuit tests (not a conftest: `from mechflow.testing import` must reach tests/conftest.py): random token pairs on the tiny llama and a linear-tail variant."""
+"""Helpers for circuit tests: random token pairs on the tiny llama and a linear-tail variant.
+
+Not a conftest: `from mechflow.testing import` must reach tests/conftest.py.
+"""
 
 from __future__ import annotations
 

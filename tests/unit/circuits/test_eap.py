@@ -55,7 +55,8 @@ def test_eap_is_directional_derivative_by_finite_differences(tiny_llama, edge):
 
     def m(e):
         with torch.no_grad():
-            logits, _ = graph_forward(tiny_llama, b.clean_tokens, g, corrupted=clean + e * (corr - clean), removed=removed)
+            logits, _ = graph_forward(tiny_llama, b.clean_tokens, g, corrupted=clean + e * (corr - clean),
+                                      removed=removed)
         return b.metric(logits).mean().item()
 
     fd = (m(eps) - m(-eps)) / (2 * eps)

@@ -43,8 +43,13 @@ def test_sufficiency_and_comprehensiveness_by_direct_patching(tiny_llama, setup)
     b, ev, order = setup
     kept = prefix_mask(order, 30, ev.graph)
     out = sufficiency_comprehensiveness(ev, kept)
-    m = lambda removed: b.metric(tl_edge_patched_logits(tiny_llama, b.clean_tokens, b.corrupted_tokens, removed)).mean().item()
-    f = lambda x: (x - ev.m_empty) / (ev.m_full - ev.m_empty)
+
+    def m(removed):
+        return b.metric(tl_edge_patched_logits(tiny_llama, b.clean_tokens, b.corrupted_tokens, removed)).mean().item()
+
+    def f(x):
+        return (x - ev.m_empty) / (ev.m_full - ev.m_empty)
+
     assert out["sufficiency"] == pytest.approx(f(m(ev.graph.valid & ~kept)), abs=1e-10)
     assert out["comprehensiveness"] == pytest.approx(1 - f(m(kept)), abs=1e-10)
     s, c = (min(max(out[k], 0.0), 1.0) for k in ("sufficiency", "comprehensiveness"))
@@ -67,7 +72,10 @@ def test_minimal_prefix_is_a_verified_boundary(setup):
     _, ev, order = setup
     target = 0.8
     res = minimal_faithful_prefix(ev, order, target)
-    f = lambda k: ev.faithfulness(prefix_mask(order, k, ev.graph))
+
+    def f(k):
+        return ev.faithfulness(prefix_mask(order, k, ev.graph))
+
     assert res.faithfulness == pytest.approx(f(res.n_edges), abs=1e-12) and res.faithfulness >= target
     assert res.faithfulness_one_fewer == pytest.approx(f(res.n_edges - 1), abs=1e-12)
     assert res.faithfulness_one_fewer < target

@@ -23,7 +23,8 @@ def test_unpatched_and_fully_patched_runs(tiny_llama):
     # senders are additive: embedding + all head outputs + all MLP outputs + b_O = final residual
     _, cache = tiny_llama.run_with_cache(b.clean_tokens)
     b_O = sum(blk.attn.b_O for blk in tiny_llama.blocks)
-    torch.testing.assert_close(senders.sum(0) + b_O, cache[f"blocks.{g.n_layers - 1}.hook_resid_post"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(senders.sum(0) + b_O, cache[f"blocks.{g.n_layers - 1}.hook_resid_post"],
+                               atol=1e-12, rtol=0)
     _, corr = graph_forward(tiny_llama, b.corrupted_tokens, record=True)
     every, _ = graph_forward(tiny_llama, b.clean_tokens, corrupted=corr, removed=g.valid.clone())
     torch.testing.assert_close(every, tiny_llama(b.corrupted_tokens), rtol=0, atol=1e-12)
@@ -75,7 +76,10 @@ def test_model_flags_restored_and_postnorm_models_refused(tiny_llama):
 def _structured_masks(g: EdgeGraph, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Removal patterns that exercise every branch of the fast path."""
     valid = g.valid
-    rand = lambda p: (torch.rand(valid.shape, generator=gen) < p) & valid
+
+    def rand(p):
+        return (torch.rand(valid.shape, generator=gen) < p) & valid
+
     whole_senders = torch.zeros_like(valid)
     whole_senders[torch.rand(g.n_senders, generator=gen) < 0.5] = True  # shared columns, uniform KV groups
     receivers = torch.zeros_like(valid)
@@ -119,7 +123,13 @@ def test_metric_position_probe():
     b = pairs(0)
     logits = torch.randn(3, 6, 50, dtype=torch.float64)
     assert reads_last_position_only(b.metric, logits)
-    first = lambda lg: lg[:, 0, 3] - lg[:, 0, 7]
+
+    def first(lg):
+        return lg[:, 0, 3] - lg[:, 0, 7]
+
     assert not reads_last_position_only(first, logits)
-    mean_pos = lambda lg: lg[..., 3].mean(1)
+
+    def mean_pos(lg):
+        return lg[..., 3].mean(1)
+
     assert not reads_last_position_only(mean_pos, logits)

@@ -47,10 +47,10 @@ def test_reader_column_kinds_are_the_stats_readers_maps():
 def test_attribution_tables_match_their_contracts(tiny_llama):
     from mechflow.attribution.head_types import SCORE_KINDS, head_type_scores
     from mechflow.attribution.lens import direct_logit_attribution, logit_lens
-    from mechflow.attribution.stage import _head_labels, _long_rows
+    from mechflow.attribution.stage import _head_labels, long_rows
 
     L, H = tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads
-    rows = _long_rows("exact", torch.randn(L, H, 3), torch.randn(L, 3))
+    rows = long_rows("exact", torch.randn(L, H, 3), torch.randn(L, 3))
     c.check_schema(rows.to_arrow().schema, c.NODE_SCORES_SCHEMA, "node_scores.parquet")
     assert tuple(SCORE_KINDS) == c.HEAD_SCORE_KINDS
     labels = _head_labels(head_type_scores(tiny_llama, n_seqs=2, seq_len=8), 0.3)

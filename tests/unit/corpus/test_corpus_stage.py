@@ -73,7 +73,8 @@ def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer, 
     manifest = json.loads((tmp_path / "corpus.json").read_text())
     assert manifest == out
     assert manifest["tokens_sha256"] == sha256_file(tmp_path / "tokens.parquet")
-    assert manifest["n_tokens"] == ctx.size <= cfg["max_tokens"] and manifest["bos_token_id"] == smollm2_tokenizer.bos_token_id
+    assert manifest["n_tokens"] == ctx.size <= cfg["max_tokens"]
+    assert manifest["bos_token_id"] == smollm2_tokenizer.bos_token_id
     assert manifest["separator_token"] == smollm2_cfg["bos_token"]
     # Real text: the first context decodes to the start of the first stdlib docstring.
     first_doc = next(iter(stdlib_docs()))
@@ -88,7 +89,8 @@ def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer, smollm2_cfg):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs/b.txt").write_text("Second file talks about rivers and mountains. " * 4)
     (tmp_path / "docs/a.md").write_text("First file talks about cats and dogs. " * 4)
-    cfg = {"name": "mine", "source": "text_files", "paths": [str(tmp_path / "docs")], "context_size": 16, "max_tokens": 64}
+    cfg = {"name": "mine", "source": "text_files", "paths": [str(tmp_path / "docs")], "context_size": 16,
+           "max_tokens": 64}
     out = prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
                          tokenizer_info=smollm2_tokenizer)
     assert out["n_docs"] == 2
@@ -96,14 +98,16 @@ def test_text_files_and_jsonl_sources(tmp_path, smollm2_tokenizer, smollm2_cfg):
     assert text.startswith("First file")  # sorted path order
 
     jl = tmp_path / "d.jsonl"
-    jl.write_text(json.dumps({"body": "Hello there, general reader. " * 6}) + "\n\n" + json.dumps({"body": "More words. " * 6}) + "\n")
-    cfg = {"name": "j", "source": "jsonl", "paths": [str(jl)], "text_field": "body", "context_size": 8, "max_tokens": 64}
-    assert prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "j.parquet", corpus_manifest=tmp_path / "j.json",
-                          tokenizer_info=smollm2_tokenizer)["n_docs"] == 2
+    jl.write_text(json.dumps({"body": "Hello there, general reader. " * 6}) + "\n\n"
+                  + json.dumps({"body": "More words. " * 6}) + "\n")
+    cfg = {"name": "j", "source": "jsonl", "paths": [str(jl)], "text_field": "body", "context_size": 8,
+           "max_tokens": 64}
+    assert prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "j.parquet",
+                          corpus_manifest=tmp_path / "j.json", tokenizer_info=smollm2_tokenizer)["n_docs"] == 2
     jl.write_text(json.dumps({"body": "fine " * 20}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d\.jsonl:2"):
-        prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "bad.parquet", corpus_manifest=tmp_path / "bad.json",
-                       tokenizer_info=smollm2_tokenizer)
+        prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "bad.parquet",
+                       corpus_manifest=tmp_path / "bad.json", tokenizer_info=smollm2_tokenizer)
     assert not (tmp_path / "bad.parquet").exists() and not (tmp_path / "bad.json").exists()
 
 
@@ -116,7 +120,8 @@ def test_hf_dataset_offline_points_to_stdlib_docs(tmp_path, monkeypatch, smollm2
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad, field", [({"context_size": 1}, "corpus.context_size"), ({"max_tokens": 10}, "corpus.max_tokens"),
+@pytest.mark.parametrize("bad, field", [({"context_size": 1}, "corpus.context_size"),
+                                        ({"max_tokens": 10}, "corpus.max_tokens"),
                                         ({"source": "web"}, "corpus.source"), ({"colour": 1}, "corpus.colour"),
                                         ({"source": "jsonl"}, "corpus.paths")])
 def test_bad_config_names_the_field(bad, field):
@@ -126,7 +131,8 @@ def test_bad_config_names_the_field(bad, field):
 
 def test_too_little_text_is_a_clear_error(tmp_path, smollm2_tokenizer, smollm2_cfg):
     (tmp_path / "tiny.txt").write_text("short")
-    cfg = {"name": "x", "source": "text_files", "paths": [str(tmp_path / "tiny.txt")], "context_size": 64, "max_tokens": 640}
+    cfg = {"name": "x", "source": "text_files", "paths": [str(tmp_path / "tiny.txt")], "context_size": 64,
+           "max_tokens": 640}
     with pytest.raises(DataError, match="fewer than one context"):
         prepare_corpus(cfg, model_cfg=smollm2_cfg, tokens=tmp_path / "t.parquet", corpus_manifest=tmp_path / "c.json",
                        tokenizer_info=smollm2_tokenizer)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_schemas_are_in_sync_with_the_models():
     for name, schema in json_schemas().items():
         path = ROOT / "workflow" / "schemas" / "config" / f"{name}.schema.json"
-        assert json.loads(path.read_text()) == schema, "regenerate with python -m mechflow.dictionaries.config"
+        assert json.loads(path.read_text()) == schema, "regenerate with python -m mechflow.contracts.export"
 
 
 @pytest.mark.parametrize("group,model", [("sae", SAEConfig), ("transcoder", TranscoderConfig)])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from dictionary_shards import write_shards, write_tokens
 
 from mechflow.dictionaries.data import ShardSource
-from mechflow.dictionaries.metrics import ce_metrics, evaluate_dictionary, reconstruction_metrics, sae_splice_hooks
+from mechflow.dictionaries.evaluate import evaluate_dictionary
+from mechflow.dictionaries.metrics import ce_metrics, reconstruction_metrics, sae_splice_hooks
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -145,7 +146,7 @@ def test_evaluate_dictionary_stage_on_tiny_llama(tiny_llama, tmp_path):
 def test_evaluate_transcoder_splices_every_layer_of_a_stack(tiny_llama, tmp_path, kind):
     """CE with a 2-layer stack spliced in equals a pass-by-pass reference: layer 0's input is
     clean, so its output is fixed first; layer 1 then reads the input that output produces."""
-    from mechflow.dictionaries.metrics import evaluate_transcoder
+    from mechflow.dictionaries.evaluate import evaluate_transcoder
     from mechflow.dictionaries.transcoder import TRANSCODER_INDEX, JumpReLUTranscoderStack, save_stack
     from mechflow.io import atomic_write_json
 

@@ -57,8 +57,8 @@ def test_topk_trains_saves_and_loads_with_saelens(manifest, tmp_path):
     assert summary["heldout"]["explained_variance"] > 0.7  # sparse synthetic data is learnable
     assert 3.5 <= summary["heldout"]["l0"] <= 4.0 + 1e-9
 
-    from safetensors.torch import load_file
     from sae_lens import SAE
+    from safetensors.torch import load_file
 
     sae = SAE.load_from_disk(out)
     assert sae.cfg.architecture() == "topk" and sae.cfg.metadata.mechflow_manifest_sha256 == saved["manifest_sha256"]
@@ -108,7 +108,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(manifest, tmp_path, monkey
     assert resumed["resumed_from"] is not None
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "ref" / "sae_weights.safetensors"), load_file(tmp_path / "run" / "sae_weights.safetensors")
+    a = load_file(tmp_path / "ref" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "run" / "sae_weights.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed["data_state"] == ref["data_state"]
@@ -117,7 +118,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(manifest, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train_sae(cfg, manifest=manifest, out_dir=tmp_path / "other")
     monkeypatch.setattr(SAETrainer, "save_checkpoint", orig)
-    assert train_sae({**cfg, "lr": cfg["lr"] / 2}, manifest=manifest, out_dir=tmp_path / "other")["resumed_from"] is None
+    other = train_sae({**cfg, "lr": cfg["lr"] / 2}, manifest=manifest, out_dir=tmp_path / "other")
+    assert other["resumed_from"] is None
 
 
 def test_d_mismatch_and_hook_mismatch_are_config_errors(manifest, tmp_path):

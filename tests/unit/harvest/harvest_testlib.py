@@ -14,7 +14,8 @@ BOS = 1
 MODEL_CFG = {"name": "tiny_llama", "prepend_bos": True}
 
 
-def write_tokens(path: Path, n_contexts: int = 10, context_size: int = 12, d_vocab: int = 50, seed: int = 0) -> np.ndarray:
+def write_tokens(path: Path, n_contexts: int = 10, context_size: int = 12, d_vocab: int = 50,
+                 seed: int = 0) -> np.ndarray:
     """A random corpus for the tiny model (BOS first, like the corpus stage writes)."""
     rng = np.random.default_rng(seed)
     ctx = rng.integers(0, d_vocab, (n_contexts, context_size))

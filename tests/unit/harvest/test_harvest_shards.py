@@ -11,12 +11,11 @@ import polars as pl
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
+from harvest_testlib import run
 
 from mechflow.errors import IntegrityError
 from mechflow.harvest import activation_dataset, iter_activation_batches, scan_activations, shards, verify_shards
 from mechflow.io import sha256_file
-
-from harvest_testlib import run
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -62,7 +61,8 @@ def test_iter_batches_order_shuffle_and_bounds(tmp_path, tiny_tokens, tiny_llama
     assert all(len(b) == 7 for b in iter_activation_batches(folder, 7, drop_last=True))
 
 
-def test_resume_after_kill_keeps_complete_shards_and_matches_uninterrupted(tmp_path, tiny_tokens, tiny_llama, monkeypatch):
+def test_resume_after_kill_keeps_complete_shards_and_matches_uninterrupted(tmp_path, tiny_tokens, tiny_llama,
+                                                                           monkeypatch):
     tokens, _ = tiny_tokens
     cfg = {"layers": [0, 1], "hook_points": ["resid_post", "mlp_in"]}
     reference = run(tmp_path / "ref", tokens, tiny_llama, **cfg)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from harvest_testlib import run, write_tokens
 
 from mechflow.errors import ConfigError, DataError
 from mechflow.harvest import (
@@ -21,8 +22,6 @@ from mechflow.harvest import (
     stop_layer,
 )
 from mechflow.io import sha256_file
-
-from harvest_testlib import run, write_tokens
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -57,8 +56,10 @@ def test_columns_and_shard_plan(tmp_path, tiny_tokens, tiny_llama):
     tokens, ctx = tiny_tokens
     run(tmp_path, tokens, tiny_llama, layers=[1])  # 36 rows / 12 tokens = 3 contexts per shard
     manifest, _ = load_manifest(tmp_path / "out" / "shards" / "blocks.1.hook_resid_post")
-    assert [(s.first_context, s.last_context, s.rows) for s in manifest.shards] == [(0, 2, 36), (3, 5, 36), (6, 8, 36), (9, 9, 12)]
-    cols = next(iter_activation_batches(tmp_path / "out" / "shards", 1000, ["context_id", "position", "token_id"], as_numpy=True))
+    assert [(s.first_context, s.last_context, s.rows) for s in manifest.shards] == [
+        (0, 2, 36), (3, 5, 36), (6, 8, 36), (9, 9, 12)]
+    cols = next(iter_activation_batches(tmp_path / "out" / "shards", 1000, ["context_id", "position", "token_id"],
+                                        as_numpy=True))
     assert np.array_equal(cols["context_id"], np.repeat(np.arange(10), 12))
     assert np.array_equal(cols["position"], np.tile(np.arange(12), 10))
     assert np.array_equal(cols["token_id"], ctx.reshape(-1))

@@ -18,7 +18,7 @@ from mechflow.attribution.gradients import (
     integrated_gradients_patching,
 )
 from mechflow.attribution.patching import exact_patching
-from mechflow.attribution.stage import _long_rows
+from mechflow.attribution.stage import long_rows
 from mechflow.benchmark.core import load_task_batch
 from mechflow.circuits.config import CircuitConfig
 from mechflow.circuits.core import discover_circuit
@@ -49,11 +49,11 @@ def write_task(path, model_name: str, n: int = 5, pos: int = 6):
 
 def write_node_tables(model, batch, folder):
     """The attribute rule's node_scores.parquet / prompts.parquet, from the real methods."""
-    rows = [_long_rows("exact", exact_patching(model, batch, "head", per_prompt=True),
+    rows = [long_rows("exact", exact_patching(model, batch, "head", per_prompt=True),
                        exact_patching(model, batch, "mlp", per_prompt=True)),
-            _long_rows("ap", attribution_patching(model, batch, "head", per_prompt=True),
+            long_rows("ap", attribution_patching(model, batch, "head", per_prompt=True),
                        attribution_patching(model, batch, "mlp", per_prompt=True)),
-            _long_rows("ig", integrated_gradients_patching(model, batch, "head", steps=3, per_prompt=True),
+            long_rows("ig", integrated_gradients_patching(model, batch, "head", steps=3, per_prompt=True),
                        integrated_gradients_patching(model, batch, "mlp", steps=3, per_prompt=True))]
     pl.concat(rows).write_parquet(folder / "node_scores.parquet")
     with torch.no_grad():
@@ -121,7 +121,8 @@ def test_edge_table_holds_the_restricted_graph_and_a_stratified_sample(tiny_llam
     g = EdgeGraph.from_cfg(tiny_llama.cfg)
     restricted = set(frame.filter(pl.col("restricted"))["edge"])
     expected = {g.edge_name(s, r) for s, r in g.valid.nonzero().tolist() if receiver_layers(g)[r] >= 1}
-    assert restricted == expected and doc["n_edges_restricted"] == len(expected) == 12 * 6 + 10 + 11  # q/k/v, m1, logits
+    # q/k/v, m1, logits
+    assert restricted == expected and doc["n_edges_restricted"] == len(expected) == 12 * 6 + 10 + 11
     sampled = frame.filter(pl.col("sampled"))
     assert sampled.height == 30 == doc["n_edges_sampled"]
     assert sorted(set(sampled["receiver_layer"])) == [0, 1, 2]  # every receiver layer, logits = 2

@@ -106,7 +106,8 @@ def make_inputs(d: Path, *, n=12, n_layers=3, n_heads=2, seed=0, effects=None, t
         exact = base + rng.normal(0, 0.5, (n, p))
         effects = {"exact": exact, "ap": 0.8 * exact + rng.normal(0, 0.3, (n, p)),
                    "ig": exact + rng.normal(0, 0.1, (n, p))}
-    node_scores_frame(effects, comps).sample(fraction=1.0, shuffle=True, seed=1).write_parquet(d / "node_scores.parquet")
+    frame = node_scores_frame(effects, comps).sample(fraction=1.0, shuffle=True, seed=1)
+    frame.write_parquet(d / "node_scores.parquet")
     templates = templates if templates is not None else ["t0", "t1", "t2"] * (n // 3) + ["t0"] * (n % 3)
     clean = rng.normal(3, 1, n)
     pl.DataFrame({"prompt": np.arange(n, dtype=np.int32), "example_id": [f"ex{i}" for i in range(n)],
@@ -147,11 +148,13 @@ def test_every_output_is_written_and_estimates_are_plain_means(inputs, tmp_path)
     got = df.filter(pl.col("group") == "score").join(means, on=["method", "component"])
     assert got.height == 27
     np.testing.assert_allclose(got["estimate"], got["score"], rtol=1e-13, atol=1e-15)
-    assert df.filter(pl.col("quantity") == "task:clean_metric")["estimate"][0] == pytest.approx(raw["clean"].mean(), rel=1e-14)
+    assert (df.filter(pl.col("quantity") == "task:clean_metric")["estimate"][0]
+            == pytest.approx(raw["clean"].mean(), rel=1e-14))
     for m in ("percentile", "bca"):  # every interval contains its estimate
         assert (df[f"{m}_lo"] <= df["estimate"]).all() and (df["estimate"] <= df[f"{m}_hi"]).all()
     assert (df["percentile_hi"] > df["percentile_lo"]).all()
-    assert head["n_prompts"] == 12 and head["circuit"]["faithfulness"]["estimate"] == pytest.approx(raw["doc"].faithfulness)
+    assert head["n_prompts"] == 12
+    assert head["circuit"]["faithfulness"]["estimate"] == pytest.approx(raw["doc"].faithfulness)
     md = (out / "statistics.md").read_text()
     assert "bootstrap.csv" in md and "stability.json" in md and "circuit:cpr" in md
 
@@ -270,7 +273,8 @@ def test_single_method_without_circuit(tmp_path):
     paths, _ = make_inputs(tmp_path / "c", n=5, circuit=False, effects={"exact": rng.normal(size=(5, 9))})
     head = run_statistics(CFG, **paths, out_dir=tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(OUTPUTS)
-    assert head["circuit"] == {} and "skipped" in json.loads((tmp_path / "s" / "stability.json").read_text())["methods_pairwise"]
+    assert head["circuit"] == {}
+    assert "skipped" in json.loads((tmp_path / "s" / "stability.json").read_text())["methods_pairwise"]
 
 
 def _rewrite(path: Path, fn):

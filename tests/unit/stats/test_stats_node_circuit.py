@@ -39,7 +39,8 @@ def test_statistics_read_a_node_circuit(tmp_path):
     write_circuit_outputs(model, batch, cfg, doc, scores, **files)
     # the attribution stage's tables (synthetic scores; the circuit quantities are what is tested)
     rng = np.random.default_rng(0)
-    comps = [(f"a{l}.h{h}", "head", l, h) for l in range(L) for h in range(H)] + [(f"m{l}", "mlp", l, -1) for l in range(L)]
+    comps = ([(f"a{l}.h{h}", "head", l, h) for l in range(L) for h in range(H)]
+             + [(f"m{l}", "mlp", l, -1) for l in range(L)])
     rows = [{"method": "exact", "component": c, "kind": k, "layer": l, "head": h, "prompt": i, "score": rng.normal()}
             for c, k, l, h in comps for i in range(n)]
     pl.DataFrame(rows).write_parquet(d / "node_scores.parquet")
@@ -49,8 +50,9 @@ def test_statistics_read_a_node_circuit(tmp_path):
     card = ModelCard(name="tiny", architecture="LlamaForCausalLM", n_layers=L, n_heads=H, d_model=32,
                      d_mlp=64, d_vocab=50, source="synthetic", dtype="float64", prepend_bos=False)
     atomic_write_json(d / "model_card.json", card.model_dump(mode="json"))
-    head = run_statistics({"B": 100, "seed": 1, "top_k": 3, "n_permutations": 19}, node_scores=d / "node_scores.parquet",
-                          prompts=d / "prompts.parquet", model_card=d / "model_card.json", out_dir=tmp_path / "stats",
+    head = run_statistics({"B": 100, "seed": 1, "top_k": 3, "n_permutations": 19},
+                          node_scores=d / "node_scores.parquet", prompts=d / "prompts.parquet",
+                          model_card=d / "model_card.json", out_dir=tmp_path / "stats",
                           circuit=files["circuit"], circuit_prompts=files["circuit_prompts"],
                           curve_prompts=files["curve_prompts"])
     assert head["circuit_unit"] == "nodes"

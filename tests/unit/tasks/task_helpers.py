@@ -1,15 +1,9 @@
-"""Helpers and fixtures shared by the task tests.
-
-Not a conftest.py on purpose: a second module named `conftest` on sys.path shadows
-tests/conftest.py for every later `from conftest import make_tiny_llama`. Test modules import the
-fixtures they need from here (`from task_helpers import smol_tok`).
-"""
+"""Helpers shared by the task tests (the fixtures `smol_cfg` and `smol_tok` live in conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
@@ -39,17 +33,3 @@ def word_level_tokenizer(vocab_words: list[str], split_digit_pairs: bool):
     tk.pre_tokenizer = pre_tokenizers.Sequence(pieces)
     tk.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]")
-
-
-@pytest.fixture(scope="session")
-def smol_cfg() -> dict:
-    """config/model/smollm2_135m.yaml."""
-    return model_cfg("smollm2_135m")
-
-
-@pytest.fixture(scope="session")
-def smol_tok(smol_cfg):
-    """SmolLM2's tokenizer (no weights; cached per process) with the shipped BOS convention."""
-    from mechflow.tasks import TaskTokenizer
-
-    return TaskTokenizer.from_model_cfg(smol_cfg)

@@ -125,7 +125,8 @@ def test_prepare_and_evaluate_end_to_end_on_tiny_llama(tmp_path, tiny_llama):
             logits = tiny_llama(ids)[0, -1]
             want = (logits[vocab[line["answer"].strip()]] - logits[vocab[line["wrong_answer"].strip()]]).item()
             assert row[key] == pytest.approx(want, abs=1e-9)
-    assert result["n_prompts"] == 3 and result["verdict"].startswith(("FAILS", "INCONCLUSIVE"))  # 3 prompts cannot reach p < 0.01
+    # 3 prompts cannot reach p < 0.01
+    assert result["n_prompts"] == 3 and result["verdict"].startswith(("FAILS", "INCONCLUSIVE"))
     other = {**model_cfg, "prepend_bos": False}
     with pytest.raises(DataError, match="prepend_bos"):
         evaluate_task(cfg, model_cfg=other, dataset=dataset, baseline=tmp_path / "b2.json",

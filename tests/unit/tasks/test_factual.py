@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from task_helpers import smol_cfg, smol_tok  # noqa: F401  (fixtures)
 
 from mechflow.tasks import parse_task_config
 from mechflow.tasks.factual import FACTS, RELATIONS, build_factual

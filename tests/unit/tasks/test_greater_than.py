@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from task_helpers import smol_cfg, smol_tok, word_level_tokenizer  # noqa: F401  (fixtures)
+from task_helpers import word_level_tokenizer
 
 from mechflow.tasks import TaskTokenizer, parse_task_config
 from mechflow.tasks.baseline import Scores, summarize

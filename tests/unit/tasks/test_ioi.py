@@ -6,7 +6,6 @@ import re
 from collections import Counter
 
 import pytest
-from task_helpers import smol_cfg, smol_tok  # noqa: F401  (fixtures)
 
 from mechflow.tasks import parse_task_config
 from mechflow.tasks.ioi import NAMES, TEMPLATES, build_ioi, single_token_names

@@ -6,7 +6,7 @@ import json
 
 import jsonschema
 import pytest
-from task_helpers import REPO, smol_cfg, smol_tok  # noqa: F401  (fixtures)
+from task_helpers import REPO
 
 from mechflow.contracts.models import TaskExample
 from mechflow.errors import DataError
