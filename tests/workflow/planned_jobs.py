@@ -1,15 +1,16 @@
 """Parse a Snakemake dry run into its job set: one (rule, inputs, outputs) record per job.
 
-`tests/workflow/data/planned_jobs_*.json` hold the job sets planned before the architecture step
-of issue 15; `test_dag.py::test_dry_run_plans_the_recorded_job_set` fails when a refactor changes
-what the DAG plans. Regenerate deliberately (after a listed, user-visible path change) with
-`python tests/workflow/planned_jobs.py` and name the change in CHANGELOG.md.
+`tests/workflow/data/planned_jobs_*.json` hold the job sets planned BEFORE the architecture step
+of issue 15 (commit a98f9c2). `test_dag.py::test_dry_run_plans_the_recorded_job_set` maps them
+through `RENAMED` (the rule and result-path renames CHANGELOG.md lists) and fails unless the DAG
+plans exactly those jobs: a refactor may rename, never add, drop or rewire a job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,29 @@ SCENARIOS = {
     "default": None,
     "sweep_benchmark": '["model=smollm2_135m,gemma3_270m","benchmark.enabled=true"]',
 }
+
+
+# Renames of the architecture step (CHANGELOG.md, "Result paths renamed").
+RENAMED_RULES = {"circuit": "circuits", "statistics": "stats"}
+# Files of rules attribute / analyze / causal_trace moved from circuits/{task}/ to attribution/{task}/.
+ATTRIBUTION_FILES = frozenset({
+    "node_scores.parquet", "prompts.parquet", "head_types.parquet", "lens.parquet", "dla.parquet", "agreement.json",
+    "head_patching.png", "logit_lens.png", "attribution.md", "ablations.parquet", "ablations.png", "saliency.parquet",
+    "saliency.png", "neurons.parquet", "neurons.md", "analysis.md", "causal_tracing.parquet", "causal_tracing.png"})
+
+
+def renamed_path(path: str) -> str:
+    m = re.match(r"(results/[^/]+)/circuits/([^/]+)/(.+)$", path)
+    if m and m.group(3) in ATTRIBUTION_FILES:
+        return f"{m.group(1)}/attribution/{m.group(2)}/{m.group(3)}"
+    return path
+
+
+def renamed(jobs: list[dict]) -> list[dict]:
+    """A recorded job set with the architecture step's renames applied."""
+    out = [{"rule": RENAMED_RULES.get(j["rule"], j["rule"]), "input": sorted(renamed_path(p) for p in j["input"]),
+            "output": sorted(renamed_path(p) for p in j["output"])} for j in jobs]
+    return sorted(out, key=lambda j: (j["rule"], j["output"], j["input"]))
 
 
 def parse_jobs(stdout: str) -> list[dict]:
@@ -52,7 +76,7 @@ def dry_run_jobs(overrides: str | None, cwd: Path) -> list[dict]:
     return parse_jobs(result.stdout)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # re-record: only at the commit the docstring names (git worktree add ... a98f9c2)
     DATA.mkdir(exist_ok=True)
     for name, overrides in SCENARIOS.items():
         with tempfile.TemporaryDirectory() as tmp:

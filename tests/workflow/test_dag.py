@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 SPINE_RULES = {"resolve_config", "model_card", "prepare_task", "evaluate_task", "prepare_corpus", "harvest",
-               "summarize", "run_manifest", "all", "attribute", "circuit", "statistics", "train_sae",
+               "summarize", "run_manifest", "all", "attribute", "circuits", "stats", "train_sae",
                "evaluate_sae", "train_transcoder", "evaluate_transcoder"}
 
 
@@ -43,8 +43,8 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = planned_rules(result.stdout)
     assert SPINE_RULES <= set(counts), counts
-    assert counts["prepare_task"] == counts["evaluate_task"] == counts["attribute"] == counts["circuit"] == 3
-    assert counts["statistics"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
+    assert counts["prepare_task"] == counts["evaluate_task"] == counts["attribute"] == counts["circuits"] == 3
+    assert counts["stats"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
     assert counts["analyze"] == 3 and counts["causal_trace"] == 1  # causal tracing: factual recall only
     assert counts["edge_reference"] == counts["reference"] == 3  # reference.tasks: null = every task
     assert counts["feature_analysis"] == 1
@@ -68,7 +68,7 @@ def test_sweep_plans_one_run_folder_per_point(tmp_path):
     assert "results/gemma3_270m/run_manifest.json" in result.stdout
     counts = planned_rules(result.stdout)
     assert counts["harvest"] == 2 and counts["cross_model"] == 3  # one comparison per shared task
-    assert counts["circuit"] == 6  # edge circuits on SmolLM2, node circuits on Gemma-3 (post-norms)
+    assert counts["circuits"] == 6  # edge circuits on SmolLM2, node circuits on Gemma-3 (post-norms)
     assert counts["feature_matching"] == 1  # one SAE feature matching per model pair
     assert "results/cross_model/gemma3_270m__vs__smollm2_135m/ioi/fcas.json" in result.stdout
 
@@ -113,9 +113,11 @@ def test_smoke_run_end_to_end(tmp_path):
     for task in ("ioi", "greater_than"):
         assert (run / "stats" / task / "bootstrap.parquet").exists()
         assert (run / "stats" / task / "statistics.md").exists()
+        for name in ("node_scores.parquet", "head_types.parquet"):
+            assert (run / "attribution" / task / name).exists(), name
         folder = run / "circuits" / task
-        for name in ("node_scores.parquet", "head_types.parquet", "circuit.json", "circuit.png", "circuit.dot",
-                     "circuit_prompts.parquet", "curve_prompts.parquet", "edge_scores.parquet"):
+        for name in ("circuit.json", "circuit.png", "circuit.dot", "circuit_prompts.parquet", "curve_prompts.parquet",
+                     "edge_scores.parquet"):
             assert (folder / name).exists(), folder / name
     # circuit.json alone is enough to recompute faithfulness with independent code
     from mechflow.circuits.result import read_circuit, reevaluate_circuit
@@ -128,7 +130,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert metrics["l0"] > 0 and metrics["ce_clean"] > 0
     for task in ("ioi", "greater_than"):
         for name in ("ablations.parquet", "saliency.parquet", "neurons.parquet", "analysis.md"):
-            assert (run / "circuits" / task / name).exists(), name
+            assert (run / "attribution" / task / name).exists(), name
     auc = json.loads((run / "reference" / "ioi" / "auc.json").read_text())
     assert "nodes" in auc and "edges" in auc
     features = (run / "dictionaries" / "sae_features" / "features.jsonl").read_text().splitlines()
@@ -136,7 +138,7 @@ def test_smoke_run_end_to_end(tmp_path):
     produced = set(manifest["outputs"])
     assert any(p.endswith("reference/ioi/auc.json") for p in produced)
     assert any(p.endswith("sae_features/features.jsonl") for p in produced)
-    assert any(p.endswith("circuits/ioi/ablations.parquet") for p in produced)
+    assert any(p.endswith("attribution/ioi/ablations.parquet") for p in produced)
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -151,10 +153,11 @@ def test_benchmark_rule_is_opt_in(tmp_path):
 
 @pytest.mark.parametrize("scenario", ["default", "sweep_benchmark"])
 def test_dry_run_plans_the_recorded_job_set(scenario, tmp_path):
-    """The DAG plans exactly the jobs (rule, inputs, outputs) recorded before the architecture step."""
-    from planned_jobs import DATA, SCENARIOS, dry_run_jobs
+    """The DAG plans exactly the jobs (rule, inputs, outputs) recorded before the architecture step,
+    up to the renames CHANGELOG.md lists."""
+    from planned_jobs import DATA, SCENARIOS, dry_run_jobs, renamed
 
-    expected = json.loads((DATA / f"planned_jobs_{scenario}.json").read_text())
+    expected = renamed(json.loads((DATA / f"planned_jobs_{scenario}.json").read_text()))
     planned = dry_run_jobs(SCENARIOS[scenario], tmp_path)
     missing = [j for j in expected if j not in planned]
     extra = [j for j in planned if j not in expected]

@@ -3,27 +3,27 @@ rule attribute:
     input:
         dataset=rules.prepare_task.output.dataset,
     output:
-        node_scores=f"{R}/circuits/{{task}}/node_scores.parquet",
-        prompts=f"{R}/circuits/{{task}}/prompts.parquet",
-        head_types=f"{R}/circuits/{{task}}/head_types.parquet",
-        lens=f"{R}/circuits/{{task}}/lens.parquet",
-        dla=f"{R}/circuits/{{task}}/dla.parquet",
-        agreement=f"{R}/circuits/{{task}}/agreement.json",
+        node_scores=f"{R}/attribution/{{task}}/node_scores.parquet",
+        prompts=f"{R}/attribution/{{task}}/prompts.parquet",
+        head_types=f"{R}/attribution/{{task}}/head_types.parquet",
+        lens=f"{R}/attribution/{{task}}/lens.parquet",
+        dla=f"{R}/attribution/{{task}}/dla.parquet",
+        agreement=f"{R}/attribution/{{task}}/agreement.json",
         heads_figure=report(
-            f"{R}/circuits/{{task}}/head_patching.png",
+            f"{R}/attribution/{{task}}/head_patching.png",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "head patching"},
         ),
         lens_figure=report(
-            f"{R}/circuits/{{task}}/logit_lens.png",
+            f"{R}/attribution/{{task}}/logit_lens.png",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "logit lens"},
         ),
-        summary=f"{R}/circuits/{{task}}/attribution.md",
+        summary=f"{R}/attribution/{{task}}/attribution.md",
     log:
         f"{R}/logs/attribute/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/attribute/{{task}}.tsv"
+        f"{R}/logs/attribute/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
@@ -45,25 +45,25 @@ rule analyze:
         harvest_index=neuron_harvest_of,
         causal_tracing=causal_tracing_of,
     output:
-        ablations=f"{R}/circuits/{{task}}/ablations.parquet",
+        ablations=f"{R}/attribution/{{task}}/ablations.parquet",
         ablations_figure=report(
-            f"{R}/circuits/{{task}}/ablations.png",
+            f"{R}/attribution/{{task}}/ablations.png",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "ablations"},
         ),
-        saliency=f"{R}/circuits/{{task}}/saliency.parquet",
+        saliency=f"{R}/attribution/{{task}}/saliency.parquet",
         saliency_figure=report(
-            f"{R}/circuits/{{task}}/saliency.png",
+            f"{R}/attribution/{{task}}/saliency.png",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "token saliency"},
         ),
-        neurons=f"{R}/circuits/{{task}}/neurons.parquet",
-        neurons_md=f"{R}/circuits/{{task}}/neurons.md",
-        summary=f"{R}/circuits/{{task}}/analysis.md",
+        neurons=f"{R}/attribution/{{task}}/neurons.parquet",
+        neurons_md=f"{R}/attribution/{{task}}/neurons.md",
+        summary=f"{R}/attribution/{{task}}/analysis.md",
     log:
         f"{R}/logs/analyze/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/analyze/{{task}}.tsv"
+        f"{R}/logs/analyze/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
@@ -82,16 +82,16 @@ rule causal_trace:
     input:
         dataset=rules.prepare_task.output.dataset,
     output:
-        causal_tracing=f"{R}/circuits/{{task}}/causal_tracing.parquet",
+        causal_tracing=f"{R}/attribution/{{task}}/causal_tracing.parquet",
         figure=report(
-            f"{R}/circuits/{{task}}/causal_tracing.png",
+            f"{R}/attribution/{{task}}/causal_tracing.png",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "causal tracing"},
         ),
     log:
         f"{R}/logs/causal_trace/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/causal_trace/{{task}}.tsv"
+        f"{R}/logs/causal_trace/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

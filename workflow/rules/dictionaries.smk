@@ -7,7 +7,7 @@ rule train_sae:
     log:
         f"{R}/logs/train_sae.log",
     benchmark:
-        f"{R}/benchmarks/train_sae.tsv"
+        f"{R}/logs/train_sae.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
@@ -57,7 +57,7 @@ rule train_transcoder:
     log:
         f"{R}/logs/train_transcoder.log",
     benchmark:
-        f"{R}/benchmarks/train_transcoder.tsv"
+        f"{R}/logs/train_transcoder.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

@@ -18,7 +18,7 @@ rule feature_analysis:
     log:
         f"{R}/logs/feature_analysis.log",
     benchmark:
-        f"{R}/benchmarks/feature_analysis.tsv"
+        f"{R}/logs/feature_analysis.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

@@ -27,7 +27,7 @@ rule harvest:
     log:
         f"{R}/logs/harvest.log",
     benchmark:
-        f"{R}/benchmarks/harvest.tsv"
+        f"{R}/logs/harvest.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

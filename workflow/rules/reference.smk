@@ -12,7 +12,7 @@ rule edge_reference:
     log:
         f"{R}/logs/edge_reference/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/edge_reference/{{task}}.tsv"
+        f"{R}/logs/edge_reference/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
@@ -45,7 +45,7 @@ rule reference:
     log:
         f"{R}/logs/reference/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/reference/{{task}}.tsv"
+        f"{R}/logs/reference/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

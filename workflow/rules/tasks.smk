@@ -28,7 +28,7 @@ rule evaluate_task:
     log:
         f"{R}/logs/evaluate_task/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/evaluate_task/{{task}}.tsv"
+        f"{R}/logs/evaluate_task/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run

@@ -1,5 +1,5 @@
 # Snakemake adapter: the rule's named inputs, outputs and params become keyword arguments.
-from mechflow.workflow.provenance import write_model_card
 from mechflow.workflow import run_rule
+from mechflow.workflow.provenance import write_model_card
 
 run_rule(snakemake, write_model_card)  # noqa: F821 (injected by Snakemake)

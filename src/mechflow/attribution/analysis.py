@@ -263,7 +263,8 @@ def saliency_table(model, batch: TaskBatch, c: AnalysisConfig, tokenizer=None) -
     n = len(batch)
     per_prompt = pl.DataFrame({
         "prompt": list(range(n)), "example_id": [str(i) for i in batch.example_ids],
-        "metric": ig.metric.detach().double().tolist(), "baseline_metric": ig.baseline_metric.detach().double().tolist(),
+        "metric": ig.metric.detach().double().tolist(),
+        "baseline_metric": ig.baseline_metric.detach().double().tolist(),
         "ig_completeness_residual": residual.tolist(), "ig_tolerance": tol.tolist(),
         "ig_complete": (residual.abs() <= tol).tolist()})
     frame = pl.concat([r.to_frame(batch.clean_tokens) for r in (grad, gxi, ig)])
@@ -370,7 +371,8 @@ def neuron_contexts(model, wanted: dict[int, list[int]], c: AnalysisConfig, *, t
         if hook in harvested:
             df = top_activating_contexts(harvest_index, neurons, k=c.contexts_per_neuron, window=c.context_window,
                                          hook=hook, tokenizer=tokenizer)
-            frames.append(df.with_columns(pl.lit(layer).alias("layer"), pl.lit(f"harvest:{hook}").alias("context_source")))
+            frames.append(df.with_columns(pl.lit(layer).alias("layer"),
+                                          pl.lit(f"harvest:{hook}").alias("context_source")))
         else:
             from_corpus[layer] = neurons
     if from_corpus:
@@ -750,7 +752,8 @@ def analysis_markdown(title: str, *, ablations: Path, saliency: Path, neurons: P
               "(`hook_mlp_out`); `ablations.png`."), ""]
     if abl.height:
         means = abl.group_by("method", "component").agg(pl.col("score").mean())
-        lines += ["| method | replacement | mean abs(Δ) over components | largest-abs(Δ) components |", "|---|---|---|---|"]
+        lines += ["| method | replacement | mean abs(Δ) over components | largest-abs(Δ) components |",
+                  "|---|---|---|---|"]
         for method in dict.fromkeys(abl["method"].to_list()):
             m = means.filter(pl.col("method") == method).with_columns(pl.col("score").abs().alias("a"))
             top = m.sort("a", descending=True).head(5)

@@ -152,7 +152,8 @@ def exact_patching(
     src = cache_hook(model, source, component)
     m_base = batch.metric(model(base))  # [n]
     shape = component_shape(model, component, n_pos)
-    comps = [tuple(int(i) for i in idx) for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))]
+    comps = [tuple(int(i) for i in idx)
+             for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))]
     todo = [i for i, c in enumerate(comps) if layers is None or c[0] in layers]
     copies = max(1, max_batch // n)
     out = torch.full((len(comps), n), float("nan"), dtype=m_base.dtype)

@@ -35,7 +35,8 @@ from mechflow.tasks import TaskDataset, select_batch
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "ap", "ig")
-DEFAULTS = {"methods": list(METHODS), "n_prompts": 16, "ig_steps": 8, "max_batch": 64, "head_type_threshold": 0.4, "head_type_seqs": 8,
+DEFAULTS = {"methods": list(METHODS), "n_prompts": 16, "ig_steps": 8, "max_batch": 64, "head_type_threshold": 0.4,
+            "head_type_seqs": 8,
             "head_type_seq_len": 32, "ioi_roles": False}
 
 
@@ -181,7 +182,8 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
                   for h in range(exact_heads.shape[1])), key=lambda t: -abs(t[0]))[:8]
     lines = "\n".join(f"| {name} | {score:+.4f} |" for score, name in top)
     names = {"ap": "attribution patching", "ig": f"IG patching ({c['ig_steps']} steps)"}
-    agreement_rows = "\n".join(f"| {names[m]} | {agree[m]['pearson_vs_exact']:.3f} | {agree[m]['spearman_vs_exact']:.3f} |"
+    agreement_rows = "\n".join(f"| {names[m]} | {agree[m]['pearson_vs_exact']:.3f} "
+                               f"| {agree[m]['spearman_vs_exact']:.3f} |"
                                 for m in c["methods"] if m != "exact")
     atomic_write_text(summary, f"""# Attribution: {model_cfg['name']} × {task}
 

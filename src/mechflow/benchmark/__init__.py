@@ -15,5 +15,6 @@ from mechflow.benchmark.resume import ResumableForward
 
 __all__ = [
     "Acdc", "AcdcConfig", "AcdcMetric", "AcdcRun", "AcdcStep", "BenchmarkConfig", "EdgeRestriction",
-    "RestrictionConfig", "ResumableForward", "check_thresholds", "kl_to_clean", "receiver_order", "roc_points", "run_acdc", "select_batch",
+    "RestrictionConfig", "ResumableForward", "check_thresholds", "kl_to_clean", "receiver_order", "roc_points",
+    "run_acdc", "select_batch",
 ]

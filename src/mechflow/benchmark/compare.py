@@ -7,7 +7,8 @@ Steps:
 1. Validate the config (``benchmark`` group; the comparison settings ride ``benchmark.compare``,
    `CompareConfig`); load the model and the first ``n_prompts`` pairs of the largest equal-length
    bucket; build the restriction once and hand the same object to every method.
-2. After one untimed EAP pass (warm-up), time every method on that batch: ACDC at each tau (`Acdc.sweep`, setup timed separately), EAP,
+2. After one untimed EAP pass (warm-up), time every method on that batch: ACDC at each tau (`Acdc.sweep`,
+   setup timed separately), EAP,
    EAP-IG, ours (EAP-IG scores, restricted ranking, exact bracketed bisection for f >= target,
    `minimal_faithful_prefix`) and the exhaustive reference (`exhaustive_effects`: every restricted
    edge removed ALONE, everything else intact, exact, several edges per batched forward).

@@ -136,7 +136,8 @@ def circuit_dot(edges: list[tuple[str, str, float]]) -> str:
         colour = "#1f77b4" if score >= 0 else "#d62728"
         width = 0.5 + 3.0 * abs(score) / biggest
         lines.append(f'  "{sender}" -> "{receiver_node(receiver)}" '
-                     f'[color="{colour}", penwidth={width:.2f}, label="{receiver[receiver.find("<"):] if "<" in receiver else ""}"];')
+                     f'[color="{colour}", penwidth={width:.2f}, '
+                     f'label="{receiver[receiver.find("<"):] if "<" in receiver else ""}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 

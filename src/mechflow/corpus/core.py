@@ -175,7 +175,8 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
         "tokenizer": tok.name,
         "tokens_sha256": sha256_file(tokens),
         "text_sha256": stats["text_sha256"],
-        "config_hash": canonical_hash({"corpus": cfg, "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}}),
+        "config_hash": canonical_hash({"corpus": cfg,
+                                       "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}}),
     }
     write_document(corpus_manifest, CorpusManifest, summary)
     log.info("corpus %s: %d docs → %d contexts × %d tokens", ccfg.name, summary["n_docs"],

@@ -222,7 +222,8 @@ def hub_offline() -> bool:
 
 def hf_dataset(name: str, split: str, text_field: str, config_name: str | None = None) -> Iterator[str]:
     """Stream documents of a Hugging Face dataset (online only)."""
-    hint = "Use the offline corpus instead: `corpus=stdlib_docs` (or corpus=text_files / corpus=jsonl with local files)."
+    hint = ("Use the offline corpus instead: `corpus=stdlib_docs` "
+            "(or corpus=text_files / corpus=jsonl with local files).")
     if hub_offline():
         raise ConfigError(f"corpus.hf_name={name!r} needs the Hugging Face hub, but the hub is offline here "
                           f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE/MECHFLOW_OFFLINE is set). {hint}")
@@ -233,7 +234,8 @@ def hf_dataset(name: str, split: str, text_field: str, config_name: str | None =
         for record in stream:
             text = record.get(text_field)
             if not isinstance(text, str):
-                raise DataError(f"dataset {name!r}: field {text_field!r} is missing or not a string; set corpus.text_field")
+                raise DataError(f"dataset {name!r}: field {text_field!r} is missing or not a string; "
+                                "set corpus.text_field")
             if text.strip():
                 yield text
     except (ConfigError, DataError):

@@ -8,7 +8,8 @@ from mechflow.dictionaries.sae import load_pretrained_sae, load_sae, train_sae
 from mechflow.dictionaries.transcoder import JumpReLUTranscoderStack, load_transcoder, train_transcoder
 
 __all__ = [
-    "ActivationStream", "DataConfig", "JumpReLUTranscoderStack", "load_transcoder", "train_transcoder", "EvalConfig", "SAEConfig", "ShardSource", "TranscoderConfig",
+    "ActivationStream", "DataConfig", "JumpReLUTranscoderStack", "load_transcoder", "train_transcoder", "EvalConfig",
+    "SAEConfig", "ShardSource", "TranscoderConfig",
     "ce_metrics", "evaluate_dictionary", "evaluate_transcoder", "load_manifest", "load_pretrained_sae", "load_sae",
     "reconstruction_metrics", "split_shards", "train_sae",
 ]

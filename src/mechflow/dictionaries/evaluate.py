@@ -179,7 +179,8 @@ def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], to
                                   "or set transcoder.eval.ce_contexts: 0")
             model = load_model_from_cfg(model_cfg).model
         man, _ = load_manifest(in_paths[0])
-        ctx_ids = sorted({c for s in man.shards if s.file in holdout for c in range(s.first_context, s.last_context + 1)})
+        ctx_ids = sorted({c for s in man.shards if s.file in holdout
+                          for c in range(s.first_context, s.last_context + 1)})
         tok = read_contexts(tokens, ctx_ids, tcfg.eval.ce_contexts)
         hooks = stack_splice_hooks(stack, in_hooks, out_hooks, means, 1 if exclude_bos else 0)
         result.update(ce_metrics(model, tok, hooks, tcfg.eval.ce_batch_size))

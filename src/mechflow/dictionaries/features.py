@@ -662,7 +662,8 @@ def render_html(records: Sequence[dict[str, Any]], summary: dict[str, Any], figu
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>SAE features: {_e(s['hook'])}</title>"
              f"<style>{_CSS}</style></head><body>"),
              f"<h1>SAE features · {_e(s['model'])} · {_e(s['hook'])}</h1>",
-             (f"<p>{_e(s['architecture'])} SAE, d_in {s['d_in']}, d_sae {s['d_sae']} (<code>{_e(s['dictionary'])}</code>). "
+             (f"<p>{_e(s['architecture'])} SAE, d_in {s['d_in']}, d_sae {s['d_sae']} "
+             f"(<code>{_e(s['dictionary'])}</code>). "
              f"Statistics over {s['n_tokens']:,} harvest tokens; {s['n_live']} latents fire, {s['n_dead']} never do. "
              f"{len(records)} latents recorded.</p>")]
     if figure_png:
@@ -696,7 +697,8 @@ def render_html(records: Sequence[dict[str, Any]], summary: dict[str, Any], figu
         parts.append(f"<div class='feat' id='f{rec['feature']}'><h3>#{rec['feature']}</h3>"
                      f"<p>fires on {_num(100 * st['frequency'], '.3g')}% of tokens ({st['n_active']:,}); mean when "
                      f"active {_num(st['mean_active'])}, max {_num(st['max'])} {_svg_hist(st['hist']['counts'])}"
-                     f"<span class='muted'> log10 activation {st['hist']['log10_lo']:g}…{st['hist']['log10_hi']:g}</span></p>")
+                     f"<span class='muted'> log10 activation {st['hist']['log10_lo']:g}…{st['hist']['log10_hi']:g}"
+                     "</span></p>")
         if rec["task_attribution"]:
             items = "; ".join(f"{_e(t)}: {_num(v['attribution'])} (rank {v['rank']}"
                               + (f", exact {_num(v['exact_effect'])}" if v["verified"] else "") + ")"

@@ -180,7 +180,8 @@ def ce_metrics(model, tokens: torch.Tensor, hooks: dict[str, list[tuple[str, Cal
         out["ce_increase"] = out["ce_spliced"] - out["ce_clean"]
         for abl in ("zero", "mean"):
             if abl in hooks:
-                out[f"ce_recovered_{abl}"] = (out[f"ce_{abl}"] - out["ce_spliced"]) / (out[f"ce_{abl}"] - out["ce_clean"])
+                out[f"ce_recovered_{abl}"] = ((out[f"ce_{abl}"] - out["ce_spliced"])
+                                              / (out[f"ce_{abl}"] - out["ce_clean"]))
                 out[f"kl_score_{abl}"] = (out[f"kl_{abl}"] - out["kl_spliced"]) / out[f"kl_{abl}"]
     return out
 

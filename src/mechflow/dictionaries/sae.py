@@ -293,7 +293,8 @@ def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None
     sae = build_training_sae(cfg, d_in, metadata)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.data.batch_size, lr=cfg.lr,
-        lr_end=cfg.lr_end if cfg.lr_end is not None else cfg.lr / 10, lr_scheduler_name=cfg.lr_scheduler_name, lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_end=cfg.lr_end if cfg.lr_end is not None else cfg.lr / 10, lr_scheduler_name=cfg.lr_scheduler_name,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=cfg.lr_decay_steps, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
         device=cfg.device, dead_feature_window=cfg.dead_feature_window,
         feature_sampling_window=cfg.feature_sampling_window, n_checkpoints=cfg.n_checkpoints,

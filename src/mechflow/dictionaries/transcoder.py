@@ -372,7 +372,8 @@ def load_transcoder(folder: str | Path) -> JumpReLUTranscoderStack:
 # ----------------------------------------------------------------------------- stage
 
 
-def resolve_manifests(cfg: TranscoderConfig, manifests: list[Path]) -> tuple[list[Path], list[Path], list[str], list[str]]:
+def resolve_manifests(cfg: TranscoderConfig,
+                      manifests: list[Path]) -> tuple[list[Path], list[Path], list[str], list[str]]:
     by_hook: dict[str, Path] = {}
     for m in manifests:
         man, _ = load_manifest(m)
@@ -494,7 +495,8 @@ def heldout_metrics(model: JumpReLUTranscoderStack, source: ShardSource, cfg: Tr
         raise DataError(f"held-out shards {source.shard_names} hold no usable rows")
     var = sq - ysum.pow(2).sum(-1) / n
     fvu = sse / var
-    return {"_mean_target": (ysum / n).float(), "n_tokens": n, "fvu_per_layer": fvu.tolist(), "fvu": float(sse.sum() / var.sum()),
+    return {"_mean_target": (ysum / n).float(), "n_tokens": n, "fvu_per_layer": fvu.tolist(),
+            "fvu": float(sse.sum() / var.sum()),
             "explained_variance": float(1 - sse.sum() / var.sum()), "l0_per_layer": (l0 / n).tolist(),
             "dead_fraction": float((fire == 0).double().mean()), "dead_window_tokens": n,
             "dead_window_sufficient": n >= cfg.eval.dead_min_tokens}

@@ -105,7 +105,8 @@ def harvest(cfg: dict, *, model_cfg: dict, tokens: Path, index: Path, harvest_di
     index.unlink(missing_ok=True)  # a stale index must not vouch for shards being rewritten
     done, todo = _find_done(harvest_dir, hooks, plans, keys)
     stats = _write_missing(net, hcfg, contexts, harvest_dir, plans, todo, done, keys)
-    manifests = {h: _write_manifest(harvest_dir / h, h, hcfg, info, corpus_sha, contexts, plans, done[h]) for h in hooks}
+    manifests = {h: _write_manifest(harvest_dir / h, h, hcfg, info, corpus_sha, contexts, plans, done[h])
+                 for h in hooks}
     _write_index(index, harvest_dir, info, corpus_sha, contexts, manifests)
     return {"hooks": hooks, "n_contexts": len(contexts), "n_rows_per_hook": int(contexts.size),
             "index": str(index), **stats}
@@ -164,7 +165,8 @@ def _write_missing(net, cfg: HarvestConfig, contexts: np.ndarray, harvest_dir: P
                 bar.update((b - a) * ctx)
             ids = np.arange(plan.first_context, plan.stop_context)
             for hook in hooks:
-                table = shards.shard_table(ids, contexts[plan.first_context : plan.stop_context], buffers[hook], cfg.dtype)
+                table = shards.shard_table(ids, contexts[plan.first_context : plan.stop_context], buffers[hook],
+                                           cfg.dtype)
                 info = shards.write_shard(harvest_dir / hook, plan, table, plan_key=keys[hook][i],
                                           compression_level=cfg.compression_level, row_group_rows=cfg.row_group_rows)
                 done[hook][i] = (info, buffers[hook].shape[1])
@@ -180,7 +182,8 @@ def _write_manifest(folder: Path, hook: str, cfg: HarvestConfig, info: ModelInfo
                     contexts: np.ndarray, plans, done: dict[int, tuple[ShardInfo, int]]) -> HarvestManifest:
     widths = {d for _, d in done.values()}
     if len(widths) != 1:
-        raise DataError(f"{folder}: shards disagree on the activation width {sorted(widths)}; delete the folder and rerun")
+        raise DataError(f"{folder}: shards disagree on the activation width {sorted(widths)}; "
+                        "delete the folder and rerun")
     manifest = HarvestManifest(
         model=info.name, model_sha256=info.sha256, hook=hook, layer=hook_layer(hook), d=widths.pop(),
         dtype=cfg.dtype, context_size=int(contexts.shape[1]), prepend_bos=info.prepend_bos,

@@ -12,4 +12,5 @@ from mechflow.models.registry import (
     resolve_bos_id,
 )
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference", "load_tokenizer", "resolve_bos_id", "model_card"]
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "encode", "load_model", "load_model_from_cfg", "load_hf_reference",
+           "load_tokenizer", "resolve_bos_id", "model_card"]

@@ -361,7 +361,8 @@ def _load_weights(name: str, dtype: str):
 
 
 @functools.lru_cache(maxsize=8)
-def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True, bos_token: str | None = None) -> LoadedModel:
+def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True,
+               bos_token: str | None = None) -> LoadedModel:
     """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
 
     Args:

@@ -59,7 +59,8 @@ def node_part(node_scores: Path, node_prompts: Path, rcfg: ReferenceConfig) -> t
                                                                              pl.len().alias("n"))
              .sort("layer", "kind", "head"))
     if "exact" not in set(means["method"]):
-        raise DataError(f"{node_scores}: no 'exact' rows; the node reference needs attribution.methods to include exact")
+        raise DataError(f"{node_scores}: no 'exact' rows; "
+                        "the node reference needs attribution.methods to include exact")
     exact_rows = means.filter(pl.col("method") == "exact")
     components = exact_rows["component"].to_list()
     exact = exact_rows["score"].to_numpy()
@@ -87,7 +88,8 @@ def _dense(frame: pl.DataFrame, graph: EdgeGraph) -> torch.Tensor:
         for name, score in zip(frame["edge"].to_list(), frame["score"].to_list()):
             out[graph.edge_index(name)] = score
     except KeyError as exc:
-        raise DataError(f"edge_scores.parquet: {exc} is not an edge of this model's graph; re-run rule circuit") from None
+        raise DataError(f"edge_scores.parquet: {exc} is not an edge of this model's graph; "
+                        "re-run rule circuit") from None
     return out
 
 
@@ -113,7 +115,8 @@ def circuit_scores(circuit: Path | None, edge_scores: Path | None, graph: EdgeGr
     try:
         frame = pl.read_parquet(edge_scores, columns=["edge", "score"])
     except Exception as exc:
-        raise DataError(f"{edge_scores}: cannot read the circuit rule's edge scores ({exc}); re-run rule circuit") from exc
+        raise DataError(f"{edge_scores}: cannot read the circuit rule's edge scores ({exc}); "
+                        "re-run rule circuit") from exc
     return doc.method, _dense(frame, graph), f"reused {edge_scores} ({doc.method}, same prompts)"
 
 
@@ -227,9 +230,11 @@ def _markdown(doc: dict, model_name: str, task: str) -> str:
                      for m, r in s["methods"].items()]
         edge_text = (f"Edges: exact effect of removing each edge alone on {ref['n_prompts']} prompts: every edge of "
                      f"the restricted graph {ref['config']['restriction']} ({ref['n_edges_restricted']:,} edges) and "
-                     f"{ref['n_edges_sampled']:,} of {ref['n_edges_full']:,} full-graph edges sampled by receiver layer "
+                     f"{ref['n_edges_sampled']:,} of {ref['n_edges_full']:,} full-graph edges "
+                     "sampled by receiver layer "
                      f"(seed {ref['sampling']['seed']}); {ref['n_forward']} forwards, {ref['seconds']:.1f} s "
-                     f"(`edge_reference.parquet`). Scores: " + "; ".join(f"{m}: {s}" for m, s in e["scores_source"].items()))
+                     f"(`edge_reference.parquet`). Scores: "
+                     + "; ".join(f"{m}: {s}" for m, s in e["scores_source"].items()))
     pos = doc["positives_definition"]
     return "\n".join([
         f"# Methods vs exact patching: {model_name} × {task}", "",

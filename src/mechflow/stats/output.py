@@ -154,7 +154,8 @@ def summarize_bootstrap(result: BootstrapResult, out_dir: str | Path, *, names: 
         method = plot_method if plot_method in result.intervals else sorted(result.intervals)[-1]
         paths["forest"] = forest_plot(df["name"].to_list(), result.estimate, result.ci(method),
                                       out_dir / f"{stem}_forest.png",
-                                      title=title or f"{result.ci_level:.0%} {method} intervals (B={result.B}, n={result.n})",
+                                      title=title or (f"{result.ci_level:.0%} {method} intervals "
+                                                      f"(B={result.B}, n={result.n})"),
                                       xlabel=xlabel)
     return paths
 

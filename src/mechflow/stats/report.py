@@ -161,7 +161,8 @@ def statistics_markdown(model: str, table: pl.DataFrame, stab: Mapping[str, Any]
          f"{head['n_prompts']} prompts, B = {head['B']} bootstrap resamples (seed {head['seed']}), {lvl} "
          f"{interval} intervals; one resample draw serves every quantity (`bootstrap.csv`). Numbers are shown "
          "with 4 significant digits.", ""]
-    L += ["## Task metric (`bootstrap.csv`)", "", "| quantity | estimate | SE | CI low | CI high |", "|---|---|---|---|---|"]
+    L += ["## Task metric (`bootstrap.csv`)", "", "| quantity | estimate | SE | CI low | CI high |",
+          "|---|---|---|---|---|"]
     for q, v in head["task"].items():
         L.append(f"| task:{q} | {_fmt(v['estimate'])} | {_fmt(v['se'])} | {_fmt(v['lo'])} | {_fmt(v['hi'])} |")
     L.append("")
@@ -232,14 +233,16 @@ def cka_headline(res: DepthCKA, prompts: Any, model_a: str, model_b: str) -> dic
     best = np.argmax(res.matrix, axis=1)
     deb = res.debiased if res.debiased is not None else np.full_like(res.matrix, np.nan)
     rows = [{"layer_a": int(la), "depth_a": float(res.depth_a[i]),
-             "depth_matched_layer_b": int(res.layers_b[nearest[i]]), "depth_matched_cka": float(res.matrix[i, nearest[i]]),
+             "depth_matched_layer_b": int(res.layers_b[nearest[i]]),
+             "depth_matched_cka": float(res.matrix[i, nearest[i]]),
              "depth_matched_cka_debiased": float(deb[i, nearest[i]]),
              "best_layer_b": int(res.layers_b[best[i]]), "best_cka": float(res.matrix[i, best[i]])}
             for i, la in enumerate(res.layers_a)]
     if res.shuffled is not None:
         for row, base in zip(rows, res.shuffled):
             row.update(shuffled_cka=base["linear"], shuffled_cka_debiased=base["debiased"])
-    out = {"model_a": model_a, "model_b": model_b, "hook": "blocks.{l}.hook_resid_post", "position": "last prompt token",
+    out = {"model_a": model_a, "model_b": model_b, "hook": "blocks.{l}.hook_resid_post",
+           "position": "last prompt token",
            "n_prompts": len(prompts.texts), "n_prompts_a": prompts.n_a, "n_prompts_b": prompts.n_b,
            "n_shared": prompts.n_shared,
            "prompts": "union of both task datasets' prompt texts, each model with its own tokenization",
@@ -286,10 +289,12 @@ def cross_model_markdown(fcas: Mapping[str, Any], cka: Mapping[str, Any] | None)
              if "mean_shuffled_cka" in cka else "")
           + ". The plug-in estimate is biased upward when prompts are fewer than dimensions; read the debiased one "
           "against its shuffled level.", "",
-          f"| {a} layer | depth | depth-matched {b} layer | CKA | debiased | shuffled debiased | best {b} layer | CKA |",
+          f"| {a} layer | depth | depth-matched {b} layer | CKA | debiased | shuffled debiased "
+          f"| best {b} layer | CKA |",
           "|---|---|---|---|---|---|---|---|"]
     for r in cka["by_layer_a"]:
-        L.append(f"| {r['layer_a']} | {_fmt(r['depth_a'])} | {r['depth_matched_layer_b']} | {_fmt(r['depth_matched_cka'])} "
+        L.append(f"| {r['layer_a']} | {_fmt(r['depth_a'])} | {r['depth_matched_layer_b']} "
+                 f"| {_fmt(r['depth_matched_cka'])} "
                  f"| {_fmt(r.get('depth_matched_cka_debiased'))} | {_fmt(r.get('shuffled_cka_debiased'))} "
                  f"| {r['best_layer_b']} | {_fmt(r['best_cka'])} |")
     L.append("")

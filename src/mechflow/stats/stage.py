@@ -840,7 +840,8 @@ def cka_prompt_texts(dataset_a: Path, dataset_b: Path) -> CKAPrompts:
     return CKAPrompts(union, len(ta), len(tb), sum(t in in_a for t in tb))
 
 
-def last_token_residuals(loaded: Any, token_ids: Sequence[Sequence[int]], batch_size: int = 32) -> dict[int, np.ndarray]:
+def last_token_residuals(loaded: Any, token_ids: Sequence[Sequence[int]],
+                         batch_size: int = 32) -> dict[int, np.ndarray]:
     """layer -> [n_prompts, d_model] float64 `blocks.{l}.hook_resid_post` at each prompt's last token.
 
     Prompts of equal length are batched together (no padding, so the last position is the last token).

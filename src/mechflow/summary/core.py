@@ -55,7 +55,8 @@ def _activation_norms(manifest_path: Path, manifest: HarvestManifest, limit: int
     return np.linalg.norm(acts, axis=1), frame["position"].to_numpy()
 
 
-CIRCUIT_QUANTITIES = ("unit", "n_units", "n_units_total", "n_edges", "n_edges_total", "faithfulness", "sufficiency", "comprehensiveness", "f1", "cpr", "cmd",
+CIRCUIT_QUANTITIES = ("unit", "n_units", "n_units_total", "n_edges", "n_edges_total", "faithfulness", "sufficiency",
+                      "comprehensiveness", "f1", "cpr", "cmd",
                       "m_full", "m_empty", "m_circuit")
 DICTIONARY_QUANTITIES = ("explained_variance", "explained_variance_with_outliers", "fvu", "l0", "dead_fraction",
                          "dense_fraction", "ce_clean", "ce_spliced", "ce_increase", "ce_recovered_zero",

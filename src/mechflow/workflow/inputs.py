@@ -141,7 +141,7 @@ def causal_tracing_of(wildcards) -> list[str]:
     from mechflow.attribution.analysis import has_subjects
 
     if has_subjects(RUNS[wildcards.run].cfg["task"][wildcards.task]):
-        return [f"{paths.circuits_dir(wildcards.run, wildcards.task)}/causal_tracing.parquet"]
+        return [f"{paths.attribution_dir(wildcards.run, wildcards.task)}/causal_tracing.parquet"]
     return []
 
 
@@ -151,7 +151,7 @@ def analysis_outputs(run: str, run_cfg: dict) -> list[str]:
 
     out = []
     for task in sorted(run_cfg["task"]):
-        base = paths.circuits_dir(run, task)
+        base = paths.attribution_dir(run, task)
         out += [f"{base}/{name}" for name in ANALYZE_OUTPUTS]
         if has_subjects(run_cfg["task"][task]):
             out += [f"{base}/{name}" for name in CAUSAL_TRACE_OUTPUTS]
@@ -167,7 +167,7 @@ def circuit_outputs_of(wildcards) -> list[str]:
     """Attribution outputs and the circuit (edges or nodes, `circuit.unit`) of every task."""
     out = []
     for task in tasks_of(wildcards):
-        out.append(f"{paths.circuits_dir(wildcards.run, task)}/node_scores.parquet")
+        out.append(f"{paths.attribution_dir(wildcards.run, task)}/node_scores.parquet")
         out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
     return out
 
@@ -211,11 +211,12 @@ def reference_outputs_of(wildcards) -> list[str]:
 def statistics_inputs_of(wildcards) -> dict[str, str]:
     """Named inputs of `statistics`: node scores and the circuit's files, for every model (the
     `circuit` rule finds an edge circuit where edge patching is defined, else a node circuit)."""
-    folder = paths.circuits_dir(wildcards.run, wildcards.task)
-    return {"node_scores": f"{folder}/node_scores.parquet", "prompts": f"{folder}/prompts.parquet",
-            "model_card": f"{paths.run_dir(wildcards.run)}/model_card.json", "circuit": f"{folder}/circuit.json",
-            "circuit_prompts": f"{folder}/circuit_prompts.parquet",
-            "curve_prompts": f"{folder}/curve_prompts.parquet"}
+    attribution = paths.attribution_dir(wildcards.run, wildcards.task)
+    circuits = paths.circuits_dir(wildcards.run, wildcards.task)
+    return {"node_scores": f"{attribution}/node_scores.parquet", "prompts": f"{attribution}/prompts.parquet",
+            "model_card": f"{paths.run_dir(wildcards.run)}/model_card.json", "circuit": f"{circuits}/circuit.json",
+            "circuit_prompts": f"{circuits}/circuit_prompts.parquet",
+            "curve_prompts": f"{circuits}/curve_prompts.parquet"}
 
 
 def stats_dir_of(wildcards) -> Path:
@@ -229,7 +230,7 @@ def statistics_of(wildcards) -> list[str]:
 def cross_model_inputs_of(wildcards) -> dict[str, str]:
     inputs = {}
     for side, run in zip("ab", pair_runs(wildcards.pair)):
-        folder = paths.circuits_dir(run, wildcards.task)
+        folder = paths.attribution_dir(run, wildcards.task)
         inputs.update({f"node_scores_{side}": f"{folder}/node_scores.parquet",
                        f"head_types_{side}": f"{folder}/head_types.parquet",
                        f"prompts_{side}": f"{folder}/prompts.parquet",
@@ -297,7 +298,7 @@ def summary_results_of(wildcards) -> list[str]:
     """JSON results whose headline numbers go into the run's summary table."""
     out = dictionary_metrics_of(wildcards)
     for task in tasks_of(wildcards):
-        out.append(f"{paths.circuits_dir(wildcards.run, task)}/agreement.json")
+        out.append(f"{paths.attribution_dir(wildcards.run, task)}/agreement.json")
         out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
     return out
 

@@ -31,8 +31,13 @@ def harvest_manifest(run: str, hook: str) -> Path:
     return Path(RESULTS) / run / "harvest" / hook / filenames.SHARD_MANIFEST
 
 
+def attribution_dir(run: str, task: str) -> str:
+    """Folder of a task's attribution outputs (rules attribute, analyze, causal_trace)."""
+    return f"{run_dir(run)}/attribution/{task}"
+
+
 def circuits_dir(run: str, task: str) -> str:
-    """Folder of a task's attribution, analysis and circuit outputs."""
+    """Folder of a task's circuit outputs (rule circuits)."""
     return f"{run_dir(run)}/circuits/{task}"
 
 

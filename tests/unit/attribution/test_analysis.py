@@ -361,6 +361,6 @@ def test_dry_run_plans_analyze_for_every_task_and_causal_trace_for_factual_recal
             break
         counts[parts[0]] = int(parts[1])
     assert counts["analyze"] == 3 and counts["causal_trace"] == 1, counts
-    assert f"results/{name}/circuits/factual_recall/causal_tracing.parquet" in result.stdout
-    assert "circuits/ioi/causal_tracing" not in result.stdout
+    assert f"results/{name}/attribution/factual_recall/causal_tracing.parquet" in result.stdout
+    assert "attribution/ioi/causal_tracing" not in result.stdout
     assert "harvest/index.json" not in result.stdout  # the default harvest has no mlp.hook_post: corpus scan

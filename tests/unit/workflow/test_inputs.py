@@ -22,7 +22,7 @@ def test_analysis_inputs_follow_the_run_config(monkeypatch, default_run):
     name, run_ = default_run
     wc = SimpleNamespace(run=name, task="factual_recall")
     assert inputs.analysis_outputs_of(wc) == inputs.analysis_outputs(name, run_.cfg)
-    assert inputs.causal_tracing_of(wc) == [f"results/{name}/circuits/factual_recall/causal_tracing.parquet"]
+    assert inputs.causal_tracing_of(wc) == [f"results/{name}/attribution/factual_recall/causal_tracing.parquet"]
     assert inputs.causal_tracing_of(SimpleNamespace(run=name, task="ioi")) == []
     assert "causal_tracing" not in inputs.analysis_cfg_of(wc)
     assert inputs.causal_tracing_cfg_of(wc) == run_.cfg["attribution"]["analysis"]["causal_tracing"]

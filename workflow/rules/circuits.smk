@@ -1,4 +1,4 @@
-rule circuit:
+rule circuits:
     """Minimal faithful circuit (EAP-IG ranking, exact evaluation), curve, CPR/CMD, drawing; edges where
     edge patching is defined, else nodes (`circuit.unit`; edge_scores then holds the node ranking)."""
     input:
@@ -16,9 +16,9 @@ rule circuit:
         ),
         summary=f"{R}/circuits/{{task}}/circuit.md",
     log:
-        f"{R}/logs/circuit/{{task}}.log",
+        f"{R}/logs/circuits/{{task}}.log",
     benchmark:
-        f"{R}/benchmarks/circuit/{{task}}.tsv"
+        f"{R}/logs/circuits/{{task}}.tsv"
     conda:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
@@ -29,4 +29,4 @@ rule circuit:
         cfg=stage_cfg("circuit"),
         model_cfg=stage_cfg("model"),
     script:
-        "../scripts/circuit.py"
+        "../scripts/circuits.py"

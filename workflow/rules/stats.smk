@@ -1,4 +1,4 @@
-rule statistics:
+rule stats:
     """Bootstrap CIs (percentile, BCa), ranking stability (Kendall τ-b, top-k Jaccard) of a task."""
     input:
         unpack(statistics_inputs_of),
@@ -12,7 +12,7 @@ rule statistics:
             labels={"run": "{run}", "task": "{task}", "figure": "CIs"},
         ),
     log:
-        f"{R}/logs/statistics/{{task}}.log",
+        f"{R}/logs/stats/{{task}}.log",
     conda:
         "../../envs/mechflow.yaml"
     threads: 1
@@ -23,7 +23,7 @@ rule statistics:
         cfg=stage_cfg("stats"),
         out_dir=stats_dir_of,
     script:
-        "../scripts/statistics.py"
+        "../scripts/stats.py"
 
 
 rule cross_model:
