@@ -567,7 +567,7 @@ class RootConfig(GroupConfig):
 CONFIG_GROUPS: dict[str, str] = {
     "attribution": "mechflow.attribution.config:AttributionConfig",
     "benchmark": "mechflow.benchmark.config:BenchmarkConfig",
-    "circuit": "mechflow.circuits.config:CircuitConfig",
+    "circuits": "mechflow.circuits.config:CircuitConfig",
     "corpus": "mechflow.corpus.config:CorpusConfig",
     "harvest": "mechflow.harvest.config:HarvestConfig",
     "model": "mechflow.models.config:ModelConfig",

@@ -1,6 +1,6 @@
 rule circuits:
     """Minimal faithful circuit (EAP-IG ranking, exact evaluation), curve, CPR/CMD, drawing; edges where
-    edge patching is defined, else nodes (`circuit.unit`; edge_scores then holds the node ranking)."""
+    edge patching is defined, else nodes (`circuits.unit`; edge_scores then holds the node ranking)."""
     input:
         dataset=rules.prepare_task.output.dataset,
     output:
@@ -26,7 +26,7 @@ rule circuits:
         mem_mb=8000,
         runtime=120,
     params:
-        cfg=stage_cfg("circuit"),
+        cfg=stage_cfg("circuits"),
         model_cfg=stage_cfg("model"),
     script:
         "../scripts/circuits.py"

@@ -62,7 +62,7 @@ for _run in RUNS.values():
         "sae",
         "transcoder",
         "attribution",
-        "circuit",
+        "circuits",
         "stats",
         "benchmark",
         "reference",

@@ -128,7 +128,7 @@ class CompareConfig:
         try:
             check_target(out.target)
         except ConfigError as e:
-            raise ConfigError(str(e).replace("circuit.target", "benchmark.compare.target")) from None
+            raise ConfigError(str(e).replace("circuits.target", "benchmark.compare.target")) from None
         if not is_int(out.ig_steps) or out.ig_steps < 1:
             raise ConfigError(f"benchmark.compare.ig_steps: {out.ig_steps!r} must be an integer >= 1")
         if out.ig_rule not in ("left", "midpoint"):

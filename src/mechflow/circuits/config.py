@@ -1,6 +1,6 @@
-"""Typed config of the circuit stage (Hydra group ``circuit``, `config/circuit/default.yaml`).
+"""Typed config of the circuits stage (Hydra group ``circuits``, `config/circuits/default.yaml`).
 
-`workflow/schemas/config/circuit.schema.json` is generated from `CircuitConfig`.
+`workflow/schemas/config/circuits.schema.json` is generated from `CircuitConfig`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _increasing(values: tuple[float, ...]) -> tuple[float, ...]:
     return values
 
 
-@config_model("circuit")
+@config_model("circuits")
 class CircuitConfig(GroupConfig):
     """Minimal faithful circuit of every task (rule `circuit`), MIB conventions."""
 

@@ -48,13 +48,13 @@ def resolve_unit(unit: str, model, model_cfg: dict | None = None) -> str:
         return "nodes"
     if unit == "edges":
         if not flagged:
-            raise ConfigError(f"circuit.unit: 'edges' but model {(model_cfg or {}).get('name')!r} sets "
+            raise ConfigError(f"circuits.unit: 'edges' but model {(model_cfg or {}).get('name')!r} sets "
                               "model.edge_circuits: false (edge patching is not defined there); "
-                              "set circuit.unit: nodes or auto.")
+                              "set circuits.unit: nodes or auto.")
         check_edge_model(model)
         return "edges"
     if unit != "auto":
-        raise ConfigError(f"circuit.unit: {unit!r} is not one of 'edges', 'nodes', 'auto'.")
+        raise ConfigError(f"circuits.unit: {unit!r} is not one of 'edges', 'nodes', 'auto'.")
     return "edges" if flagged and not edge_model_problems(model) else "nodes"
 
 

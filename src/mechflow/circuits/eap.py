@@ -41,9 +41,9 @@ METHODS = ("eap", "eap-ig")
 
 def interpolation_points(method: str, steps: int, rule: str) -> Tensor:
     """The points t of the scores' path integral: ``[0]`` for EAP, ``ig_points(steps, rule)`` for
-    EAP-IG; a ConfigError names ``circuit.method`` for anything else."""
+    EAP-IG; a ConfigError names ``circuits.method`` for anything else."""
     if method not in METHODS:
-        raise ConfigError(f"circuit.method: {method!r} is not one of {METHODS}.")
+        raise ConfigError(f"circuits.method: {method!r} is not one of {METHODS}.")
     return torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
 
 

@@ -76,7 +76,7 @@ def check_edge_model(model) -> None:
     if problems:
         raise ConfigError(
             f"edge-level circuits are not defined for model {model.cfg.model_name!r} (set model.edge_circuits: "
-            "false): " + "; ".join(problems) + ". Use node-level circuits (circuit.unit: nodes or auto; "
+            "false): " + "; ".join(problems) + ". Use node-level circuits (circuits.unit: nodes or auto; "
             "mechflow.circuits.nodes) or node-level patching (mechflow.attribution.patching) for this model.")
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def check_target(target: float) -> None:
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise ConfigError(f"circuit.target: {target!r} must lie in (0, 1] (fraction of the "
+        raise ConfigError(f"circuits.target: {target!r} must lie in (0, 1] (fraction of the "
                           "full model's metric difference the circuit must recover, e.g. 0.8).")
 
 

@@ -1,7 +1,7 @@
 """The `circuit` stage: minimal faithful circuit of one task on one model, and its evidence.
 
 1. Take the first `n_prompts` pairs of the task's largest equal-length bucket.
-2. `discover_circuit`: unit (`circuit.unit`: edges where the model supports edge patching, else
+2. `discover_circuit`: unit (`circuits.unit`: edges where the model supports edge patching, else
    nodes), EAP-IG scores, exact faithfulness curve, bisection for the smallest prefix with
    f >= target, exact sufficiency / comprehensiveness (all exact forward passes).
 3. Re-evaluate per prompt (exact) the full model, the empty circuit, the circuit, the model with
@@ -213,7 +213,7 @@ def _summary_md(doc: CircuitFile, task: str, n_prompts: int) -> str:
     one = unit[:-1]
     rows = "\n".join(f"| {p.percent:g}% | {p.n_units} | {p.metric:.4f} | {p.faithfulness:.3f} |" for p in doc.curve)
     why = ("" if unit == "edges" else
-           "\nNode circuit (`circuit.unit`): every head / MLP / the input embedding outside the circuit takes its "
+           "\nNode circuit (`circuits.unit`): every head / MLP / the input embedding outside the circuit takes its "
            "corrupted activation; `edge_scores.parquet` holds the node ranking.\n")
     return f"""# Circuit: {doc.model.get('name')} × {task}
 

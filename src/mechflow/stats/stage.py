@@ -320,7 +320,7 @@ def read_circuit_data(prompts: Prompts, circuit: Path | None, circuit_prompts: P
                         "re-run the circuits stage")
     if ids.size < 2:
         raise DataError(f"{circuit_prompts}: {ids.size} prompt(s); the bootstrap needs at least 2 "
-                        "(raise circuit.n_prompts)")
+                        "(raise circuits.n_prompts)")
     shared = _same_batch(prompts, ids, ref, Path(circuit_prompts))
     metrics = cp.select("m_full", "m_empty", "m_circuit", "m_without_circuit").to_numpy().astype(np.float64)
     if np.isclose(metrics[:, 0].mean(), metrics[:, 1].mean(), rtol=0, atol=1e-12):

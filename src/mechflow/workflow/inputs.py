@@ -164,7 +164,7 @@ def analysis_outputs_of(wildcards) -> list[str]:
 
 
 def circuit_outputs_of(wildcards) -> list[str]:
-    """Attribution outputs and the circuit (edges or nodes, `circuit.unit`) of every task."""
+    """Attribution outputs and the circuit (edges or nodes, `circuits.unit`) of every task."""
     out = []
     for task in tasks_of(wildcards):
         out.append(f"{paths.attribution_dir(wildcards.run, task)}/node_scores.parquet")

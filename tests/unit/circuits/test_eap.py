@@ -73,7 +73,7 @@ def test_eap_ig_one_left_point_is_eap_and_invalid_edges_are_zero(tiny_llama):
     assert eap[g.valid].abs().min() >= 0 and (eap[g.valid] != 0).float().mean() > 0.9
     ig5 = edge_scores(tiny_llama, b, "eap-ig", steps=5, graph=g)
     assert (ig5 - eap).abs().max() > 1e-6
-    with pytest.raises(ConfigError, match="circuit.method"):
+    with pytest.raises(ConfigError, match="circuits.method"):
         edge_scores(tiny_llama, b, "acdc")
 
 

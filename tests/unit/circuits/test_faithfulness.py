@@ -90,14 +90,14 @@ def test_minimal_prefix_is_a_verified_boundary(setup):
 @pytest.mark.parametrize("target", [0, -0.1, 1.5, float("nan"), True])
 def test_target_outside_unit_interval_is_config_error(setup, target):
     _, ev, order = setup
-    with pytest.raises(ConfigError, match="circuit.target"):
+    with pytest.raises(ConfigError, match="circuits.target"):
         minimal_faithful_prefix(ev, order, target)
-    with pytest.raises(ConfigError, match="circuit.target"):
+    with pytest.raises(ConfigError, match="circuits.target"):
         CircuitConfig(target=target)
 
 
 def test_config_validation():
     assert CircuitConfig.from_dict({"target": 1.0, "percentages": [1, 50, 100]}).percentages == (1.0, 50.0, 100.0)
     for bad in [{"method": "acdc"}, {"ig_steps": 0}, {"ig_rule": "simpson"}, {"percentages": [5, 1]}, {"nope": 1}]:
-        with pytest.raises(ConfigError, match="circuit\\."):
+        with pytest.raises(ConfigError, match="circuits\\."):
             CircuitConfig.from_dict(bad)

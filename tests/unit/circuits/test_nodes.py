@@ -166,11 +166,11 @@ def test_unit_resolution(tiny_llama, tiny_gemma):
     assert resolve_unit("auto", tiny_llama, {"edge_circuits": False}) == "nodes"
     assert resolve_unit("auto", tiny_gemma, {}) == "nodes"
     assert resolve_unit("nodes", tiny_llama, {}) == "nodes"
-    with pytest.raises(ConfigError, match="circuit.unit.*post-norms|post-norms.*circuit.unit"):
+    with pytest.raises(ConfigError, match="circuits.unit.*post-norms|post-norms.*circuits.unit"):
         resolve_unit("edges", tiny_gemma, {})
-    with pytest.raises(ConfigError, match="circuit.unit: 'edges'.*edge_circuits: false"):
+    with pytest.raises(ConfigError, match="circuits.unit: 'edges'.*edge_circuits: false"):
         resolve_unit("edges", tiny_llama, {"name": "x", "edge_circuits": False})
-    with pytest.raises(ConfigError, match="circuit.unit"):
+    with pytest.raises(ConfigError, match="circuits.unit"):
         CircuitConfig(unit="heads")
 
 

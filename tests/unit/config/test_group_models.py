@@ -79,9 +79,9 @@ def test_every_field_is_described(cls):
 def test_constructing_with_a_bad_value_is_a_config_error():
     from mechflow.circuits.config import CircuitConfig
 
-    with pytest.raises(ConfigError, match=r"^circuit\.percentages: \[5\.0, 1\.0\] must be strictly increasing"):
+    with pytest.raises(ConfigError, match=r"^circuits\.percentages: \[5\.0, 1\.0\] must be strictly increasing"):
         CircuitConfig(percentages=(5, 1))
-    with pytest.raises(ConfigError, match=r"^circuit\.target: .*Fix it in config/circuit/"):
+    with pytest.raises(ConfigError, match=r"^circuits\.target: .*Fix it in config/circuits/"):
         CircuitConfig(target=1.5)
 
 
