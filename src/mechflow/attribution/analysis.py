@@ -41,8 +41,6 @@ Rule `analyze` runs `run_analysis` (steps 1-5); rule `causal_trace` runs `run_ca
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +50,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechflow.attribution.ablation import METHODS as ABLATIONS
 from mechflow.attribution.ablation import ablate_components
 from mechflow.attribution.causal_tracing import (
-    KIND_HOOKS,
     answer_probability,
     causal_trace,
     noise_sigma,
     run_restored,
 )
+from mechflow.attribution.config import AnalysisConfig, CausalTracingConfig
 from mechflow.attribution.neurons import (
     neuron_attribution_patching,
     neuron_dla,
@@ -80,121 +77,12 @@ log = logging.getLogger(__name__)
 
 SUBJECT_KINDS = frozenset({"factual_recall"})
 ROLES = ("prefix", "first subject", "middle subject", "last subject", "first subsequent", "further", "last token")
-IG_BASELINES = ("corrupted", "zero")
-IG_CHECKS = ("error", "flag")
-CT_METRICS = ("probability", "task")
 ANALYZE_OUTPUTS = ("ablations.parquet", "ablations.png", "saliency.parquet", "saliency.png", "neurons.parquet",
                    "neurons.md", "analysis.md")
 CAUSAL_TRACE_OUTPUTS = ("causal_tracing.parquet", "causal_tracing.png")
 
 
 # ---------------------------------------------------------------------------------------- config
-
-
-def _check_int(where: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}: {value!r} must be an integer >= {minimum}")
-
-
-def _check_number(where: str, value: Any, positive: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0 \
-            or (positive and value == 0):
-        raise ConfigError(f"{where}: {value!r} must be a {'positive' if positive else 'non-negative'} number")
-
-
-def _from_dict(cls, cfg: dict | None, where: str):
-    cfg = dict(cfg or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known keys are {sorted(known)}")
-    return cfg
-
-
-@dataclass(frozen=True)
-class CausalTracingConfig:
-    """``attribution.analysis.causal_tracing`` (see config/attribution/default.yaml)."""
-
-    n_prompts: int = 8
-    kinds: tuple[str, ...] = ("resid", "mlp", "attn")
-    metric: str = "probability"
-    noise_scale: float = 3.0
-    n_samples: int = 2
-    window: int = 5
-    seed: int = 0
-    max_batch: int = 64
-
-    @classmethod
-    def from_dict(cls, cfg: dict | None) -> CausalTracingConfig:
-        where = "attribution.analysis.causal_tracing"
-        values = _from_dict(cls, cfg, where)
-        if "kinds" in values:
-            values["kinds"] = tuple(values["kinds"]) if isinstance(values["kinds"], (list, tuple)) else values["kinds"]
-        out = cls(**values)
-        _check_int(f"{where}.n_prompts", out.n_prompts, 1)
-        _check_int(f"{where}.n_samples", out.n_samples, 1)
-        _check_int(f"{where}.window", out.window, 1)
-        _check_int(f"{where}.seed", out.seed, 0)
-        _check_int(f"{where}.max_batch", out.max_batch, 1)
-        _check_number(f"{where}.noise_scale", out.noise_scale, positive=True)
-        if not isinstance(out.kinds, tuple) or not out.kinds or len(set(out.kinds)) != len(out.kinds) \
-                or any(k not in KIND_HOOKS for k in out.kinds):
-            raise ConfigError(f"{where}.kinds: {out.kinds!r} must be a non-empty list of distinct values from "
-                              f"{sorted(KIND_HOOKS)}")
-        if out.metric not in CT_METRICS:
-            raise ConfigError(f"{where}.metric: {out.metric!r} is not one of {list(CT_METRICS)} "
-                              "(probability = ROME's answer probability, task = the task metric)")
-        return out
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """``attribution.analysis`` (see config/attribution/default.yaml for each key's meaning)."""
-
-    n_prompts: int = 8
-    seed: int = 0
-    max_batch: int = 64
-    ablations: tuple[str, ...] = ("zero", "mean", "resample")
-    ig_steps: int = 32
-    ig_baseline: str = "corrupted"
-    ig_rtol: float = 0.05
-    ig_atol: float = 1e-3
-    ig_check: str = "error"
-    top_neurons: int = 10
-    contexts_per_neuron: int = 5
-    context_window: int = 8
-    context_tokens: int = 8192
-    context_batch: int = 8
-    causal_tracing: CausalTracingConfig = CausalTracingConfig()
-
-    @classmethod
-    def from_dict(cls, cfg: dict | None) -> AnalysisConfig:
-        """Validate the group; unknown keys and bad values raise ConfigError naming the key."""
-        where = "attribution.analysis"
-        values = _from_dict(cls, cfg, where)
-        values["causal_tracing"] = CausalTracingConfig.from_dict(values.get("causal_tracing"))
-        if "ablations" in values:
-            a = values["ablations"]
-            values["ablations"] = tuple(a) if isinstance(a, (list, tuple)) else a
-        out = cls(**values)
-        _check_int(f"{where}.n_prompts", out.n_prompts, 2)
-        for key in ("max_batch", "ig_steps", "top_neurons", "contexts_per_neuron", "context_tokens",
-                    "context_batch"):
-            _check_int(f"{where}.{key}", getattr(out, key), 1)
-        _check_int(f"{where}.seed", out.seed, 0)
-        _check_int(f"{where}.context_window", out.context_window, 0)
-        _check_number(f"{where}.ig_rtol", out.ig_rtol)
-        _check_number(f"{where}.ig_atol", out.ig_atol)
-        if not isinstance(out.ablations, tuple) or len(set(out.ablations)) != len(out.ablations) \
-                or any(a not in ABLATIONS for a in out.ablations):
-            raise ConfigError(f"{where}.ablations: {out.ablations!r} must be a list of distinct values from "
-                              f"{list(ABLATIONS)} (may be empty)")
-        if out.ig_baseline not in IG_BASELINES:
-            raise ConfigError(f"{where}.ig_baseline: {out.ig_baseline!r} is not one of {list(IG_BASELINES)}")
-        if out.ig_check not in IG_CHECKS:
-            raise ConfigError(f"{where}.ig_check: {out.ig_check!r} is not one of {list(IG_CHECKS)} "
-                              "(error: fail the rule when IG is incomplete; flag: record it and go on)")
-        return out
 
 
 # ------------------------------------------------------------------------------ planning helpers

@@ -1,8 +1,8 @@
 """Typed config of the attribution stage (Hydra group ``attribution``, `config/attribution/default.yaml`).
 
 `workflow/schemas/config/attribution.schema.json` is generated from `AttributionConfig`. The nested
-``analysis`` block (rules ``analyze`` and ``causal_trace``) is described here for the schema; its
-stage reads it with `mechflow.attribution.analysis.AnalysisConfig`.
+``analysis`` block (rules ``analyze`` and ``causal_trace``) is `AnalysisConfig`, which those stages
+read (`mechflow.attribution.analysis`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _has_exact(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @config_model("attribution.analysis.causal_tracing")
-class CausalTracingSettings(GroupConfig):
+class CausalTracingConfig(GroupConfig):
     """Causal tracing (Meng et al. 2022) for tasks with subjects (factual_recall)."""
 
     n_prompts: StrictInt = Field(8, ge=1, description="prompts traced")
@@ -41,7 +41,7 @@ class CausalTracingSettings(GroupConfig):
 
 
 @config_model("attribution.analysis")
-class AnalysisSettings(GroupConfig):
+class AnalysisConfig(GroupConfig):
     """Rules analyze / causal_trace: ablations, token saliency, neurons, causal tracing."""
 
     n_prompts: StrictInt = Field(8, ge=2, description="prompt pairs analysed (>= 2)")
@@ -62,8 +62,8 @@ class AnalysisSettings(GroupConfig):
     context_tokens: StrictInt = Field(8192, ge=1,
                                       description="corpus tokens scanned when the harvest lacks mlp.hook_post")
     context_batch: StrictInt = Field(8, ge=1, description="corpus contexts per forward")
-    causal_tracing: CausalTracingSettings = Field(
-        CausalTracingSettings(),
+    causal_tracing: CausalTracingConfig = Field(
+        CausalTracingConfig(),
         description="causal tracing (Meng et al. 2022) for tasks with subjects (factual_recall)")
 
 
@@ -83,6 +83,6 @@ class AttributionConfig(GroupConfig):
     head_type_seqs: StrictInt = Field(8, ge=1, description="diagnostic sequences for head typing")
     head_type_seq_len: StrictInt = Field(32, ge=4, description="length of each diagnostic sequence")
     ioi_roles: StrictBool = Field(False, description="find IOI name-mover / S-inhibition candidates (slow)")
-    analysis: AnalysisSettings = Field(
-        AnalysisSettings(),
+    analysis: AnalysisConfig = Field(
+        AnalysisConfig(),
         description="rules analyze / causal_trace: ablations, token saliency, neurons, causal tracing")

@@ -15,12 +15,15 @@ Works on every model, including Gemma-3 (node-level patching needs no additive p
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
 from scipy import stats as sps
 
+from mechflow.attribution.config import AttributionConfig
 from mechflow.attribution.gradients import attribution_patching, integrated_gradients_patching
 from mechflow.attribution.head_types import SCORE_KINDS, head_type_scores, ioi_head_roles
 from mechflow.attribution.lens import direct_logit_attribution, logit_lens
@@ -28,31 +31,10 @@ from mechflow.attribution.patching import exact_patching
 from mechflow.attribution.plots import plot_head_grid, plot_logit_lens
 from mechflow.contracts.attribution import Agreement
 from mechflow.contracts.documents import write_document
-from mechflow.errors import ConfigError
 from mechflow.io import atomic_path, atomic_write_text
 from mechflow.tasks import TaskDataset, select_batch
 
 log = logging.getLogger(__name__)
-
-METHODS = ("exact", "ap", "ig")
-DEFAULTS = {"methods": list(METHODS), "n_prompts": 16, "ig_steps": 8, "max_batch": 64, "head_type_threshold": 0.4,
-            "head_type_seqs": 8,
-            "head_type_seq_len": 32, "ioi_roles": False}
-
-
-def _cfg(cfg: dict) -> dict:
-    unknown = sorted(set(cfg) - set(DEFAULTS) - {"analysis"})  # analysis: rule `analyze` (attribution/analysis.py)
-    if unknown:
-        raise ConfigError(f"attribution.{unknown[0]}: unknown key; known keys are {sorted(DEFAULTS)}.")
-    out = {**DEFAULTS, **cfg}
-    if out["ig_steps"] < 1 or out["n_prompts"] < 2:
-        raise ConfigError("attribution.ig_steps must be >= 1 and attribution.n_prompts >= 2.")
-    bad = [m for m in out["methods"] if m not in METHODS]
-    if bad or "exact" not in out["methods"]:
-        raise ConfigError(f"attribution.methods: {out['methods']} must be a subset of {list(METHODS)} that "
-                          "includes 'exact' (the reference every other method is compared with).")
-    return out
-
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
@@ -108,35 +90,36 @@ def _head_labels(types, threshold: float) -> pl.DataFrame:
     return pl.DataFrame(rows).with_columns(pl.col("layer").cast(pl.Int32), pl.col("head").cast(pl.Int32))
 
 
-def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: Path, prompts: Path,
+def run_attribution(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
+                    node_scores: Path, prompts: Path,
                     head_types: Path, lens: Path, dla: Path, agreement: Path, heads_figure: Path,
                     lens_figure: Path, summary: Path, task: str = "task") -> dict:
     """Stage function of rule `attribute` (steps 1-4 of the module docstring)."""
     from mechflow.models import load_model_from_cfg
 
-    c = _cfg(cfg)
+    c = AttributionConfig.from_dict(cfg)  # typed once: the class holds every default and check
     loaded = load_model_from_cfg(model_cfg)
     model = loaded.model
     ds = TaskDataset.load(dataset)
-    batch = select_batch(ds, int(c["n_prompts"]), dataset)
+    batch = select_batch(ds, int(c.n_prompts), dataset)
     n = len(batch)
 
     per_method = {}
-    for method in c["methods"]:
+    for method in c.methods:
         if method == "exact":
-            heads = exact_patching(model, batch, "head", per_prompt=True, max_batch=c["max_batch"])
-            mlps = exact_patching(model, batch, "mlp", per_prompt=True, max_batch=c["max_batch"])
+            heads = exact_patching(model, batch, "head", per_prompt=True, max_batch=c.max_batch)
+            mlps = exact_patching(model, batch, "mlp", per_prompt=True, max_batch=c.max_batch)
         elif method == "ap":
             heads = attribution_patching(model, batch, "head", per_prompt=True)
             mlps = attribution_patching(model, batch, "mlp", per_prompt=True)
         else:
-            heads = integrated_gradients_patching(model, batch, "head", steps=c["ig_steps"], per_prompt=True,
-                                                  max_batch=c["max_batch"])
-            mlps = integrated_gradients_patching(model, batch, "mlp", steps=c["ig_steps"], per_prompt=True,
-                                                 max_batch=c["max_batch"])
+            heads = integrated_gradients_patching(model, batch, "head", steps=c.ig_steps, per_prompt=True,
+                                                  max_batch=c.max_batch)
+            mlps = integrated_gradients_patching(model, batch, "mlp", steps=c.ig_steps, per_prompt=True,
+                                                 max_batch=c.max_batch)
         per_method[method] = (heads.detach(), mlps.detach())
         log.info("attribution %s done", method)
-    table = pl.concat([long_rows(m, *per_method[m]) for m in c["methods"]])
+    table = pl.concat([long_rows(m, *per_method[m]) for m in c.methods])
     _write_parquet(table, node_scores)
 
     with torch.no_grad():
@@ -149,12 +132,12 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
         "template": [getattr(by_id.get(i), "template", None) for i in batch.example_ids],
         "clean_metric": clean_m, "corrupted_metric": corrupted_m}), prompts)
 
-    types = head_type_scores(model, n_seqs=c["head_type_seqs"], seq_len=c["head_type_seq_len"],
+    types = head_type_scores(model, n_seqs=c.head_type_seqs, seq_len=c.head_type_seq_len,
                              bos_id=loaded.card.bos_token_id if loaded.card.prepend_bos else None)
-    labels = _head_labels(types, c["head_type_threshold"])
-    if c["ioi_roles"] and ds.kind == "ioi":
+    labels = _head_labels(types, c.head_type_threshold)
+    if c.ioi_roles and ds.kind == "ioi":
         roles = ioi_head_roles(model, batch.clean_tokens, batch.corrupted_tokens, batch.metric,
-                               batch.answer_ids, batch.wrong_ids, max_batch=c["max_batch"])
+                               batch.answer_ids, batch.wrong_ids, max_batch=c.max_batch)
         role_of = {(r["layer"], r["head"]): r["role"] for r in roles.iter_rows(named=True)}
         labels = labels.with_columns(pl.struct("layer", "head").map_elements(
             lambda r: role_of.get((r["layer"], r["head"])), return_dtype=pl.Utf8).alias("ioi_role"))
@@ -168,7 +151,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
     _write_parquet(dla_result.to_frame(), dla)
 
     agree = _agreement(table)
-    agree.update({"n_prompts": n, "ig_steps": c["ig_steps"], "direction": "noising",
+    agree.update({"n_prompts": n, "ig_steps": c.ig_steps, "direction": "noising",
                   "m_clean_mean": sum(clean_m) / n, "m_corrupted_mean": sum(corrupted_m) / n,
                   "dla_sum_minus_logit_diff_max": float((dla_result.total() - lens_result.logit_diff[-1]).abs().max())})
     write_document(agreement, Agreement, agree)
@@ -184,7 +167,7 @@ def run_attribution(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: P
     names = {"ap": "attribution patching", "ig": f"IG patching ({c['ig_steps']} steps)"}
     agreement_rows = "\n".join(f"| {names[m]} | {agree[m]['pearson_vs_exact']:.3f} "
                                f"| {agree[m]['spearman_vs_exact']:.3f} |"
-                                for m in c["methods"] if m != "exact")
+                                for m in c.methods if m != "exact")
     atomic_write_text(summary, f"""# Attribution: {model_cfg['name']} × {task}
 
 {n} prompt pairs; scores are m(patched) − m(clean) when one component takes its corrupted value

@@ -29,7 +29,7 @@ def _increasing(values: tuple[float, ...]) -> tuple[float, ...]:
 
 @config_model("circuits")
 class CircuitConfig(GroupConfig):
-    """Minimal faithful circuit of every task (rule `circuit`), MIB conventions."""
+    """Minimal faithful circuit of every task (rule `circuits`), MIB conventions."""
 
     unit: Unit = Field("auto", description="circuit unit: edges (MIB edge graph), nodes (input, heads, MLPs) or "
                        "auto: edges where the model supports edge patching (`model.edge_circuits`), else nodes")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -48,9 +50,6 @@ from mechflow.io import atomic_path, atomic_write_text, sha256_file
 from mechflow.tasks import TaskDataset, select_batch
 
 log = logging.getLogger(__name__)
-
-STAGE_KEYS = ("n_prompts", "draw_max_edges")
-
 
 def _write_parquet(frame: pl.DataFrame, path: Path, unit: str = "edges", contract=None) -> None:
     with atomic_path(path) as tmp:
@@ -238,25 +237,25 @@ All numbers are exact patched forward passes (`circuit.json`; per-prompt values 
 """
 
 
-def run_circuit(cfg: dict, *, model_cfg: dict, dataset: Path, circuit: Path, edge_scores: Path,
-                circuit_prompts: Path, curve_prompts: Path, dot: Path, figure: Path, summary: Path,
+def run_circuit(cfg: CircuitConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, circuit: Path,
+                edge_scores: Path, circuit_prompts: Path, curve_prompts: Path, dot: Path, figure: Path, summary: Path,
                 task: str = "task") -> dict:
-    """Stage function of rule `circuit` (steps 1-4 of the module docstring), for edge and node circuits."""
+    """Stage function of rule `circuits` (steps 1-4 of the module docstring), for edge and node circuits."""
     from mechflow.models import load_model_from_cfg
 
-    ccfg = CircuitConfig.from_dict({k: v for k, v in cfg.items() if k not in STAGE_KEYS})
+    ccfg = CircuitConfig.from_dict(cfg)  # typed once: the class holds every default and check
     loaded = load_model_from_cfg(model_cfg)
     model = loaded.model
     unit = resolve_unit(ccfg.unit, model, model_cfg)  # fails early (before loading data) where edges are undefined
     ds = TaskDataset.load(dataset)
-    batch = select_batch(ds, int(cfg.get("n_prompts", 16)), dataset)
+    batch = select_batch(ds, ccfg.n_prompts, dataset)
     spec = TargetMetricSpec.from_task_batch(batch)
     doc, scores = discover_circuit(model, batch, ccfg, model_cfg=model_cfg, metric_spec=spec,
                                    prompt_ids=[str(i) for i in batch.example_ids],
                                    dataset_sha256=sha256_file(dataset), progress=True)
     write_circuit_outputs(model, batch, ccfg, doc, scores, circuit=circuit, edge_scores=edge_scores,
                           circuit_prompts=circuit_prompts, curve_prompts=curve_prompts, dot=dot, figure=figure,
-                          summary=summary, task=task, draw_max=int(cfg.get("draw_max_edges", 150)))
+                          summary=summary, task=task, draw_max=ccfg.draw_max_edges)
     log.info("circuit %s: %d %s, f=%.3f", task, doc.n_units, unit, doc.faithfulness)
     return {"unit": unit, "n_units": doc.n_units, "n_edges": doc.n_edges, "faithfulness": doc.faithfulness,
             "sufficiency": doc.sufficiency, "comprehensiveness": doc.comprehensiveness, "cpr": doc.cpr,

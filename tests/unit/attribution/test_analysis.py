@@ -29,7 +29,7 @@ from mechflow.attribution.analysis import (
     subject_positions,
 )
 from mechflow.attribution.causal_tracing import answer_probability
-from mechflow.attribution.stage import _cfg as attribution_cfg
+from mechflow.attribution.config import AttributionConfig
 from mechflow.corpus import contexts_table
 from mechflow.errors import ConfigError, DataError
 from mechflow.harvest import harvest
@@ -333,9 +333,10 @@ def test_default_yaml_dataclass_and_schema_agree():
     props = schema["properties"]["analysis"]["properties"]
     assert set(props) == set(group["analysis"]) == set(AnalysisConfig.__dataclass_fields__)
     assert set(props["causal_tracing"]["properties"]) == set(CausalTracingConfig.__dataclass_fields__)
-    assert attribution_cfg(group)["n_prompts"] == group["n_prompts"]  # the attribute stage ignores `analysis`
+    assert AttributionConfig.from_dict(group).n_prompts == group["n_prompts"]
+    assert AttributionConfig.from_dict(group).analysis == AnalysisConfig()  # one model for the whole group
     with pytest.raises(ConfigError, match="attribution.bogus"):
-        attribution_cfg({**group, "bogus": 1})
+        AttributionConfig.from_dict({**group, "bogus": 1})
 
 
 def test_dry_run_plans_analyze_for_every_task_and_causal_trace_for_factual_recall(tmp_path):
