@@ -2,8 +2,9 @@
 
 `tests/workflow/data/planned_jobs_*.json` hold the job sets planned BEFORE the architecture step
 of issue 15 (commit a98f9c2). `test_dag.py::test_dry_run_plans_the_recorded_job_set` maps them
-through `RENAMED` (the rule and result-path renames CHANGELOG.md lists) and fails unless the DAG
-plans exactly those jobs: a refactor may rename, never add, drop or rewire a job.
+through `renamed` (the rule and result-path renames CHANGELOG.md lists, and `ADDED_OUTPUTS`: files a
+stage always wrote that its rule now declares) and fails unless the DAG plans exactly those jobs: a
+refactor may rename, never add, drop or rewire a job.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ ATTRIBUTION_FILES = frozenset({
     "saliency.png", "neurons.parquet", "neurons.md", "analysis.md", "causal_tracing.parquet", "causal_tracing.png"})
 
 
+# Files a stage wrote beside its declared outputs before the architecture step, now declared by its
+# rule ("a stage writes exactly the paths its rule declares"; CHANGELOG.md): rule (after the renames)
+# -> file names, in the folder of the job's other outputs. The files themselves are unchanged.
+ADDED_OUTPUTS = {
+    "stats": ("bootstrap.csv", "stability_methods.csv", "tau_heatmap.png"),
+    "cross_model": ("fcas_null.png", "cka.json", "cka.parquet", "cka.csv", "cka.png"),
+}
+
+
 def renamed_path(path: str) -> str:
     m = re.match(r"(results/[^/]+)/circuits/([^/]+)/(.+)$", path)
     if m and m.group(3) in ATTRIBUTION_FILES:
@@ -41,10 +51,26 @@ def renamed_path(path: str) -> str:
     return path
 
 
+def added_outputs(rule: str, outputs: list[str]) -> list[str]:
+    """The `ADDED_OUTPUTS` of `rule`, in the one folder of the job's recorded outputs."""
+    names = ADDED_OUTPUTS.get(rule, ())
+    if not names:
+        return []
+    folders = {p.rsplit("/", 1)[0] for p in outputs}
+    if len(folders) != 1:
+        raise ValueError(f"rule {rule}: outputs in {len(folders)} folders ({sorted(folders)}); expected one")
+    (folder,) = folders
+    return [f"{folder}/{name}" for name in names]
+
+
 def renamed(jobs: list[dict]) -> list[dict]:
-    """A recorded job set with the architecture step's renames applied."""
-    out = [{"rule": RENAMED_RULES.get(j["rule"], j["rule"]), "input": sorted(renamed_path(p) for p in j["input"]),
-            "output": sorted(renamed_path(p) for p in j["output"])} for j in jobs]
+    """A recorded job set with the architecture step's renames and added outputs applied."""
+    out = []
+    for j in jobs:
+        rule = RENAMED_RULES.get(j["rule"], j["rule"])
+        outputs = [renamed_path(p) for p in j["output"]]
+        out.append({"rule": rule, "input": sorted(renamed_path(p) for p in j["input"]),
+                    "output": sorted(outputs + added_outputs(rule, outputs))})
     return sorted(out, key=lambda j: (j["rule"], j["output"], j["input"]))
 
 

@@ -28,6 +28,5 @@ rule benchmark:
     params:
         cfg=stage_cfg("benchmark", without=("enabled", "tasks")),  # selection keys: no rerun
         model_cfg=stage_cfg("model"),
-        out_dir=benchmark_dir_of,
     script:
         "../scripts/benchmark.py"

@@ -4,12 +4,19 @@ rule stats:
         unpack(statistics_inputs_of),
     output:
         bootstrap=f"{R}/stats/{{task}}/bootstrap.parquet",
+        bootstrap_csv=f"{R}/stats/{{task}}/bootstrap.csv",
         stability=f"{R}/stats/{{task}}/stability.json",
+        stability_methods=f"{R}/stats/{{task}}/stability_methods.csv",
         summary=f"{R}/stats/{{task}}/statistics.md",
         forest=report(
             f"{R}/stats/{{task}}/forest.png",
             category="Statistics",
             labels={"run": "{run}", "task": "{task}", "figure": "CIs"},
+        ),
+        tau_heatmap=report(
+            f"{R}/stats/{{task}}/tau_heatmap.png",
+            category="Statistics",
+            labels={"run": "{run}", "task": "{task}", "figure": "Kendall tau"},
         ),
     log:
         f"{R}/logs/stats/{{task}}.log",
@@ -21,7 +28,6 @@ rule stats:
         runtime=20,
     params:
         cfg=stage_cfg("stats"),
-        out_dir=stats_dir_of,
     script:
         "../scripts/stats.py"
 
@@ -32,7 +38,21 @@ rule cross_model:
         unpack(cross_model_inputs_of),
     output:
         fcas="results/cross_model/{pair}/{task}/fcas.json",
+        fcas_null=report(
+            "results/cross_model/{pair}/{task}/fcas_null.png",
+            category="Statistics",
+            labels={"pair": "{pair}", "task": "{task}", "figure": "FCAS null"},
+        ),
         summary="results/cross_model/{pair}/{task}/cross_model.md",
+        # CKA always runs here: the rule passes both model configs
+        cka="results/cross_model/{pair}/{task}/cka.json",
+        cka_table="results/cross_model/{pair}/{task}/cka.parquet",
+        cka_csv="results/cross_model/{pair}/{task}/cka.csv",
+        cka_figure=report(
+            "results/cross_model/{pair}/{task}/cka.png",
+            category="Statistics",
+            labels={"pair": "{pair}", "task": "{task}", "figure": "CKA"},
+        ),
     log:
         "results/cross_model/{pair}/logs/{task}.log",
     conda:
@@ -45,7 +65,6 @@ rule cross_model:
         cfg=pair_stats_cfg,
         model_cfg_a=pair_model_cfg("a"),
         model_cfg_b=pair_model_cfg("b"),
-        out_dir=cross_model_dir_of,
     script:
         "../scripts/cross_model.py"
 

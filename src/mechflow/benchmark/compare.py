@@ -20,7 +20,8 @@ Steps:
    in the same run; ACDC and exhaustive patching extrapolated from their restricted times, weighted
    by the measured cost of a forward resumed at each receiver's depth.
 5. Write ``table.csv``, ``table.tex``, ``timings.json``, ``roc.png``, ``faithfulness_curves.png``
-   and, last (completion marker), ``benchmark.md``, each atomically.
+   and, last (completion marker), ``benchmark.md``, each atomically, to exactly the paths the caller
+   names (the rule's outputs; `benchmark_outputs(folder)` gives these default names in one folder).
 
 Restricted faithfulness. Edges outside the restriction are ALWAYS present. Budgets are fractions of
 the RESTRICTED edge count ``n_R``: budget p keeps the top ``int(p/100 * n_R)`` restricted edges
@@ -89,6 +90,9 @@ ROC_PNG, CURVES_PNG, BENCHMARK_MD = "roc.png", "faithfulness_curves.png", "bench
 COLUMNS = ("method", "seconds", "n_forward", "n_backward", "n_edges_in_circuit", "faithfulness", "cpr",
            "cmd", "roc_auc")
 TIMING_COLUMNS = ("seconds",)
+# Output name (the rule's `output:` name, the stage function's keyword) -> default file name.
+BENCHMARK_OUTPUTS = {"table": TABLE_CSV, "table_tex": TABLE_TEX, "timings": TIMINGS_JSON, "summary": BENCHMARK_MD,
+                     "roc": ROC_PNG, "curves": CURVES_PNG}
 MATCH = ("closest", "at_least")
 
 
@@ -318,10 +322,24 @@ def acdc_scores(runs: list[AcdcRun], restriction: EdgeRestriction) -> Tensor:
     return restriction.restrict_scores(score)
 
 
+def benchmark_outputs(folder: str | Path) -> dict[str, Path]:
+    """`run_benchmark`'s (and `compare_methods`') output paths with their default file names in
+    `folder` (library and test callers: ``run_benchmark(cfg, ..., **benchmark_outputs(folder))``)."""
+    return {name: Path(folder) / file for name, file in BENCHMARK_OUTPUTS.items()}
+
+
 # ---------------------------------------------------------------------------- the comparison
-def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: CompareConfig,
-                    out_dir: Path, meta: dict | None = None, graph: EdgeGraph | None = None) -> dict:
-    """Steps 2-5 on an already-selected batch; returns the ``timings.json`` document."""
+def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: CompareConfig, *, table: Path,
+                    table_tex: Path, timings: Path, summary: Path, roc: Path, curves: Path,
+                    meta: dict | None = None, graph: EdgeGraph | None = None) -> dict:
+    """Steps 2-5 on an already-selected batch; returns the ``timings.json`` document.
+
+    ``table``, ``table_tex``, ``timings``, ``summary``, ``roc``, ``curves``: the paths written
+    (``table.csv``, ``table.tex``, ``timings.json``, ``benchmark.md``, ``roc.png``,
+    ``faithfulness_curves.png``; `benchmark_outputs(folder)` gives these names in one folder).
+    """
+    out = {"table": Path(table), "table_tex": Path(table_tex), "timings": Path(timings), "summary": Path(summary),
+           "roc": Path(roc), "curves": Path(curves)}  # before the body reuses the name `curves`
     graph = graph or EdgeGraph.from_cfg(model.cfg)
     restriction = EdgeRestriction.build(graph, bench.restriction)
     n_r, n_prompts = restriction.n_edges, int(batch.clean_tokens.shape[0])
@@ -490,7 +508,7 @@ def compare_methods(model, batch: PairBatch, bench: BenchmarkConfig, cmp: Compar
         "full_graph": full_graph,
         "table": rows,
     }
-    _write_outputs(Path(out_dir), doc, rows, curves, scores, positives, restriction, acdc_roc, aucs)
+    _write_outputs(out, doc, rows, curves, scores, positives, restriction, acdc_roc, aucs)
     return doc
 
 
@@ -555,18 +573,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _write_outputs(out: Path, doc: dict, rows: list[dict], curves: dict, scores: dict, positives: Tensor,
-                   restriction: EdgeRestriction, acdc_roc: list[dict], aucs: dict) -> None:
+def _write_outputs(out: Mapping[str, Path], doc: dict, rows: list[dict], curves: dict, scores: dict,
+                   positives: Tensor, restriction: EdgeRestriction, acdc_roc: list[dict], aucs: dict) -> None:
+    """Write the `BENCHMARK_OUTPUTS` files to the paths in `out` (output name -> path), each atomically;
+    the summary last (completion marker)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow([_fmt(r[c]) for c in COLUMNS])
-    atomic_write_text(out / TABLE_CSV, buf.getvalue())
-    atomic_write_text(out / TABLE_TEX, _latex(rows))
-    write_document(out / TIMINGS_JSON, TimingsDocument, doc)
+    atomic_write_text(out["table"], buf.getvalue())
+    atomic_write_text(out["table_tex"], _latex(rows))
+    write_document(out["timings"], TimingsDocument, doc)
     _plots(out, curves, scores, positives, restriction, acdc_roc, aucs)
-    atomic_write_text(out / BENCHMARK_MD, _markdown(doc, rows))
+    atomic_write_text(out["summary"], _markdown(doc, rows))
 
 
 def _latex(rows: list[dict]) -> str:
@@ -579,7 +599,7 @@ def _latex(rows: list[dict]) -> str:
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}", ""])
 
 
-def _plots(out: Path, curves: dict, scores: dict, positives: Tensor, restriction: EdgeRestriction,
+def _plots(out: Mapping[str, Path], curves: dict, scores: dict, positives: Tensor, restriction: EdgeRestriction,
            acdc_roc: list[dict], aucs: dict) -> None:
     import matplotlib
 
@@ -594,14 +614,14 @@ def _plots(out: Path, curves: dict, scores: dict, positives: Tensor, restriction
     ax.plot(*zip(*pts), marker="o", label=f"acdc tau sweep (AUC {_fmt(aucs['acdc'])})")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="edge ROC vs exhaustive patching")
     ax.legend(fontsize=7)
-    _savefig(fig, out / ROC_PNG)
+    _savefig(fig, out["roc"])
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, c in curves.items():
         ax.plot([p.percent for p in c], [p.faithfulness for p in c], marker=".", label=name)
     ax.set(xscale="log", xlabel="% of restricted edges kept", ylabel="restricted faithfulness f",
            title="faithfulness at MIB budgets")
     ax.legend(fontsize=7)
-    _savefig(fig, out / CURVES_PNG)
+    _savefig(fig, out["curves"])
     plt.close("all")
 
 
@@ -645,25 +665,28 @@ def _markdown(doc: dict, rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- stage
-def run_benchmark(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model: Any = None) -> dict:
+def run_benchmark(cfg: dict, *, model_cfg: dict, dataset: Path, table: Path, table_tex: Path, timings: Path,
+                  summary: Path, roc: Path, curves: Path, model: Any = None) -> dict:
     """Run steps 1-5; returns the ``timings.json`` document.
 
     Args:
         cfg: the ``benchmark`` config group (`BenchmarkConfig` keys plus ``compare``, `CompareConfig`).
         model_cfg: the resolved ``model`` group.
         dataset: ``dataset.jsonl`` written by ``prepare_task`` for this model.
-        out_dir: output folder (``table.csv``, ``table.tex``, ``timings.json``, ``roc.png``,
-            ``faithfulness_curves.png``, ``benchmark.md``).
+        table, table_tex, timings, summary, roc, curves: the paths written (folders created):
+            ``table.csv``, ``table.tex``, ``timings.json``, ``benchmark.md``, ``roc.png``,
+            ``faithfulness_curves.png``; `benchmark_outputs(folder)` gives these names in one folder.
         model: an already-loaded `LoadedModel` (default: load from ``model_cfg``).
     """
     from mechflow.benchmark.core import load_task_batch
 
     bench, cmp = parse_config(cfg)
-    dataset, out_dir = Path(dataset), Path(out_dir)
+    dataset = Path(dataset)
     loaded, ds, batch = load_task_batch(model_cfg, dataset, bench.n_prompts, model)
     meta = {"model": model_cfg, "task": ds.name, "prompt_ids": list(batch.example_ids)}
     try:
-        return compare_methods(loaded.model, batch, bench, cmp, out_dir, meta)
+        return compare_methods(loaded.model, batch, bench, cmp, table=table, table_tex=table_tex, timings=timings,
+                               summary=summary, roc=roc, curves=curves, meta=meta)
     except ValueError as e:
         if "faithfulness is undefined" in str(e):
             raise DataError(f"{dataset}: {e}") from None

@@ -40,9 +40,16 @@ def write_table(df: pl.DataFrame, out_dir: str | Path, stem: str, contract: pa.S
     """Write `df` as `{stem}.parquet` and `{stem}.csv` in `out_dir`, each atomically (checked
     against `contract` first, when given: `mechflow.contracts.parquet`)."""
     out_dir = Path(out_dir)
+    return write_table_files(df, parquet=out_dir / f"{stem}.parquet", csv=out_dir / f"{stem}.csv", contract=contract)
+
+
+def write_table_files(df: pl.DataFrame, *, parquet: str | Path, csv: str | Path, contract: pa.Schema | None = None
+                      ) -> dict[str, Path]:
+    """Write `df` to exactly the paths `parquet` and `csv`, each atomically (checked against
+    `contract` first, when given: `mechflow.contracts.parquet`)."""
+    paths = {"parquet": Path(parquet), "csv": Path(csv)}
     if contract is not None:
-        check_schema(df.head(0).to_arrow().schema, contract, f"{stem}.parquet")
-    paths = {"parquet": out_dir / f"{stem}.parquet", "csv": out_dir / f"{stem}.csv"}
+        check_schema(df.head(0).to_arrow().schema, contract, paths["parquet"].name)
     with atomic_path(paths["parquet"]) as tmp:
         df.write_parquet(tmp)
     with atomic_path(paths["csv"]) as tmp:
@@ -210,19 +217,29 @@ def summarize_fcas(res: FCASResult, out_dir: str | Path, *, a: ModelComponents |
     return paths
 
 
-def summarize_cka(res: DepthCKA, out_dir: str | Path, *, stem: str = "cka", model_a: str = "A",
-                  model_b: str = "B") -> dict[str, Path]:
-    """Long CKA table (layer_a, layer_b, depths, cka) and a by-depth heat map."""
-    out_dir = Path(out_dir)
+def summarize_cka(res: DepthCKA, out_dir: str | Path | None = None, *, stem: str = "cka", model_a: str = "A",
+                  model_b: str = "B", parquet: str | Path | None = None, csv: str | Path | None = None,
+                  heatmap: str | Path | None = None) -> dict[str, Path]:
+    """Long CKA table (layer_a, layer_b, depths, cka) and a by-depth heat map.
+
+    Written to `parquet`, `csv` and `heatmap` when given, else to `{stem}.parquet`, `{stem}.csv`
+    and `{stem}.png` in `out_dir` (needed only for a path not given).
+    """
+    if out_dir is None and None in (parquet, csv, heatmap):
+        raise TypeError("summarize_cka: give out_dir or all of parquet, csv and heatmap")
+    folder = Path(out_dir) if out_dir is not None else Path()
+    parquet = Path(parquet) if parquet is not None else folder / f"{stem}.parquet"
+    csv = Path(csv) if csv is not None else folder / f"{stem}.csv"
+    heatmap = Path(heatmap) if heatmap is not None else folder / f"{stem}.png"
     la, lb = res.layers_a, res.layers_b
     df = pl.DataFrame({
         "layer_a": np.repeat(la, len(lb)), "layer_b": np.tile(lb, len(la)),
         "depth_a": np.repeat(res.depth_a, len(lb)), "depth_b": np.tile(res.depth_b, len(la)),
         "cka": res.matrix.ravel(),
         "cka_debiased": (res.debiased if res.debiased is not None else np.full_like(res.matrix, np.nan)).ravel()})
-    paths = write_table(df, out_dir, stem, CKA_SCHEMA)
+    paths = write_table_files(df, parquet=parquet, csv=csv, contract=CKA_SCHEMA)
     shown, what = (res.debiased, "debiased linear CKA") if res.debiased is not None else (res.matrix, "linear CKA")
     paths["heatmap"] = matrix_heatmap([f"{model_a} L{l}" for l in la], [f"{model_b} L{l}" for l in lb],
-                                      shown, out_dir / f"{stem}.png", vmin=0.0, vmax=1.0,
+                                      shown, heatmap, vmin=0.0, vmax=1.0,
                                       cmap="viridis", label=what, title=f"{what} by layer")
     return paths

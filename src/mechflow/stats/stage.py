@@ -18,12 +18,15 @@ MIB (Mueller et al. 2025) for the circuit quantities:
     5. Ranking stability (Kendall tau-b, top-k Jaccard): between methods, across bootstrap
        resamples (the same indices), across prompt templates.
     6. Write bootstrap.parquet/.csv, stability.json, stability_methods.csv, forest.png,
-       tau_heatmap.png and statistics.md, each atomically, after every input has been checked.
+       tau_heatmap.png and statistics.md, each atomically, after every input has been checked, to
+       exactly the paths the caller names (the rule's outputs; `stats_outputs(folder)` gives the
+       default file names in one folder).
 
 `run_cross_model` (two models, the same task): FCAS between the exact-patching component
 scores with its sampled permutation null (`fcas.py`), and linear CKA by relative depth between
 the residual streams at the last prompt token (Kornblith et al. 2019) on the union of both task
-datasets' prompt texts, each model reading every text with its own tokenization.
+datasets' prompt texts, each model reading every text with its own tokenization. It writes
+exactly the paths the caller names (`cross_model_outputs(folder)`: the default file names).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from mechflow.stats.bootstrap import BootstrapResult, bootstrap_mean_functional,
 from mechflow.stats.cka import DepthCKA, cka_by_depth
 from mechflow.stats.config import StatsConfig
 from mechflow.stats.fcas import FCASResult, ModelComponents, fcas_test
-from mechflow.stats.output import null_histogram, summarize_cka, write_table
+from mechflow.stats.output import null_histogram, summarize_cka, write_table_files
 from mechflow.stats.stability import (
     PairwiseStability,
     bootstrap_rank_stability,
@@ -82,6 +85,27 @@ PROMPTS_COLUMNS = reader_columns(PROMPTS_SCHEMA)
 HEAD_TYPES_COLUMNS = reader_columns(HEAD_TYPES_SCHEMA, ["component", "layer", "head", "label"])
 CIRCUIT_PROMPTS_COLUMNS = reader_columns(CIRCUIT_PROMPTS_SCHEMA)
 CURVE_PROMPTS_COLUMNS = reader_columns(CURVE_PROMPTS_SCHEMA)
+
+# Output name (the rule's `output:` name, the stage function's keyword) -> default file name.
+STATS_OUTPUTS = {"bootstrap": "bootstrap.parquet", "bootstrap_csv": "bootstrap.csv", "stability": "stability.json",
+                 "stability_methods": "stability_methods.csv", "forest": "forest.png",
+                 "tau_heatmap": "tau_heatmap.png", "summary": "statistics.md"}
+CROSS_MODEL_OUTPUTS = {"fcas": "fcas.json", "fcas_null": "fcas_null.png", "summary": "cross_model.md"}
+CKA_OUTPUTS = {"cka": "cka.json", "cka_table": "cka.parquet", "cka_csv": "cka.csv", "cka_figure": "cka.png"}
+
+
+def stats_outputs(folder: str | Path) -> dict[str, Path]:
+    """`run_statistics`' output paths with their default file names in `folder` (library and test
+    callers: ``run_statistics(cfg, **inputs, **stats_outputs(folder))``)."""
+    return {name: Path(folder) / file for name, file in STATS_OUTPUTS.items()}
+
+
+def cross_model_outputs(folder: str | Path, *, cka: bool = True) -> dict[str, Path]:
+    """`run_cross_model`'s output paths with their default file names in `folder`; with ``cka=False``
+    without the four CKA files (for a caller that runs without activations)."""
+    names = {**CROSS_MODEL_OUTPUTS, **(CKA_OUTPUTS if cka else {})}
+    return {name: Path(folder) / file for name, file in names.items()}
+
 
 CIRCUIT_QUANTITIES = ("m_full", "m_empty", "m_circuit", "faithfulness", "sufficiency", "comprehensiveness", "f1")
 CURVE_QUANTITIES = ("cpr", "cmd")
@@ -609,7 +633,13 @@ def run_statistics(
     node_scores: Path,
     prompts: Path,
     model_card: Path,
-    out_dir: Path,
+    bootstrap: Path,
+    bootstrap_csv: Path,
+    stability: Path,
+    stability_methods: Path,
+    forest: Path,
+    tau_heatmap: Path,
+    summary: Path,
     circuit: Path | None = None,
     circuit_prompts: Path | None = None,
     curve_prompts: Path | None = None,
@@ -620,7 +650,10 @@ def run_statistics(
         cfg: the `stats` config group (`config/stats/default.yaml`; `StatsConfig` fields).
         node_scores, prompts: the circuits stage's per-prompt component scores and prompt table.
         model_card: `results/{run}/model_card.json`.
-        out_dir: destination folder (created).
+        bootstrap, bootstrap_csv, stability, stability_methods, forest, tau_heatmap, summary: the
+            paths written (folders created): `bootstrap.parquet`/`.csv`, `stability.json`,
+            `stability_methods.csv`, `forest.png`, `tau_heatmap.png`, `statistics.md`;
+            `stats_outputs(folder)` gives these default names in one folder.
         circuit, circuit_prompts, curve_prompts: the circuit rule's circuit (edge or node circuit)
             and its per-prompt metrics (optional).
 
@@ -646,7 +679,11 @@ def run_statistics(
         table = pl.concat([table, _bootstrap_block(qc, resample_indices(len(cd), scfg.B, scfg.seed), scfg, refs,
                                                    circuit, "circuit_prompts")])
     stab = stability_summary(ns, pr, scfg, indices)
-    return _write_statistics(Path(out_dir), scfg, card, ns, table, stab, cd.unit if cd is not None else None)
+    outputs = {"bootstrap": bootstrap, "bootstrap_csv": bootstrap_csv, "stability": stability,
+               "stability_methods": stability_methods, "forest": forest, "tau_heatmap": tau_heatmap,
+               "summary": summary}
+    return _write_statistics({k: Path(v) for k, v in outputs.items()}, scfg, card, ns, table, stab,
+                             cd.unit if cd is not None else None)
 
 
 def _bootstrap_block(q: Quantities, indices: np.ndarray, scfg: StatsConfig, refs: Mapping[str, float],
@@ -658,26 +695,27 @@ def _bootstrap_block(q: Quantities, indices: np.ndarray, scfg: StatsConfig, refs
     return bootstrap_table(q, res, refs, scfg.seed).with_columns(pl.lit(resample_set).alias("resample_set"))
 
 
-def _write_statistics(out_dir: Path, scfg: StatsConfig, card: ModelCard, ns: NodeScores, table: pl.DataFrame,
-                      stab: dict[str, Any], circuit_unit: str | None = None) -> dict[str, Any]:
+def _write_statistics(out: Mapping[str, Path], scfg: StatsConfig, card: ModelCard, ns: NodeScores,
+                      table: pl.DataFrame, stab: dict[str, Any], circuit_unit: str | None = None) -> dict[str, Any]:
+    """Write the `STATS_OUTPUTS` files to the paths in `out` (output name -> path), each atomically."""
     from mechflow.stats import report
 
     interval = "bca" if "bca" in scfg.ci_methods else "percentile"
-    paths = {f"bootstrap.{ext}": p for ext, p in write_table(table, out_dir, "bootstrap", BOOTSTRAP_SCHEMA).items()}
-    paths["stability.json"] = write_document(out_dir / "stability.json", StabilityDocument, stab)
-    with atomic_path(out_dir / "stability_methods.csv") as tmp:
+    written = write_table_files(table, parquet=out["bootstrap"], csv=out["bootstrap_csv"], contract=BOOTSTRAP_SCHEMA)
+    paths = {f"bootstrap.{ext}": p for ext, p in written.items()}
+    paths["stability.json"] = write_document(out["stability"], StabilityDocument, stab)
+    with atomic_path(out["stability_methods"]) as tmp:
         stability_methods_table(stab).write_csv(tmp)
-    paths["stability_methods.csv"] = out_dir / "stability_methods.csv"
-    paths["forest.png"] = report.forest_figure(table, ns, scfg.top_k, interval, out_dir / "forest.png",
-                                               model=card.name)
-    paths["tau_heatmap.png"] = report.tau_heatmap(stab, out_dir / "tau_heatmap.png")
+    paths["stability_methods.csv"] = out["stability_methods"]
+    paths["forest.png"] = report.forest_figure(table, ns, scfg.top_k, interval, out["forest"], model=card.name)
+    paths["tau_heatmap.png"] = report.tau_heatmap(stab, out["tau_heatmap"])
     headline = report.headline_numbers(table, stab, interval)
     headline["circuit_unit"] = circuit_unit
-    paths["statistics.md"] = atomic_write_text(out_dir / "statistics.md",
+    paths["statistics.md"] = atomic_write_text(out["summary"],
                                                report.statistics_markdown(card.name, table, stab, headline, interval))
     headline["outputs"] = {k: str(v) for k, v in paths.items()}
     logger.info("statistics for %s: %d quantities, B=%d, n=%d -> %s", card.name, table.height,
-                scfg.B, int(table["n_prompts"][0]), out_dir)
+                scfg.B, int(table["n_prompts"][0]), out["summary"].parent)
     return headline
 
 
@@ -722,7 +760,13 @@ def run_cross_model(
     head_types_b: Path | None,
     prompts_a: Path,
     prompts_b: Path,
-    out_dir: Path,
+    fcas: Path,
+    fcas_null: Path,
+    summary: Path,
+    cka: Path | None = None,
+    cka_table: Path | None = None,
+    cka_csv: Path | None = None,
+    cka_figure: Path | None = None,
     dataset_a: Path | None = None,
     dataset_b: Path | None = None,
     model_cfg_a: dict | None = None,
@@ -736,7 +780,10 @@ def run_cross_model(
         node_scores_a/b, prompts_a/b, model_card_a/b: each model's circuits-stage tables and card.
         head_types_a/b: head labels (None or a missing file: every head is "head"; when only one
             model has labels both fall back to "head"/"mlp" so the labels stay comparable).
-        out_dir: destination folder.
+        fcas, fcas_null, summary: the paths written: `fcas.json`, `fcas_null.png`, `cross_model.md`.
+        cka, cka_table, cka_csv, cka_figure: the CKA paths (`cka.json`, `cka.parquet`, `cka.csv`,
+            `cka.png`), written only when CKA runs and then all required (None otherwise);
+            `cross_model_outputs(folder)` gives every default name in one folder.
         dataset_a/b: each model's `tasks/{task}/dataset.jsonl` (prompt texts for CKA).
         model_cfg_a/b: model config dicts (`load_model_from_cfg`); CKA runs only when both are
             given and `activations` is true.
@@ -744,8 +791,23 @@ def run_cross_model(
     Returns:
         Headline numbers: FCAS score, p-values, z, and (with CKA) the prompt count and the CKA
         matrix's diagonal-by-depth summary; plus the written paths.
+
+    Raises:
+        ConfigError: CKA runs and one of its four paths is None.
     """
     scfg = _stats_cfg(cfg)
+    run_cka = activations and model_cfg_a is not None and model_cfg_b is not None
+    outputs = {"fcas": fcas, "fcas_null": fcas_null, "summary": summary}
+    cka_paths = {"cka": cka, "cka_table": cka_table, "cka_csv": cka_csv, "cka_figure": cka_figure}
+    if run_cka:
+        missing = [name for name, path in cka_paths.items() if path is None]
+        if missing:
+            raise ConfigError(f"run_cross_model: CKA runs (both model configs given) but no path for {missing}; "
+                              "pass every CKA path (cross_model_outputs(folder)) or set activations=False")
+        outputs.update(cka_paths)
+    elif any(path is not None for path in cka_paths.values()):
+        logger.info("run_cross_model: CKA does not run (activations=False or a model config missing); "
+                    "the CKA paths are not written")
     card_a, card_b = read_model_card(model_card_a), read_model_card(model_card_b)
     ns_a = read_node_scores(node_scores_a, read_prompts(prompts_a), card_a.n_layers)
     ns_b = read_node_scores(node_scores_b, read_prompts(prompts_b), card_b.n_layers)
@@ -765,7 +827,6 @@ def run_cross_model(
         raise ConfigError(f"stats.top_k: {k} exceeds the number of components ({len(comp_a)} in {card_a.name}, "
                           f"{len(comp_b)} in {card_b.name}); set it to at most {min(len(comp_a), len(comp_b))}")
     cka_res = None
-    run_cka = activations and model_cfg_a is not None and model_cfg_b is not None
     if run_cka:
         if dataset_a is None or dataset_b is None:
             raise ConfigError("run_cross_model: CKA needs dataset_a and dataset_b (the two task datasets); "
@@ -776,7 +837,8 @@ def run_cross_model(
     if run_cka:
         cka_res = representation_cka(model_cfg_a, model_cfg_b, card_a, card_b, dataset_a, dataset_b,
                                      cka_prompts.texts)
-    return _write_cross_model(Path(out_dir), doc, fres, cka_res, card_a, card_b, cka_prompts if run_cka else None)
+    return _write_cross_model({k: Path(v) for k, v in outputs.items()}, doc, fres, cka_res, card_a, card_b,
+                              cka_prompts if run_cka else None)
 
 
 FCAS_DEFINITION = (
@@ -899,22 +961,25 @@ def representation_cka(model_cfg_a: dict, model_cfg_b: dict, card_a: ModelCard, 
     return cka_by_depth(acts[0], acts[1], n_layers_a=card_a.n_layers, n_layers_b=card_b.n_layers, n_shuffles=20)
 
 
-def _write_cross_model(out_dir: Path, doc: dict[str, Any], fres: FCASResult, cka_res: DepthCKA | None,
+def _write_cross_model(out: Mapping[str, Path], doc: dict[str, Any], fres: FCASResult, cka_res: DepthCKA | None,
                        card_a: ModelCard, card_b: ModelCard, cka_prompts: CKAPrompts | None) -> dict[str, Any]:
+    """Write the cross-model files to the paths in `out` (output name -> path; the CKA ones when
+    `cka_res` is given), each atomically."""
     from mechflow.stats import report
 
     paths: dict[str, Path] = {}
     cka_doc = None
     if cka_res is not None:
-        cp = summarize_cka(cka_res, out_dir, model_a=card_a.name, model_b=card_b.name)
+        cp = summarize_cka(cka_res, model_a=card_a.name, model_b=card_b.name, parquet=out["cka_table"],
+                           csv=out["cka_csv"], heatmap=out["cka_figure"])
         paths.update({"cka.parquet": cp["parquet"], "cka.csv": cp["csv"], "cka.png": cp["heatmap"]})
         cka_doc = report.cka_headline(cka_res, cka_prompts, card_a.name, card_b.name)
-        paths["cka.json"] = write_document(out_dir / "cka.json", CkaDocument, cka_doc)
-    paths["fcas.json"] = write_document(out_dir / "fcas.json", FcasDocument, doc)
-    paths["fcas_null.png"] = null_histogram(fres.null, fres.score, out_dir / "fcas_null.png",
+        paths["cka.json"] = write_document(out["cka"], CkaDocument, cka_doc)
+    paths["fcas.json"] = write_document(out["fcas"], FcasDocument, doc)
+    paths["fcas_null.png"] = null_histogram(fres.null, fres.score, out["fcas_null"],
                                             title=f"FCAS {card_a.name} vs {card_b.name} (k={fres.k}) vs "
                                                   f"{fres.null_kind} null", p_value=fres.p_value)
-    paths["cross_model.md"] = atomic_write_text(out_dir / "cross_model.md", report.cross_model_markdown(doc, cka_doc))
+    paths["cross_model.md"] = atomic_write_text(out["summary"], report.cross_model_markdown(doc, cka_doc))
     headline = {"model_a": card_a.name, "model_b": card_b.name, "fcas": doc["score"], "k": doc["k"],
                 "p_value": doc["p_value"], "z": doc["z"], "null_kind": doc["null_kind"], "cka": cka_doc,
                 "outputs": {k: str(v) for k, v in paths.items()}}

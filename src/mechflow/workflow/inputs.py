@@ -219,9 +219,6 @@ def statistics_inputs_of(wildcards) -> dict[str, str]:
             "curve_prompts": f"{circuits}/curve_prompts.parquet"}
 
 
-def stats_dir_of(wildcards) -> Path:
-    return Path(paths.stats_dir(wildcards.run, wildcards.task))
-
 
 def statistics_of(wildcards) -> list[str]:
     return [f"{paths.stats_dir(wildcards.run, task)}/bootstrap.parquet" for task in tasks_of(wildcards)]
@@ -251,9 +248,6 @@ def pair_model_cfg(side: str) -> Callable[[Any], dict]:
     return params
 
 
-def cross_model_dir_of(wildcards) -> Path:
-    return Path(paths.cross_model_dir(wildcards.pair)) / wildcards.task
-
 
 def feature_matching_inputs_of(wildcards) -> dict[str, Any]:
     """Named inputs of `feature_matching`: each run's SAE (train_sae's training.json, in the SAELens
@@ -280,9 +274,6 @@ def pair_corpus_cfg(wildcards) -> dict:
 
 # ----------------------------------------------------------------------------- benchmark, summary, run
 
-
-def benchmark_dir_of(wildcards) -> Path:
-    return Path(paths.benchmark_dir(wildcards.run, wildcards.task))
 
 
 def benchmarks_of(wildcards) -> list[str]:

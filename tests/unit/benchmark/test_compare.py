@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from mechflow.attribution.patching import TokenPairs
 from mechflow.benchmark.compare import (
     BENCHMARK_MD,
+    BENCHMARK_OUTPUTS,
     COLUMNS,
     CURVES_PNG,
     ROC_PNG,
@@ -21,6 +24,7 @@ from mechflow.benchmark.compare import (
     TIMINGS_JSON,
     RestrictedEvaluator,
     ResumedRestrictedEvaluator,
+    benchmark_outputs,
     compare_methods,
     exhaustive_effects,
     parse_config,
@@ -55,13 +59,23 @@ def batch():
 def result(tiny_llama, batch, tmp_path_factory):
     bench, cmp = parse_config(CFG)
     out = tmp_path_factory.mktemp("bench")
-    doc = compare_methods(tiny_llama, batch, bench, cmp, out, meta={"prompt_ids": ["p0", "p1", "p2", "p3"]})
+    doc = compare_methods(tiny_llama, batch, bench, cmp, **benchmark_outputs(out),
+                          meta={"prompt_ids": ["p0", "p1", "p2", "p3"]})
     return doc, out
 
 
 def read_table(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
+
+
+def test_the_rule_declares_every_file_the_stage_writes():
+    rules = Path(__file__).resolve().parents[3] / "workflow" / "rules" / "benchmark.smk"
+    block = rules.read_text().split("rule benchmark:\n", 1)[1].split("    output:\n", 1)[1].split("    log:\n", 1)[0]
+    declared = re.findall(r'^ {8}(\w+)=(?:report\(\s*)?f?"[^"]*/([^"/]+)"', block, flags=re.M)
+    assert dict(declared) == BENCHMARK_OUTPUTS
+    assert sorted(BENCHMARK_OUTPUTS.values()) == sorted(
+        [TABLE_CSV, TABLE_TEX, TIMINGS_JSON, ROC_PNG, CURVES_PNG, BENCHMARK_MD])
 
 
 def test_writes_every_file_with_one_row_per_method(result):
@@ -177,10 +191,15 @@ def test_step_auc_of_known_points():
 
 
 def test_same_inputs_give_the_same_table_except_timings(tiny_llama, result, tmp_path):
+    """Also: each file goes to exactly the path its keyword names (here not the default names)."""
     _, first = result
     bench, cmp = parse_config(CFG)
-    compare_methods(tiny_llama, pairs(0), bench, cmp, tmp_path)
-    a, b = read_table(first / TABLE_CSV), read_table(tmp_path / TABLE_CSV)
+    named = {name: tmp_path / name / f"custom_{file}" for name, file in BENCHMARK_OUTPUTS.items()}
+    compare_methods(tiny_llama, pairs(0), bench, cmp, **named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(BENCHMARK_OUTPUTS)
+    for name, path in named.items():
+        assert [p.name for p in path.parent.iterdir()] == [path.name], name
+    a, b = read_table(first / TABLE_CSV), read_table(named["table"])
     strip = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in b]
 
@@ -195,7 +214,7 @@ def test_same_inputs_give_the_same_table_except_timings(tiny_llama, result, tmp_
 ])
 def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
     with pytest.raises(ConfigError, match="benchmark"):
-        run_benchmark(bad, model_cfg={}, dataset=tmp_path / "missing.jsonl", out_dir=tmp_path / "out")
+        run_benchmark(bad, model_cfg={}, dataset=tmp_path / "missing.jsonl", **benchmark_outputs(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -210,11 +229,12 @@ def test_stage_reads_the_dataset_and_records_prompt_ids(tiny_llama, tmp_path):
 
     loaded = SimpleNamespace(model=tiny_llama, card=SimpleNamespace(name="tiny"))
     data = _dataset(tmp_path / "dataset.jsonl", "tiny")
-    doc = run_benchmark(CFG, model_cfg={"name": "tiny"}, dataset=data, out_dir=tmp_path / "out", model=loaded)
+    doc = run_benchmark(CFG, model_cfg={"name": "tiny"}, dataset=data, **benchmark_outputs(tmp_path / "out"),
+                        model=loaded)
     assert doc["prompt_ids"] == ["e0", "e1", "e2", "e3"] and doc["task"] == "t"
     assert json.loads((tmp_path / "out" / TIMINGS_JSON).read_text())["prompt_ids"] == doc["prompt_ids"]
     assert (tmp_path / "out" / BENCHMARK_MD).exists()
     other = _dataset(tmp_path / "other" / "dataset.jsonl", "someone_else")
     with pytest.raises(DataError, match="tokenized for model"):
-        run_benchmark(CFG, model_cfg={}, dataset=other, out_dir=tmp_path / "out2", model=loaded)
+        run_benchmark(CFG, model_cfg={}, dataset=other, **benchmark_outputs(tmp_path / "out2"), model=loaded)
     assert not (tmp_path / "out2").exists()

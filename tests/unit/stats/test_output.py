@@ -79,3 +79,20 @@ def test_stability_fcas_cka_outputs(tmp_path):
     p = summarize_cka(cka_by_depth(acts, acts), tmp_path)
     assert pl.read_parquet(p["parquet"])["cka"].len() == 4
     assert _no_temp_files(tmp_path)
+
+
+def test_summarize_cka_writes_exactly_the_named_paths(tmp_path):
+    rng = np.random.default_rng(1)
+    acts = [rng.normal(size=(30, 4)) for _ in range(2)]
+    res = cka_by_depth(acts, acts)
+    default = summarize_cka(res, tmp_path / "default")
+    named = {"parquet": tmp_path / "t" / "x.parquet", "csv": tmp_path / "c" / "x.csv",
+             "heatmap": tmp_path / "f" / "x.png"}
+    assert summarize_cka(res, **named) == named
+    for key, path in named.items():
+        assert [p.name for p in path.parent.iterdir()] == [path.name], key
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == ["cka.csv", "cka.parquet", "cka.png"]
+    for key in ("parquet", "csv"):
+        assert named[key].read_bytes() == default[key].read_bytes(), key
+    with pytest.raises(TypeError, match="out_dir"):
+        summarize_cka(res, parquet=named["parquet"])

@@ -15,6 +15,7 @@ from mechflow.circuits.stage import write_circuit_outputs
 from mechflow.contracts.models import ModelCard
 from mechflow.io import atomic_write_json
 from mechflow.stats import run_statistics
+from mechflow.stats.stage import stats_outputs
 from mechflow.testing import make_tiny_llama
 
 
@@ -52,7 +53,7 @@ def test_statistics_read_a_node_circuit(tmp_path):
     atomic_write_json(d / "model_card.json", card.model_dump(mode="json"))
     head = run_statistics({"B": 100, "seed": 1, "top_k": 3, "n_permutations": 19},
                           node_scores=d / "node_scores.parquet", prompts=d / "prompts.parquet",
-                          model_card=d / "model_card.json", out_dir=tmp_path / "stats",
+                          model_card=d / "model_card.json", **stats_outputs(tmp_path / "stats"),
                           circuit=files["circuit"], circuit_prompts=files["circuit_prompts"],
                           curve_prompts=files["curve_prompts"])
     assert head["circuit_unit"] == "nodes"
