@@ -41,6 +41,7 @@ Rule `analyze` runs `run_analysis` (steps 1-5); rule `causal_trace` runs `run_ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -549,7 +550,8 @@ def role_means(frame: pl.DataFrame) -> pl.DataFrame:
 # ------------------------------------------------------------------------------- stage functions
 
 
-def run_analysis(cfg: dict, *, model_cfg: dict, dataset: Path, tokens: Path, ablations: Path,
+def run_analysis(cfg: AnalysisConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, tokens: Path,
+                 ablations: Path,
                  ablations_figure: Path, saliency: Path, saliency_figure: Path, neurons: Path, neurons_md: Path,
                  summary: Path, harvest_index: Path | list | None = None, causal_tracing: Path | list | None = None,
                  task: str = "task", loaded_model: Any = None) -> dict:
@@ -591,7 +593,8 @@ def run_analysis(cfg: dict, *, model_cfg: dict, dataset: Path, tokens: Path, abl
             "ig_max_abs_residual": float(sal["ig_completeness_residual"].abs().max())}
 
 
-def run_causal_tracing(cfg: dict, *, model_cfg: dict, dataset: Path, causal_tracing: Path, figure: Path,
+def run_causal_tracing(cfg: CausalTracingConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
+                       causal_tracing: Path, figure: Path,
                        task: str = "task", loaded_model: Any = None) -> dict:
     """Stage function of rule `causal_trace` (step 6 of the module docstring).
 

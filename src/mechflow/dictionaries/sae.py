@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def check_manifest_against_cfg(cfg: SAEConfig, manifest, manifest_path: Path, mo
     return manifest.d
 
 
-def train_sae(cfg: Any, *, manifest: Path, out_dir: Path, model_cfg: dict | None = None,
+def train_sae(cfg: SAEConfig | Mapping[str, Any], *, manifest: Path, out_dir: Path, model_cfg: dict | None = None,
               wandb_cfg: dict | None = None) -> dict[str, Any]:
     """Train one SAE on the activation shards of `manifest`; write a SAELens folder at `out_dir`.
 

@@ -52,6 +52,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -387,7 +388,8 @@ def resolve_manifests(cfg: TranscoderConfig,
     return [by_hook[h] for h in in_hooks], [by_hook[h] for h in out_hooks], in_hooks, out_hooks
 
 
-def train_transcoder(cfg: Any, *, manifests: list[Path], out_dir: Path, model_cfg: dict | None = None,
+def train_transcoder(cfg: TranscoderConfig | Mapping[str, Any], *, manifests: list[Path], out_dir: Path,
+                     model_cfg: dict | None = None,
                      wandb_cfg: dict | None = None) -> dict[str, Any]:
     """Train a per-layer / skip / cross-layer transcoder; write it to `out_dir` (format above).
 

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def check_contexts(contexts: np.ndarray, model: Any, info: ModelInfo, tokens: Pa
                         f"model.prepend_bos is set; rerun the corpus stage with the same model config")
 
 
-def harvest(cfg: dict, *, model_cfg: dict, tokens: Path, index: Path, harvest_dir: Path,
+def harvest(cfg: HarvestConfig | Mapping[str, Any], *, model_cfg: dict, tokens: Path, index: Path, harvest_dir: Path,
             loaded_model: Any = None) -> dict:
     """Write activations at the configured hooks for every token of `tokens`.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,8 @@ def edge_support(model_cfg: dict, model=None) -> str | None:
     return None
 
 
-def run_edge_reference(cfg: dict, *, model_cfg: dict, dataset: Path, edge_reference: Path,
+def run_edge_reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
+                       edge_reference: Path,
                        task: str = "task", model: Any = None) -> dict:
     """Stage function of rule ``edge_reference`` (steps 1-4 of the module docstring)."""
     rcfg = ReferenceConfig.from_dict(cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,8 @@ def _markdown(doc: dict, model_name: str, task: str) -> str:
         edge_text, ""])
 
 
-def run_reference(cfg: dict, *, model_cfg: dict, dataset: Path, node_scores: Path, node_prompts: Path,
+def run_reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, node_scores: Path,
+                  node_prompts: Path,
                   edge_reference: Path, auc: Path, roc: Path, summary: Path, circuit: Path | None = None,
                   edge_scores: Path | None = None, task: str = "task", model: Any = None) -> dict:
     """Stage function of rule ``reference`` (steps 1-4 of the module docstring)."""

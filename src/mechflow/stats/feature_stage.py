@@ -542,7 +542,7 @@ def _top_tokens(side: ModelSide, decoder: torch.Tensor, features: Sequence[int],
 
 
 def run_feature_matching(
-    cfg: Mapping[str, Any] | StatsConfig | None,
+    cfg: StatsConfig | Mapping[str, Any] | None,
     *,
     training_a: Path,
     training_b: Path,

@@ -628,7 +628,7 @@ def _stats_cfg(cfg: Mapping[str, Any] | StatsConfig | None) -> StatsConfig:
 
 
 def run_statistics(
-    cfg: dict,
+    cfg: StatsConfig | Mapping[str, Any],
     *,
     node_scores: Path,
     prompts: Path,
@@ -750,7 +750,7 @@ def _exact_components(ns: NodeScores, path: Path, n_layers: int, labels: np.ndar
 
 
 def run_cross_model(
-    cfg: dict,
+    cfg: StatsConfig | Mapping[str, Any],
     *,
     node_scores_a: Path,
     node_scores_b: Path,

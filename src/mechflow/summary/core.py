@@ -8,7 +8,9 @@ contract (`mechflow.contracts`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -25,6 +27,7 @@ from mechflow.contracts.harvest import HarvestIndex, HarvestManifest  # noqa: E4
 from mechflow.contracts.models import ModelCard  # noqa: E402
 from mechflow.contracts.tasks import TaskBaseline  # noqa: E402
 from mechflow.io import atomic_path  # noqa: E402
+from mechflow.summary.config import SummaryConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +88,14 @@ def _result_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_card: Path,
+def summarize(cfg: SummaryConfig | Mapping[str, Any], *, baselines: list[Path], harvest_index: Path, model_card: Path,
               table: Path, figure: Path, results: list[Path] = ()) -> pl.DataFrame:
     """Write `table` (CSV: kind, name, quantity, value, source) and `figure` (PNG).
 
     `results` are later stages' JSON files (circuit.json, agreement.json, *_metrics.json) whose
     headline numbers join the table.
     """
+    scfg = SummaryConfig.from_dict(cfg)
     rows: list[dict] = []
     card = read_document(model_card, ModelCard, fix="re-run the model_card rule")
     for key in ("name", "n_layers", "d_model", "source_sha256"):
@@ -106,7 +110,7 @@ def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_ca
     for ax, entry in zip(axes[0], hooks):
         manifest_path = Path(harvest_index).parent / entry.manifest
         manifest = HarvestManifest.model_validate_json(manifest_path.read_text())
-        norms, positions = _activation_norms(manifest_path, manifest, int(cfg.get("norm_sample_rows", 20000)))
+        norms, positions = _activation_norms(manifest_path, manifest, scfg.norm_sample_rows)
         first = positions == 0
         rest = norms[~first] if (~first).any() else norms
         for quantity, value in [("n_rows", manifest.n_rows), ("n_shards", len(manifest.shards)), ("d", manifest.d),
@@ -126,7 +130,7 @@ def summarize(cfg: dict, *, baselines: list[Path], harvest_index: Path, model_ca
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(figure) as tmp:
-        fig.savefig(tmp, dpi=int(cfg.get("figure_dpi", 120)), format="png")
+        fig.savefig(tmp, dpi=scfg.figure_dpi, format="png")
     plt.close(fig)
 
     rows.extend(_result_rows(list(results)))

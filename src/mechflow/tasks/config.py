@@ -37,6 +37,11 @@ def _sorted_distinct(values: tuple[int, ...]) -> tuple[int, ...]:
 class TaskConfig(GroupConfig):
     """One task entry (config/task/<name>.yaml, selected as task.<name>)."""
 
+    @classmethod
+    def from_dict(cls, cfg: Any) -> TaskConfig:
+        """`parse_task_config`: errors name ``task.<name>.<field>``."""
+        return parse_task_config(cfg)
+
     name: StrictStr = Field(pattern=TASK_NAME_PATTERN, description="task name used in result paths "
                             "(results/.../{task}/): letters, digits and _.- only")
     kind: Kind = Field(description="which task builder: ioi, factual_recall, greater_than, or jsonl (your own "

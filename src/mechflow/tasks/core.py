@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,7 @@ def build_task(cfg: dict | TaskConfig, tok: TaskTokenizer) -> Built:
     return BUILDERS[task.kind](task, tok)
 
 
-def prepare_task(cfg: dict, *, model_cfg: dict, dataset: Path, tokenizer: Any = None) -> dict:
+def prepare_task(cfg: TaskConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, tokenizer: Any = None) -> dict:
     """Write ``dataset`` (JSONL) and its ``.meta.json`` sidecar for one task and one model's tokenizer.
 
     Args:
@@ -86,7 +87,8 @@ def check_dataset_matches(ds: TaskDataset, task: TaskConfig, card: Any, path: Pa
         )
 
 
-def evaluate_task(cfg: dict, *, model_cfg: dict, dataset: Path, baseline: Path, model: Any = None) -> dict:
+def evaluate_task(cfg: TaskConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, baseline: Path,
+                  model: Any = None) -> dict:
     """Baseline of the task on the model; writes ``baseline`` (JSON) atomically and returns it.
 
     Args:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
@@ -46,12 +47,15 @@ def typed_config(value: Any, annotation: Any) -> Any:
     raises the ConfigError that names ``<group>.<key>`` and the fix) or any pydantic model; other
     annotations and values that are not mappings pass through unchanged.
     """
-    if not isinstance(value, dict) or not isinstance(annotation, type):
+    if not isinstance(value, dict):
         return value
-    if callable(getattr(annotation, "from_dict", None)):
-        return annotation.from_dict(value)
-    if callable(getattr(annotation, "model_validate", None)):
-        return annotation.model_validate(value)
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)  # `CircuitConfig | Mapping[str, Any]`: the config model is the first member
+    for member in members:
+        if isinstance(member, type) and callable(getattr(member, "from_dict", None)):
+            return member.from_dict(value)
+        if isinstance(member, type) and callable(getattr(member, "model_validate", None)):
+            return member.model_validate(value)
     return value
 
 

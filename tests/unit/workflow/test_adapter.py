@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -27,6 +29,15 @@ def test_a_stage_receives_its_config_typed_and_other_values_unchanged(tmp_path):
                                                              "model_cfg": {"name": "m"}, "unused": 1})
     assert isinstance(cfg, SAEConfig) and cfg.hook == "blocks.3.hook_resid_post"
     assert out == tmp_path and toy == ToyConfig(n=5) and model_cfg == {"name": "m"}
+
+
+def stage_union(cfg: SAEConfig | Mapping[str, Any], *, other: Mapping[str, Any] | None = None) -> tuple:
+    return cfg, other
+
+
+def test_a_union_annotation_names_the_config_model_first():
+    cfg, other = call_with_named(stage_union, {"cfg": {"hook": "h"}, "other": {"x": 1}})
+    assert isinstance(cfg, SAEConfig) and cfg.hook == "h" and other == {"x": 1}
 
 
 def test_a_bad_config_fails_with_the_config_error_of_its_model(tmp_path):
