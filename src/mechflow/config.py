@@ -565,8 +565,10 @@ class RootConfig(GroupConfig):
 # Config group (schema file name) -> its typed config, imported lazily: this module sits below the
 # stage packages. `sae`/`transcoder` come from `mechflow.dictionaries.config.json_schemas`.
 CONFIG_GROUPS: dict[str, str] = {
+    "analysis": "mechflow.attribution.config:AnalysisConfig",
     "attribution": "mechflow.attribution.config:AttributionConfig",
     "benchmark": "mechflow.benchmark.config:BenchmarkConfig",
+    "causal_tracing": "mechflow.attribution.config:CausalTracingConfig",
     "circuits": "mechflow.circuits.config:CircuitConfig",
     "corpus": "mechflow.corpus.config:CorpusConfig",
     "harvest": "mechflow.harvest.config:HarvestConfig",

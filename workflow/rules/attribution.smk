@@ -31,7 +31,7 @@ rule attribute:
         mem_mb=8000,
         runtime=60,
     params:
-        cfg=stage_cfg("attribution", without=("analysis",)),
+        cfg=stage_cfg("attribution"),
         model_cfg=stage_cfg("model"),
     script:
         "../scripts/attribute.py"
@@ -71,7 +71,7 @@ rule analyze:
         mem_mb=8000,
         runtime=90,
     params:
-        cfg=analysis_cfg_of,
+        cfg=stage_cfg("analysis"),
         model_cfg=stage_cfg("model"),
     script:
         "../scripts/analyze.py"
@@ -99,7 +99,7 @@ rule causal_trace:
         mem_mb=8000,
         runtime=60,
     params:
-        cfg=causal_tracing_cfg_of,
+        cfg=stage_cfg("causal_tracing"),
         model_cfg=stage_cfg("model"),
     script:
         "../scripts/causal_trace.py"

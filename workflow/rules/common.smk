@@ -1,18 +1,12 @@
 # Shared setup: compose the Hydra config (once per Snakemake process), validate it, and import the
 # input/params functions rules use. Stage logic lives in src/mechflow/, Snakemake glue in
 # mechflow.workflow (a rule file that defines functions fails `snakemake --lint`).
-from pathlib import Path
-
-from snakemake.utils import validate
-
 from mechflow.workflow import PAIR_SEPARATOR, RUN_PATTERN, TASK_PATTERN, check_harvested_hooks, load_runs
 from mechflow.workflow.inputs import (
-    analysis_cfg_of,
     analysis_outputs,
     analysis_outputs_of,
     baselines_of,
     benchmarks_of,
-    causal_tracing_cfg_of,
     causal_tracing_of,
     circuit_outputs_of,
     circuit_scores_of,
@@ -46,27 +40,11 @@ from mechflow.workflow.inputs import (
     transcoder_manifests_of,
 )
 
+# load_runs composes every sweep point and validates every group once (JSON schemas generated from
+# the typed config models: errors name the key and the fix); nothing here validates again.
 RUNS = load_runs(config)
-SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas" / "config"
 for _run in RUNS.values():
-    # compose_runs already validated with readable errors; this is Snakemake's own check.
-    check_harvested_hooks(_run)
-    for _group in (
-        "model",
-        "corpus",
-        "harvest",
-        "summary",
-        "sae",
-        "transcoder",
-        "attribution",
-        "circuits",
-        "stats",
-        "benchmark",
-        "reference",
-    ):
-        validate(_run.cfg[_group], str(SCHEMAS / f"{_group}.schema.json"), set_default=False)
-    for _task in _run.cfg["task"].values():
-        validate(_task, str(SCHEMAS / "task.schema.json"), set_default=False)
+    check_harvested_hooks(_run)  # needs the whole run: a dictionary must train on a harvested hook
 
 R = "results/{run}"
 

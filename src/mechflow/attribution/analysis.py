@@ -179,7 +179,7 @@ def check_completeness(frame: pl.DataFrame, c: AnalysisConfig, where: Path) -> i
         raise DataError(
             f"{where}: integrated gradients is incomplete for {bad.height} prompt(s); prompt {row['prompt']}: "
             f"sum IG - (m - m_baseline) = {row['ig_completeness_residual']:+.3g} exceeds the tolerance "
-            f"{row['ig_tolerance']:.3g}. Raise attribution.analysis.ig_steps (now {c.ig_steps}), loosen "
+            f"{row['ig_tolerance']:.3g}. Raise analysis.ig_steps (now {c.ig_steps}), loosen "
             "ig_rtol/ig_atol, or set ig_check: flag to record it and go on")
     if bad.height:
         log.warning("integrated gradients incomplete for %d prompt(s) (ig_check: flag)", bad.height)
@@ -558,7 +558,7 @@ def run_analysis(cfg: AnalysisConfig | Mapping[str, Any], *, model_cfg: dict, da
     """Stage function of rule `analyze` (steps 1-5 of the module docstring).
 
     Args:
-        cfg: the ``attribution.analysis`` group (its ``causal_tracing`` entry is not used here).
+        cfg: the ``analysis`` group.
         tokens: the run's corpus ``tokens.parquet`` (neuron contexts when the harvest lacks them).
         harvest_index: the run's harvest ``index.json`` when it holds ``mlp.hook_post`` hooks.
         causal_tracing: ``causal_tracing.parquet`` of the task, when it has one (summarised too).
@@ -599,7 +599,7 @@ def run_causal_tracing(cfg: CausalTracingConfig | Mapping[str, Any], *, model_cf
     """Stage function of rule `causal_trace` (step 6 of the module docstring).
 
     Args:
-        cfg: the ``attribution.analysis.causal_tracing`` group.
+        cfg: the ``causal_tracing`` group.
     """
     ct = CausalTracingConfig.from_dict(cfg)
     model, _, name = _resolve_model(model_cfg, loaded_model)

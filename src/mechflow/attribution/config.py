@@ -1,8 +1,8 @@
-"""Typed config of the attribution stage (Hydra group ``attribution``, `config/attribution/default.yaml`).
+"""Typed configs of the attribution stage's three rules, one Hydra group each:
+``attribution`` (rule ``attribute``, `AttributionConfig`), ``analysis`` (rule ``analyze``,
+`AnalysisConfig`) and ``causal_tracing`` (rule ``causal_trace``, `CausalTracingConfig`).
 
-`workflow/schemas/config/attribution.schema.json` is generated from `AttributionConfig`. The nested
-``analysis`` block (rules ``analyze`` and ``causal_trace``) is `AnalysisConfig`, which those stages
-read (`mechflow.attribution.analysis`).
+`workflow/schemas/config/{attribution,analysis,causal_tracing}.schema.json` are generated from them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _has_exact(methods: tuple[str, ...]) -> tuple[str, ...]:
     return methods
 
 
-@config_model("attribution.analysis.causal_tracing")
+@config_model("causal_tracing")
 class CausalTracingConfig(GroupConfig):
     """Causal tracing (Meng et al. 2022) for tasks with subjects (factual_recall)."""
 
@@ -40,7 +40,7 @@ class CausalTracingConfig(GroupConfig):
     max_batch: StrictInt = Field(64, ge=1, description="sequences per forward")
 
 
-@config_model("attribution.analysis")
+@config_model("analysis")
 class AnalysisConfig(GroupConfig):
     """Rules analyze / causal_trace: ablations, token saliency, neurons, causal tracing."""
 
@@ -62,9 +62,6 @@ class AnalysisConfig(GroupConfig):
     context_tokens: StrictInt = Field(8192, ge=1,
                                       description="corpus tokens scanned when the harvest lacks mlp.hook_post")
     context_batch: StrictInt = Field(8, ge=1, description="corpus contexts per forward")
-    causal_tracing: CausalTracingConfig = Field(
-        CausalTracingConfig(),
-        description="causal tracing (Meng et al. 2022) for tasks with subjects (factual_recall)")
 
 
 @config_model("attribution")
@@ -83,6 +80,3 @@ class AttributionConfig(GroupConfig):
     head_type_seqs: StrictInt = Field(8, ge=1, description="diagnostic sequences for head typing")
     head_type_seq_len: StrictInt = Field(32, ge=4, description="length of each diagnostic sequence")
     ioi_roles: StrictBool = Field(False, description="find IOI name-mover / S-inhibition candidates (slow)")
-    analysis: AnalysisConfig = Field(
-        AnalysisConfig(),
-        description="rules analyze / causal_trace: ablations, token saliency, neurons, causal tracing")

@@ -3,8 +3,8 @@ defines functions fails `snakemake --lint`).
 
 Each takes the job's `wildcards` and reads the run `runs.RUNS[wildcards.run]`. Params functions
 return exactly the config keys a rule reads, because Snakemake re-runs a job when its params change:
-e.g. `stage_cfg("attribution", without=("analysis",))` keeps `attribute` from re-running when only the
-`analyze` settings change.
+e.g. `stage_cfg("benchmark", without=("enabled", "tasks"))` keeps `benchmark` from re-running when
+only the selection of benchmarked tasks changes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from mechflow.workflow.runs import RUNS, model_pairs, pair_runs, tasks_of_settin
 def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict]:
     """A Snakemake `params` function returning the resolved config group of the job's run.
 
-    ``without``: keys of the group the rule does not read (e.g. ``attribution.analysis`` for
-    `attribute`), dropped so that editing them does not re-run the rule (params are a rerun trigger).
+    ``without``: keys of the group the rule does not read (e.g. ``benchmark.enabled``), dropped so that
+    editing them does not re-run the rule (params are a rerun trigger).
     """
 
     def params(wildcards) -> dict:
@@ -117,16 +117,6 @@ def feature_outputs_of(wildcards) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- attribution, analysis, circuits
-
-
-def analysis_cfg_of(wildcards) -> dict:
-    """`attribution.analysis` without its causal_tracing entry (editing that re-runs `causal_trace` only)."""
-    cfg = RUNS[wildcards.run].stage("attribution").get("analysis", {})
-    return {k: v for k, v in cfg.items() if k != "causal_tracing"}
-
-
-def causal_tracing_cfg_of(wildcards) -> dict:
-    return RUNS[wildcards.run].stage("attribution").get("analysis", {}).get("causal_tracing", {})
 
 
 def neuron_harvest_of(wildcards) -> list[str]:
@@ -278,10 +268,12 @@ def pair_corpus_cfg(wildcards) -> dict:
 
 def benchmarks_of(wildcards) -> list[str]:
     """The benchmark tables of the run, when `benchmark.enabled` (opt in: it is slow)."""
-    bench = RUNS[wildcards.run].cfg.get("benchmark", {})
-    if not bench.get("enabled", False):
+    from mechflow.benchmark.config import BenchmarkConfig
+
+    bench = BenchmarkConfig.from_dict(RUNS[wildcards.run].cfg["benchmark"])  # class defaults, one place
+    if not bench.enabled:
         return []
-    tasks = tasks_of_setting(wildcards.run, "benchmark.tasks", bench.get("tasks", []))
+    tasks = tasks_of_setting(wildcards.run, "benchmark.tasks", bench.tasks)
     return [f"{paths.benchmark_dir(wildcards.run, task)}/table.csv" for task in tasks]
 
 

@@ -38,9 +38,6 @@ def tasks_of_setting(run: str, key: str, wanted) -> list[str]:
     return wanted
 
 
-def threads_of(run: str) -> int:
-    return int(RUNS[run].cfg.get("threads", 2))
-
 
 def model_pairs(runs: dict[str, Run]) -> dict[str, tuple[str, str]]:
     """Pairs of runs that differ only in the model (same other overrides): cross-model comparisons."""

@@ -299,20 +299,21 @@ def test_top_neurons_are_ranked_by_their_scores(run):
     assert set(neur["context_source"]) == {"corpus:60 tokens"}
 
 
-@pytest.mark.parametrize(("cfg", "match"), [
-    ({"bogus": 1}, r"attribution\.analysis\.bogus: unknown key"),
-    ({"ablations": ["zero", "knockout"]}, r"attribution\.analysis\.ablations"),
-    ({"ig_check": "warn"}, r"attribution\.analysis\.ig_check"),
-    ({"n_prompts": 1}, r"attribution\.analysis\.n_prompts"),
-    ({"ig_rtol": -0.1}, r"attribution\.analysis\.ig_rtol"),
-    ({"context_tokens": 0}, r"attribution\.analysis\.context_tokens"),
-    ({"causal_tracing": {"kinds": ["resid", "heads"]}}, r"attribution\.analysis\.causal_tracing\.kinds"),
-    ({"causal_tracing": {"noise": 3}}, r"attribution\.analysis\.causal_tracing\.noise: unknown key"),
-    ({"causal_tracing": {"metric": "kl"}}, r"attribution\.analysis\.causal_tracing\.metric"),
+@pytest.mark.parametrize(("model", "cfg", "match"), [
+    ("analysis", {"bogus": 1}, r"^analysis\.bogus: unknown key"),
+    ("analysis", {"ablations": ["zero", "knockout"]}, r"^analysis\.ablations"),
+    ("analysis", {"ig_check": "warn"}, r"^analysis\.ig_check"),
+    ("analysis", {"n_prompts": 1}, r"^analysis\.n_prompts"),
+    ("analysis", {"ig_rtol": -0.1}, r"^analysis\.ig_rtol"),
+    ("analysis", {"context_tokens": 0}, r"^analysis\.context_tokens"),
+    ("analysis", {"causal_tracing": {}}, r"^analysis\.causal_tracing: unknown key"),  # its own group now
+    ("causal_tracing", {"kinds": ["resid", "heads"]}, r"^causal_tracing\.kinds"),
+    ("causal_tracing", {"noise": 3}, r"^causal_tracing\.noise: unknown key"),
+    ("causal_tracing", {"metric": "kl"}, r"^causal_tracing\.metric"),
 ])
-def test_bad_config_names_the_key(cfg, match):
+def test_bad_config_names_the_key(model, cfg, match):
     with pytest.raises(ConfigError, match=match):
-        AnalysisConfig.from_dict(cfg)
+        {"analysis": AnalysisConfig, "causal_tracing": CausalTracingConfig}[model].from_dict(cfg)
 
 
 def test_bad_config_fails_the_stage_before_any_work(tmp_path):
@@ -325,18 +326,16 @@ def test_bad_config_fails_the_stage_before_any_work(tmp_path):
 
 
 def test_default_yaml_dataclass_and_schema_agree():
-    group = yaml.safe_load((REPO / "config" / "attribution" / "default.yaml").read_text())
-    schema = json.loads((REPO / "workflow" / "schemas" / "config" / "attribution.schema.json").read_text())
-    jsonschema.validate(group, schema)
-    assert AnalysisConfig.from_dict(group["analysis"]) == AnalysisConfig()
-    assert CausalTracingConfig.from_dict(group["analysis"]["causal_tracing"]) == CausalTracingConfig()
-    props = schema["properties"]["analysis"]["properties"]
-    assert set(props) == set(group["analysis"]) == set(AnalysisConfig.__dataclass_fields__)
-    assert set(props["causal_tracing"]["properties"]) == set(CausalTracingConfig.__dataclass_fields__)
-    assert AttributionConfig.from_dict(group).n_prompts == group["n_prompts"]
-    assert AttributionConfig.from_dict(group).analysis == AnalysisConfig()  # one model for the whole group
+    """The three groups of the attribution stage: YAML = class defaults, schema keys = model fields."""
+    for group_name, model in (("attribution", AttributionConfig), ("analysis", AnalysisConfig),
+                              ("causal_tracing", CausalTracingConfig)):
+        group = yaml.safe_load((REPO / "config" / group_name / "default.yaml").read_text())
+        schema = json.loads((REPO / "workflow" / "schemas" / "config" / f"{group_name}.schema.json").read_text())
+        jsonschema.validate(group, schema)
+        assert model.from_dict(group) == model(), group_name
+        assert set(schema["properties"]) == set(group) == set(model.__dataclass_fields__), group_name
     with pytest.raises(ConfigError, match="attribution.bogus"):
-        AttributionConfig.from_dict({**group, "bogus": 1})
+        AttributionConfig.from_dict({"bogus": 1})
 
 
 def test_dry_run_plans_analyze_for_every_task_and_causal_trace_for_factual_recall(tmp_path):

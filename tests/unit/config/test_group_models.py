@@ -22,8 +22,7 @@ MINIMAL = {
 }
 # Config sections nested in a group: (group, path to the section).
 NESTED = [("benchmark", ("restriction",)), ("benchmark", ("acdc",)), ("reference", ("restriction",)),
-          ("reference", ("positives",)), ("attribution", ("analysis",)),
-          ("attribution", ("analysis", "causal_tracing"))]
+          ("reference", ("positives",))]
 GROUPS = sorted(set(CONFIG_GROUPS) - {"root"})  # root keys: every other key is a group
 
 
@@ -123,7 +122,7 @@ def test_every_group_of_an_experiment_parses(experiment):
     ("run_name=a/b", r"^run_name: 'a/b' does not match"),
     ("stats.ci_methods=[bca,normal]", r"^stats\.ci_methods\[1\]: 'normal' is not one of \['percentile', 'bca'\]"),
     ("+benchmark.acdc.tau=1", r"^benchmark\.acdc: Additional properties .*Allowed keys here: \['max_batch_rows'"),
-    ("attribution.analysis.causal_tracing.window=0", r"^attribution\.analysis\.causal_tracing\.window: 0 is less"),
+    ("causal_tracing.window=0", r"^causal_tracing\.window: 0 is less"),
     ("model.bos_token=5", r"^model\.bos_token: 5 is not of type 'string', 'null'"),
     ("+task.ioi.centuries=[17]", r"^task\.ioi\.centuries: not used here \(kind=greater_than only"),
 ])

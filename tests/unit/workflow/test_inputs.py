@@ -24,8 +24,6 @@ def test_analysis_inputs_follow_the_run_config(monkeypatch, default_run):
     assert inputs.analysis_outputs_of(wc) == inputs.analysis_outputs(name, run_.cfg)
     assert inputs.causal_tracing_of(wc) == [f"results/{name}/attribution/factual_recall/causal_tracing.parquet"]
     assert inputs.causal_tracing_of(SimpleNamespace(run=name, task="ioi")) == []
-    assert "causal_tracing" not in inputs.analysis_cfg_of(wc)
-    assert inputs.causal_tracing_cfg_of(wc) == run_.cfg["attribution"]["analysis"]["causal_tracing"]
     assert inputs.neuron_harvest_of(wc) == []  # the default harvest has no mlp.hook_post
     cfg = {**run_.cfg, "harvest": {**run_.cfg["harvest"], "hooks": ["blocks.3.mlp.hook_post"]}}
     monkeypatch.setitem(runs.RUNS, name, Run(name, run_.overrides, cfg))
@@ -36,7 +34,8 @@ def test_stage_cfg_drops_the_keys_a_rule_does_not_read(default_run):
     name, run_ = default_run
     wc = SimpleNamespace(run=name)
     assert inputs.stage_cfg("attribution")(wc) == run_.cfg["attribution"]
-    assert "analysis" not in inputs.stage_cfg("attribution", without=("analysis",))(wc)
+    assert inputs.stage_cfg("causal_tracing")(wc) == run_.cfg["causal_tracing"]
+    assert "enabled" not in inputs.stage_cfg("benchmark", without=("enabled", "tasks"))(wc)
 
 
 def test_feature_and_reference_inputs_name_every_output(default_run):
