@@ -164,7 +164,7 @@ def run_attribution(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: di
     top = sorted(((float(exact_heads[lay, h]), f"a{lay}.h{h}") for lay in range(exact_heads.shape[0])
                   for h in range(exact_heads.shape[1])), key=lambda t: -abs(t[0]))[:8]
     lines = "\n".join(f"| {name} | {score:+.4f} |" for score, name in top)
-    names = {"ap": "attribution patching", "ig": f"IG patching ({c['ig_steps']} steps)"}
+    names = {"ap": "attribution patching", "ig": f"IG patching ({c.ig_steps} steps)"}
     agreement_rows = "\n".join(f"| {names[m]} | {agree[m]['pearson_vs_exact']:.3f} "
                                f"| {agree[m]['spearman_vs_exact']:.3f} |"
                                 for m in c.methods if m != "exact")
