@@ -11,7 +11,7 @@ import yaml
 
 from mechflow.benchmark.acdc import Acdc
 from mechflow.benchmark.config import AcdcConfig, BenchmarkConfig
-from mechflow.benchmark.core import ACDC_JSON, ACDC_STEPS, run_acdc, select_batch
+from mechflow.benchmark.core import ACDC_JSON, ACDC_STEPS, acdc_outputs, run_acdc, select_batch
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph
@@ -28,7 +28,7 @@ def test_run_acdc_on_smollm2_ioi_is_exact_and_speculation_invariant(smollm2, tmp
     task_cfg = {**yaml.safe_load((DEFAULT_CONFIG_DIR / "task" / "ioi.yaml").read_text()), "n_prompts": 32}
     dataset = tmp_path / "dataset.jsonl"
     prepare_task(task_cfg, model_cfg=model_cfg, dataset=dataset, tokenizer=smollm2.tokenizer)
-    doc = run_acdc(CFG, model_cfg=model_cfg, dataset=dataset, out_dir=tmp_path / "acdc", model=smollm2)
+    doc = run_acdc(CFG, model_cfg=model_cfg, dataset=dataset, **acdc_outputs(tmp_path / "acdc"), model=smollm2)
     assert json.loads((tmp_path / "acdc" / ACDC_JSON).read_text()) == json.loads(json.dumps(doc))
     steps = pq.read_table(tmp_path / "acdc" / ACDC_STEPS).to_pylist()
     runs = doc["runs"]

@@ -14,6 +14,7 @@ Steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +56,28 @@ def load_task_batch(model_cfg: dict, dataset: Path, n_prompts: int, model: Any =
     return loaded, ds, select_batch(ds, n_prompts, dataset)
 
 
-def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model: Any = None) -> dict:
+def acdc_outputs(folder: str | Path) -> dict[str, Path]:
+    """`run_acdc`'s output paths under their default names in one folder (library callers, tests)."""
+    return {"acdc": Path(folder) / ACDC_JSON, "steps": Path(folder) / ACDC_STEPS}
+
+
+def run_acdc(cfg: BenchmarkConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, acdc: Path, steps: Path,
+             model: Any = None) -> dict:
     """Run steps 1-5; returns the ``acdc.json`` document.
 
     Args:
         cfg: the ``benchmark`` config group (`BenchmarkConfig`).
         model_cfg: the resolved ``model`` group.
         dataset: ``dataset.jsonl`` written by ``prepare_task`` for this model.
-        out_dir: output folder (``acdc.json``, ``acdc_steps.parquet``).
+        acdc, steps: where ``acdc.json`` and ``acdc_steps.parquet`` go (`acdc_outputs(folder)`).
         model: an already-loaded `LoadedModel` (default: load from ``model_cfg``).
     """
     bench = BenchmarkConfig.from_dict(cfg)
-    dataset, out_dir = Path(dataset), Path(out_dir)
+    dataset, acdc_json, steps_path = Path(dataset), Path(acdc), Path(steps)
     loaded, ds, batch = load_task_batch(model_cfg, dataset, bench.n_prompts, model)
     graph = EdgeGraph.from_cfg(loaded.model.cfg)
     restriction = EdgeRestriction.build(graph, bench.restriction)
-    acdc = Acdc(loaded.model, batch, bench.acdc, restriction)
-    runs = acdc.sweep(bench.acdc.thresholds)
+    runs = Acdc(loaded.model, batch, bench.acdc, restriction).sweep(bench.acdc.thresholds)
     evaluator = CircuitEvaluator(loaded.model, batch, graph)
     doc = {
         "schema_version": SCHEMA_VERSION, "model": model_cfg, "task": ds.name, "config": bench.to_dict(),
@@ -81,12 +87,11 @@ def run_acdc(cfg: dict, *, model_cfg: dict, dataset: Path, out_dir: Path, model:
         "task_metric": {"kind": ds.metric_kind, "m_full": evaluator.m_full, "m_empty": evaluator.m_empty},
         "runs": [_run_doc(run, graph, restriction, evaluator) for run in runs],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps = _steps_table(runs, graph)
-    check_schema(steps.schema, ACDC_STEPS_SCHEMA, ACDC_STEPS)
-    with atomic_path(out_dir / ACDC_STEPS) as tmp:
-        pq.write_table(steps, tmp)
-    write_document(out_dir / ACDC_JSON, AcdcDocument, doc)
+    table = _steps_table(runs, graph)
+    check_schema(table.schema, ACDC_STEPS_SCHEMA, ACDC_STEPS)
+    with atomic_path(steps_path) as tmp:
+        pq.write_table(table, tmp)
+    write_document(acdc_json, AcdcDocument, doc)
     return doc
 
 

@@ -152,13 +152,14 @@ def test_task_dataset_files_follow_their_contracts(tmp_path):
 
 
 def test_acdc_outputs_follow_their_contracts(tiny_llama, tmp_path):
-    from mechflow.benchmark.core import ACDC_JSON, ACDC_STEPS, run_acdc
+    from mechflow.benchmark.core import ACDC_JSON, ACDC_STEPS, acdc_outputs, run_acdc
     from mechflow.testing import write_tiny_task_dataset
 
     data = write_tiny_task_dataset(tmp_path / "dataset.jsonl", "tiny")
     loaded = SimpleNamespace(model=tiny_llama, card=SimpleNamespace(name="tiny"))
     cfg = {"n_prompts": 4, "restriction": {"last_layers": 1}, "acdc": {"thresholds": [0.01, 0.3]}}
-    doc = run_acdc(cfg, model_cfg={"name": "tiny"}, dataset=data, out_dir=tmp_path / "out", model=loaded)
+    doc = run_acdc(cfg, model_cfg={"name": "tiny"}, dataset=data, **acdc_outputs(tmp_path / "out"),
+                   model=loaded)
     written = json.loads((tmp_path / "out" / ACDC_JSON).read_text())
     assert written == json.loads(json.dumps(doc))
     AcdcDocument.model_validate(written)
