@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -24,6 +24,12 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def outputs_in(folder: str | os.PathLike, files: Mapping[str, str]) -> dict[str, Path]:
+    """A stage's output paths under their default file names in one folder (output name -> path):
+    what library and test callers pass as ``**outputs_in(folder, STAGE_OUTPUTS)``."""
+    return {name: Path(folder) / file for name, file in files.items()}
 
 
 @contextlib.contextmanager

@@ -69,8 +69,9 @@ from mechflow.attribution.saliency import gradient_saliency, integrated_gradient
 from mechflow.attribution.stage import long_rows
 from mechflow.contracts.documents import read_document
 from mechflow.contracts.harvest import HarvestIndex
-from mechflow.contracts.hooks import NEURON_HOOK, selected_hooks
+from mechflow.contracts.hooks import NEURON_HOOK
 from mechflow.errors import ConfigError, DataError
+from mechflow.harvest.hooks import harvested_hooks
 from mechflow.io import atomic_path, atomic_write_text
 from mechflow.tasks import TaskBatch, TaskDataset, make_batch, select_batch
 
@@ -92,12 +93,6 @@ CAUSAL_TRACE_OUTPUTS = ("causal_tracing.parquet", "causal_tracing.png")
 def has_subjects(task_cfg: dict) -> bool:
     """True for tasks whose prompts have subject positions (causal tracing applies)."""
     return task_cfg.get("kind") in SUBJECT_KINDS
-
-
-def harvested_hooks(harvest_cfg: dict) -> set[str]:
-    """TransformerLens hook names a `harvest` config group produces."""
-    return set(selected_hooks(harvest_cfg.get("layers", []), harvest_cfg.get("hook_points", []),
-                              harvest_cfg.get("hooks", [])))
 
 
 def harvests_neurons(harvest_cfg: dict) -> bool:

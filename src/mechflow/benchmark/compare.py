@@ -81,7 +81,7 @@ from mechflow.contracts.benchmark import TimingsDocument
 from mechflow.contracts.documents import write_document
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import ConfigError, DataError, check_known_keys
-from mechflow.io import atomic_path, atomic_write_text, canonical_hash
+from mechflow.io import atomic_path, atomic_write_text, canonical_hash, outputs_in
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def acdc_scores(runs: list[AcdcRun], restriction: EdgeRestriction) -> Tensor:
 def benchmark_outputs(folder: str | Path) -> dict[str, Path]:
     """`run_benchmark`'s (and `compare_methods`') output paths with their default file names in
     `folder` (library and test callers: ``run_benchmark(cfg, ..., **benchmark_outputs(folder))``)."""
-    return {name: Path(folder) / file for name, file in BENCHMARK_OUTPUTS.items()}
+    return outputs_in(folder, BENCHMARK_OUTPUTS)
 
 
 # ---------------------------------------------------------------------------- the comparison

@@ -31,7 +31,7 @@ from mechflow.contracts.documents import write_document
 from mechflow.contracts.parquet import ACDC_STEPS_SCHEMA, check_schema
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
-from mechflow.io import atomic_path, sha256_file
+from mechflow.io import atomic_path, outputs_in, sha256_file
 from mechflow.tasks import select_batch
 from mechflow.tasks.dataset import TaskDataset
 
@@ -58,7 +58,7 @@ def load_task_batch(model_cfg: dict, dataset: Path, n_prompts: int, model: Any =
 
 def acdc_outputs(folder: str | Path) -> dict[str, Path]:
     """`run_acdc`'s output paths under their default names in one folder (library callers, tests)."""
-    return {"acdc": Path(folder) / ACDC_JSON, "steps": Path(folder) / ACDC_STEPS}
+    return outputs_in(folder, {"acdc": ACDC_JSON, "steps": ACDC_STEPS})
 
 
 def run_acdc(cfg: BenchmarkConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, acdc: Path, steps: Path,

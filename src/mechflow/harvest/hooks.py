@@ -6,19 +6,26 @@ contract's: `mechflow.contracts.hooks`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from mechflow.contracts.hooks import HOOK_POINTS, expand_hook_points, hook_layer
+from mechflow.contracts.hooks import HOOK_POINTS, expand_hook_points, hook_layer, selected_hooks
 from mechflow.errors import ConfigError
 from mechflow.harvest.config import HarvestConfig
 
-__all__ = ["capture", "expand_hooks", "hook_layer", "stop_layer"]
+__all__ = ["capture", "expand_hooks", "harvested_hooks", "hook_layer", "stop_layer"]
 # Hooks whose second axis is not the token position: they cannot be stored one row per token.
 _NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")
 # Hooks computed before the first block: stop_at_layer=0 already produces them.
 _PRE_BLOCK = ("hook_embed", "hook_pos_embed", "hook_tokens")
+
+
+def harvested_hooks(harvest_cfg: Mapping[str, Any]) -> set[str]:
+    """TransformerLens hook names a composed `harvest` group selects (no model needed: for planning)."""
+    return set(selected_hooks(harvest_cfg.get("layers", []), harvest_cfg.get("hook_points", []),
+                              harvest_cfg.get("hooks", [])))
 
 
 def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:

@@ -517,10 +517,6 @@ def profile_document(pm: ProfileMatch, d_sae_a: int, d_sae_b: int) -> dict[str, 
 # ----------------------------------------------------------------------------- the stage
 
 
-def _stats_cfg(cfg: Mapping[str, Any] | StatsConfig | None) -> StatsConfig:
-    return cfg if isinstance(cfg, StatsConfig) else StatsConfig.from_dict(cfg)
-
-
 def _top_words(P: np.ndarray, words: Sequence[str], f: int, n: int = 5) -> list[str]:
     col = P[:, f]
     out: list[str] = []
@@ -586,7 +582,7 @@ def run_feature_matching(
     Returns:
         Headline numbers (matched latents per profile, thresholds) and the written paths.
     """
-    scfg = _stats_cfg(cfg)
+    scfg = StatsConfig.from_dict(cfg)  # a StatsConfig passes through; None: the defaults
     _check_counts(task_words=task_words, corpus_words=corpus_words, min_active_words=min_active_words,
                   passage_words=passage_words, passage_stride=passage_stride, max_vocab=max_vocab, n_top=n_top,
                   batch_size=batch_size)

@@ -54,7 +54,7 @@ from mechflow.contracts.parquet import (
 )
 from mechflow.contracts.stats import CkaDocument, FcasDocument, StabilityDocument
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path, atomic_write_text
+from mechflow.io import atomic_path, atomic_write_text, outputs_in
 from mechflow.stats.bootstrap import BootstrapResult, bootstrap_mean_functional, resample_indices
 from mechflow.stats.cka import DepthCKA, cka_by_depth
 from mechflow.stats.config import StatsConfig
@@ -97,14 +97,13 @@ CKA_OUTPUTS = {"cka": "cka.json", "cka_table": "cka.parquet", "cka_csv": "cka.cs
 def stats_outputs(folder: str | Path) -> dict[str, Path]:
     """`run_statistics`' output paths with their default file names in `folder` (library and test
     callers: ``run_statistics(cfg, **inputs, **stats_outputs(folder))``)."""
-    return {name: Path(folder) / file for name, file in STATS_OUTPUTS.items()}
+    return outputs_in(folder, STATS_OUTPUTS)
 
 
 def cross_model_outputs(folder: str | Path, *, cka: bool = True) -> dict[str, Path]:
     """`run_cross_model`'s output paths with their default file names in `folder`; with ``cka=False``
     without the four CKA files (for a caller that runs without activations)."""
-    names = {**CROSS_MODEL_OUTPUTS, **(CKA_OUTPUTS if cka else {})}
-    return {name: Path(folder) / file for name, file in names.items()}
+    return outputs_in(folder, {**CROSS_MODEL_OUTPUTS, **(CKA_OUTPUTS if cka else {})})
 
 
 CIRCUIT_QUANTITIES = ("m_full", "m_empty", "m_circuit", "faithfulness", "sufficiency", "comprehensiveness", "f1")
@@ -623,10 +622,6 @@ def stability_methods_table(stab: dict[str, Any]) -> pl.DataFrame:
 # ----------------------------------------------------------------------------- stage: one model
 
 
-def _stats_cfg(cfg: Mapping[str, Any] | StatsConfig | None) -> StatsConfig:
-    return cfg if isinstance(cfg, StatsConfig) else StatsConfig.from_dict(cfg)
-
-
 def run_statistics(
     cfg: StatsConfig | Mapping[str, Any],
     *,
@@ -661,7 +656,7 @@ def run_statistics(
         Headline numbers (JSON-ready): n_prompts, B, seed, the task and circuit estimates with
         their intervals, the method-pair tau-b, and the written paths.
     """
-    scfg = _stats_cfg(cfg)
+    scfg = StatsConfig.from_dict(cfg)
     card = read_model_card(model_card)
     pr = read_prompts(prompts)
     ns = read_node_scores(node_scores, pr, card.n_layers)
@@ -795,7 +790,7 @@ def run_cross_model(
     Raises:
         ConfigError: CKA runs and one of its four paths is None.
     """
-    scfg = _stats_cfg(cfg)
+    scfg = StatsConfig.from_dict(cfg)
     run_cka = activations and model_cfg_a is not None and model_cfg_b is not None
     outputs = {"fcas": fcas, "fcas_null": fcas_null, "summary": summary}
     cka_paths = {"cka": cka, "cka_table": cka_table, "cka_csv": cka_csv, "cka_figure": cka_figure}

@@ -7,7 +7,6 @@ The Snakefile calls `load_runs(config)`; input/params functions (`mechflow.workf
 from __future__ import annotations
 
 from mechflow.config import Run, compose_runs
-from mechflow.contracts.hooks import selected_hooks
 from mechflow.errors import ConfigError
 
 RUNS: dict[str, Run] = {}
@@ -70,8 +69,9 @@ def transcoder_hooks(run: str) -> list[tuple[str, str]]:
 
 def check_harvested_hooks(run: Run) -> None:
     """Fail early when a dictionary trains on a hook the harvest does not produce."""
-    harvest = run.cfg["harvest"]
-    harvested = set(selected_hooks(harvest["layers"], harvest["hook_points"], harvest.get("hooks", [])))
+    from mechflow.harvest.hooks import harvested_hooks
+
+    harvested = harvested_hooks(run.cfg["harvest"])
     needed = []
     if "sae" in run.cfg:
         needed.append(("sae.hook", run.cfg["sae"]["hook"]))
