@@ -571,6 +571,8 @@ CONFIG_GROUPS: dict[str, str] = {
     "causal_tracing": "mechflow.attribution.config:CausalTracingConfig",
     "circuits": "mechflow.circuits.config:CircuitConfig",
     "corpus": "mechflow.corpus.config:CorpusConfig",
+    "feature_matching": "mechflow.features.config:FeatureMatchingConfig",
+    "features": "mechflow.features.config:FeaturesConfig",
     "harvest": "mechflow.harvest.config:HarvestConfig",
     "model": "mechflow.models.config:ModelConfig",
     "reference": "mechflow.reference.config:ReferenceConfig",

@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from mechflow.io import atomic_write_json
-from mechflow.stats import linear_cka, run_cross_model
-from mechflow.stats.stage import cka_prompt_texts, cross_model_outputs, representation_cka
+from mechflow.stats import cross_model, linear_cka
+from mechflow.stats.alignment import cka_prompt_texts, representation_cka
+from mechflow.stats.stage import cross_model_outputs
 from mechflow.tasks import TaskDataset, prepare_task
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def _last_token_resid(loaded, ids: list[int], layer: int) -> np.ndarray:
 
 def test_cka_between_smollm2_and_gemma3(smollm2, gemma3, tmp_path):
     a, b = _prepare(smollm2, tmp_path / "a"), _prepare(gemma3, tmp_path / "b")
-    head = run_cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=b["node_scores"],
+    head = cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=b["node_scores"],
                            model_card_a=a["model_card"], model_card_b=b["model_card"], head_types_a=None,
                            head_types_b=None, prompts_a=a["prompts"], prompts_b=b["prompts"],
                            **cross_model_outputs(tmp_path / "x"),

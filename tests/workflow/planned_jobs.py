@@ -27,7 +27,7 @@ SCENARIOS = {
 
 
 # Renames of the architecture step (CHANGELOG.md, "Result paths renamed").
-RENAMED_RULES = {"circuit": "circuits", "statistics": "stats"}
+RENAMED_RULES = {"circuit": "circuits", "statistics": "stats", "feature_analysis": "features"}
 # Files of rules attribute / analyze / causal_trace moved from circuits/{task}/ to attribution/{task}/.
 ATTRIBUTION_FILES = frozenset({
     "node_scores.parquet", "prompts.parquet", "head_types.parquet", "lens.parquet", "dla.parquet", "agreement.json",
@@ -48,6 +48,9 @@ def renamed_path(path: str) -> str:
     m = re.match(r"(results/[^/]+)/circuits/([^/]+)/(.+)$", path)
     if m and m.group(3) in ATTRIBUTION_FILES:
         return f"{m.group(1)}/attribution/{m.group(2)}/{m.group(3)}"
+    m = re.match(r"(results/[^/]+)/dictionaries/sae_features/(.+)$", path)  # rule features' folder
+    if m:
+        return f"{m.group(1)}/features/{m.group(2)}"
     return path
 
 

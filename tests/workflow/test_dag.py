@@ -47,7 +47,7 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert counts["stats"] == 3 and counts["train_sae"] == counts["train_transcoder"] == 1
     assert counts["analyze"] == 3 and counts["causal_trace"] == 1  # causal tracing: factual recall only
     assert counts["edge_reference"] == counts["reference"] == 3  # reference.tasks: null = every task
-    assert counts["feature_analysis"] == 1
+    assert counts["features"] == 1
     assert not (tmp_path / "results").exists()  # a dry run writes no results
 
 
@@ -133,11 +133,11 @@ def test_smoke_run_end_to_end(tmp_path):
             assert (run / "attribution" / task / name).exists(), name
     auc = json.loads((run / "reference" / "ioi" / "auc.json").read_text())
     assert "nodes" in auc and "edges" in auc
-    features = (run / "dictionaries" / "sae_features" / "features.jsonl").read_text().splitlines()
+    features = (run / "features" / "features.jsonl").read_text().splitlines()
     assert features and json.loads(features[0])["top_contexts"] is not None
     produced = set(manifest["outputs"])
     assert any(p.endswith("reference/ioi/auc.json") for p in produced)
-    assert any(p.endswith("sae_features/features.jsonl") for p in produced)
+    assert any(p.endswith("/features/features.jsonl") for p in produced)
     assert any(p.endswith("attribution/ioi/ablations.parquet") for p in produced)
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)

@@ -26,7 +26,7 @@ rule benchmark:
         mem_mb=12000,
         runtime=240,
     params:
-        cfg=stage_cfg("benchmark", without=("enabled", "tasks")),  # selection keys: no rerun
+        cfg=stage_cfg("benchmark"),  # without BenchmarkConfig.SELECTION_KEYS: no rerun
         model_cfg=stage_cfg("model"),
     script:
         "../scripts/benchmark.py"

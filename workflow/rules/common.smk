@@ -21,7 +21,6 @@ from mechflow.workflow.inputs import (
     harvest_dir_of,
     neuron_harvest_of,
     pair_corpus_cfg,
-    pair_feature_stats_cfg,
     pair_model_cfg,
     pair_stats_cfg,
     reference_outputs_of,

@@ -15,7 +15,7 @@ rule train_sae:
         mem_mb=8000,
         runtime=60,
     params:
-        cfg=stage_cfg("sae", without=("features",)),
+        cfg=stage_cfg("sae"),
         model_cfg=stage_cfg("model"),
         wandb_cfg=stage_cfg("wandb"),
         manifest=sae_manifest_of,
@@ -40,12 +40,12 @@ rule evaluate_sae:
         mem_mb=6000,
         runtime=30,
     params:
-        cfg=stage_cfg("sae", without=("features",)),
+        cfg=stage_cfg("sae"),
         model_cfg=stage_cfg("model"),
         manifest=sae_manifest_of,
         dictionary=dictionary_dir_of("sae"),
     script:
-        "../scripts/evaluate_dictionary.py"
+        "../scripts/evaluate_sae.py"
 
 
 rule train_transcoder:

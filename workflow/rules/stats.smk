@@ -67,32 +67,3 @@ rule cross_model:
         model_cfg_b=pair_model_cfg("b"),
     script:
         "../scripts/cross_model.py"
-
-
-rule feature_matching:
-    """Match two models' SAE latents by activation (shared texts) and logit-effect (shared tokens) profiles, with a permutation null."""
-    input:
-        unpack(feature_matching_inputs_of),
-    output:
-        matching="results/cross_model/{pair}/features/feature_matching.json",
-        summary="results/cross_model/{pair}/features/feature_matching.md",
-        figure=report(
-            "results/cross_model/{pair}/features/feature_matching.png",
-            category="Statistics",
-            labels={"pair": "{pair}", "figure": "feature matching"},
-        ),
-    log:
-        "results/cross_model/{pair}/logs/feature_matching.log",
-    conda:
-        "../../envs/mechflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=30,
-    params:
-        cfg=pair_feature_stats_cfg,  # seed, feature_null, feature_n_permutations only
-        model_cfg_a=pair_model_cfg("a"),
-        model_cfg_b=pair_model_cfg("b"),
-        corpus_cfg=pair_corpus_cfg,  # corpus passages are shared texts
-    script:
-        "../scripts/feature_matching.py"

@@ -1,5 +1,5 @@
 # Snakemake adapter: the rule's named inputs, outputs and params become keyword arguments.
-from mechflow.attribution.analysis import run_analysis
+from mechflow.attribution.analyze import analyze
 from mechflow.workflow import run_rule
 
-run_rule(snakemake, run_analysis)  # noqa: F821 (injected by Snakemake)
+run_rule(snakemake, analyze)  # noqa: F821 (injected by Snakemake)

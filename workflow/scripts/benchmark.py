@@ -1,5 +1,5 @@
 # Snakemake adapter: the rule's named inputs, outputs and params become keyword arguments.
-from mechflow.benchmark.compare import run_benchmark
+from mechflow.benchmark.stage import benchmark
 from mechflow.workflow import run_rule
 
-run_rule(snakemake, run_benchmark)  # noqa: F821 (injected by Snakemake)
+run_rule(snakemake, benchmark)  # noqa: F821 (injected by Snakemake)

@@ -1,5 +1,5 @@
 # Snakemake adapter: the rule's named inputs, outputs and params become keyword arguments.
-from mechflow.stats import run_cross_model
+from mechflow.stats import cross_model
 from mechflow.workflow import run_rule
 
-run_rule(snakemake, run_cross_model)  # noqa: F821 (injected by Snakemake)
+run_rule(snakemake, cross_model)  # noqa: F821 (injected by Snakemake)

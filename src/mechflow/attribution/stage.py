@@ -29,17 +29,14 @@ from mechflow.attribution.head_types import SCORE_KINDS, head_type_scores, ioi_h
 from mechflow.attribution.lens import direct_logit_attribution, logit_lens
 from mechflow.attribution.patching import exact_patching
 from mechflow.attribution.plots import plot_head_grid, plot_logit_lens
+from mechflow.attribution.stage_io import write_table
 from mechflow.contracts.attribution import Agreement
 from mechflow.contracts.documents import write_document
-from mechflow.io import atomic_path, atomic_write_text
+from mechflow.contracts.parquet import DLA_SCHEMA, HEAD_TYPES_SCHEMA, LENS_SCHEMA, NODE_SCORES_SCHEMA, PROMPTS_SCHEMA
+from mechflow.io import atomic_write_text
 from mechflow.tasks import TaskDataset, select_batch
 
 log = logging.getLogger(__name__)
-
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, compression="zstd")
-
 
 def long_rows(method: str, heads: torch.Tensor, mlps: torch.Tensor) -> pl.DataFrame:
     """[L, H, n] and [L, n] per-prompt scores -> the node_scores long table."""
@@ -90,7 +87,7 @@ def _head_labels(types, threshold: float) -> pl.DataFrame:
     return pl.DataFrame(rows).with_columns(pl.col("layer").cast(pl.Int32), pl.col("head").cast(pl.Int32))
 
 
-def run_attribution(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
+def attribute(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
                     node_scores: Path, prompts: Path,
                     head_types: Path, lens: Path, dla: Path, agreement: Path, heads_figure: Path,
                     lens_figure: Path, summary: Path, task: str = "task") -> dict:
@@ -120,17 +117,17 @@ def run_attribution(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: di
         per_method[method] = (heads.detach(), mlps.detach())
         log.info("attribution %s done", method)
     table = pl.concat([long_rows(m, *per_method[m]) for m in c.methods])
-    _write_parquet(table, node_scores)
+    write_table(table, node_scores, NODE_SCORES_SCHEMA)
 
     with torch.no_grad():
         clean_m = batch.metric(model(batch.clean_tokens)).double().tolist()
         corrupted_m = batch.metric(model(batch.corrupted_tokens)).double().tolist()
     by_id = {it.id: it for it in ds.examples}
-    _write_parquet(pl.DataFrame({
+    write_table(pl.DataFrame({
         "prompt": pl.Series(range(n), dtype=pl.Int32),
         "example_id": [str(i) for i in batch.example_ids],
         "template": [getattr(by_id.get(i), "template", None) for i in batch.example_ids],
-        "clean_metric": clean_m, "corrupted_metric": corrupted_m}), prompts)
+        "clean_metric": clean_m, "corrupted_metric": corrupted_m}), prompts, PROMPTS_SCHEMA)
 
     types = head_type_scores(model, n_seqs=c.head_type_seqs, seq_len=c.head_type_seq_len,
                              bos_id=loaded.card.bos_token_id if loaded.card.prepend_bos else None)
@@ -143,12 +140,12 @@ def run_attribution(cfg: AttributionConfig | Mapping[str, Any], *, model_cfg: di
             lambda r: role_of.get((r["layer"], r["head"])), return_dtype=pl.Utf8).alias("ioi_role"))
         labels = labels.with_columns(pl.when(pl.col("ioi_role").is_in(["name_mover", "s_inhibition"]))
                                      .then(pl.col("ioi_role")).otherwise(pl.col("label")).alias("label"))
-    _write_parquet(labels, head_types)
+    write_table(labels, head_types, HEAD_TYPES_SCHEMA)
 
     lens_result = logit_lens(model, batch.clean_tokens, batch.answer_ids, batch.wrong_ids)
-    _write_parquet(lens_result.to_frame(), lens)
+    write_table(lens_result.to_frame(), lens, LENS_SCHEMA)
     dla_result = direct_logit_attribution(model, batch.clean_tokens, batch.answer_ids, batch.wrong_ids)
-    _write_parquet(dla_result.to_frame(), dla)
+    write_table(dla_result.to_frame(), dla, DLA_SCHEMA)
 
     agree = _agreement(table)
     agree.update({"n_prompts": n, "ig_steps": c.ig_steps, "direction": "noising",

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechflow.attribution.patching import PairBatch, check_batch
-from mechflow.benchmark.config import AcdcConfig, check_thresholds
+from mechflow.benchmark.config import AcdcConfig
 from mechflow.benchmark.metrics import AcdcMetric
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.resume import ResumableForward, StageCache
@@ -140,8 +141,8 @@ class Acdc:
         self.full_metric = float(self.metric(self.forward.clean_last_logits.unsqueeze(0))[0])
 
     def run(self, threshold: float, progress: bool = False) -> AcdcRun:
-        """ACDC at one tau (steps 1-4)."""
-        tau = check_thresholds([threshold])[0]
+        """ACDC at one tau (steps 1-4); taus are validated by the config (`AcdcConfig.thresholds`)."""
+        tau = float(threshold)
         g, fwd, mask = self.graph, self.forward, self.restriction.mask
         k_max = max(1, min(self.cfg.speculation, self.cfg.max_batch_rows // self.n))
         removed = torch.zeros_like(g.valid)
@@ -187,9 +188,9 @@ class Acdc:
                  tau, run.n_kept, self.restriction.n_edges, current, run.n_forward, n_eval, n_wasted, run.seconds)
         return run
 
-    def sweep(self, thresholds, progress: bool = False) -> list[AcdcRun]:
+    def sweep(self, thresholds: Sequence[float] | None = None, progress: bool = False) -> list[AcdcRun]:
         """One `run` per tau (the config's thresholds by default)."""
-        return [self.run(t, progress) for t in check_thresholds(thresholds)]
+        return [self.run(t, progress) for t in (self.cfg.thresholds if thresholds is None else thresholds)]
 
 
 def roc_points(runs: list[AcdcRun], reference: Tensor, restriction: EdgeRestriction) -> list[dict]:

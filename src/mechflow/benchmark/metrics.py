@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mechflow.benchmark.config import check_metric
+from mechflow.benchmark.config import AcdcMetricName
 
 
 def kl_to_clean(clean_logprobs: Tensor, last_logits: Tensor, _neg_entropy: Tensor | None = None) -> Tensor:
@@ -47,8 +47,9 @@ class AcdcMetric:
             position (``PairBatch.metric``); needed for ``task``.
     """
 
-    def __init__(self, name: str, clean_last_logits: Tensor, task_metric: Callable[[Tensor], Tensor] | None = None):
-        self.name = check_metric(name)
+    def __init__(self, name: AcdcMetricName, clean_last_logits: Tensor,
+                 task_metric: Callable[[Tensor], Tensor] | None = None):
+        self.name = name  # validated by the config (`AcdcConfig.metric`)
         self.clean_logprobs = torch.log_softmax(clean_last_logits.double(), dim=-1)
         p = self.clean_logprobs.exp()
         self._neg_entropy = torch.where(p > 0, p * self.clean_logprobs, torch.zeros((), dtype=p.dtype)).sum(-1)

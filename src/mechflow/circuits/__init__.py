@@ -2,8 +2,8 @@
 circuits, faithfulness curves (CPR/CMD) and ``circuit.json``; edge circuits where edge patching is
 defined, node circuits (input, heads, MLPs) everywhere, including Gemma-3."""
 
-from mechflow.circuits.config import CircuitConfig
-from mechflow.circuits.core import discover_circuit, resolve_unit
+from mechflow.circuits.config import CircuitConfig, Target, check_target, checked
+from mechflow.circuits.core import discover_circuit, edges_undefined, resolve_unit
 from mechflow.circuits.eap import edge_scores
 from mechflow.circuits.faithfulness import (
     MIB_PERCENTAGES,
@@ -33,13 +33,13 @@ from mechflow.circuits.result import (
     tl_node_patched_logits,
     write_circuit,
 )
-from mechflow.circuits.search import SearchResult, check_target, minimal_faithful_prefix
+from mechflow.circuits.search import SearchResult, minimal_faithful_prefix
 
 __all__ = [
     "MIB_PERCENTAGES", "CircuitConfig", "CircuitEvaluator", "CircuitFile", "EdgeGraph", "LogitDiffSpec",
-    "NodeEvaluator", "PromptSet", "SearchResult", "area_metrics", "check_edge_model", "check_target",
-    "discover_circuit", "edge_model_problems", "edge_scores", "faithfulness_curve", "graph_forward",
-    "minimal_faithful_prefix", "node_scores", "normalized_faithfulness", "prefix_mask", "ranked_edges",
+    "NodeEvaluator", "PromptSet", "SearchResult", "Target", "area_metrics", "check_edge_model", "check_target",
+    "checked", "discover_circuit", "edge_model_problems", "edge_scores", "edges_undefined", "faithfulness_curve",
+    "graph_forward", "minimal_faithful_prefix", "node_scores", "normalized_faithfulness", "prefix_mask", "ranked_edges",
     "ranked_nodes", "read_circuit", "reads_last_position_only", "reevaluate_circuit", "resolve_unit",
     "sufficiency_comprehensiveness", "tl_edge_patched_logits", "tl_node_patched_logits", "write_circuit",
 ]

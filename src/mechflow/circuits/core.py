@@ -12,11 +12,13 @@ Steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
 from mechflow.attribution.patching import PairBatch
-from mechflow.circuits.config import CircuitConfig
+from mechflow.circuits.config import CircuitConfig, checked
 from mechflow.circuits.eap import edge_scores
 from mechflow.circuits.faithfulness import (
     CircuitEvaluator,
@@ -25,7 +27,7 @@ from mechflow.circuits.faithfulness import (
     ranked_edges,
     sufficiency_comprehensiveness,
 )
-from mechflow.circuits.forward import check_edge_model, edge_model_problems
+from mechflow.circuits.forward import check_edge_model
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.circuits.nodes import NodeEvaluator, node_scores, ranked_nodes
 from mechflow.circuits.result import (
@@ -36,26 +38,40 @@ from mechflow.circuits.result import (
 )
 from mechflow.circuits.search import SearchResult, minimal_faithful_prefix
 from mechflow.errors import ConfigError
+from mechflow.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-def resolve_unit(unit: str, model, model_cfg: dict | None = None) -> str:
-    """``"edges"`` or ``"nodes"``: ``"auto"`` is edges iff the model supports edge patching
-    (`edge_model_problems` is empty and ``model.edge_circuits`` is not false)."""
-    flagged = bool((model_cfg or {}).get("edge_circuits", True))
+def edges_undefined(model_cfg: ModelConfig | Mapping[str, Any], model=None, *,
+                    instead: str = "circuits") -> str | None:
+    """Why edge-level circuits are not defined for the model, or None when they are: the one test,
+    shared by `resolve_unit` and the reference stage. ``model.edge_circuits: false`` decides without
+    the model; otherwise `check_edge_model` (when `model` is given). `instead` names what the
+    caller falls back to ("circuits", "reference")."""
+    mcfg = ModelConfig.from_dict(model_cfg)
+    if not mcfg.edge_circuits:
+        return (f"model.edge_circuits is false for {mcfg.name!r} (config/model/*.yaml): "
+                f"edge-level circuits are not defined for it; node-level {instead} only")
+    if model is not None:
+        try:
+            check_edge_model(model)
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
+def resolve_unit(unit: str, model, model_cfg: ModelConfig | Mapping[str, Any]) -> str:
+    """``"edges"`` or ``"nodes"``: ``"auto"`` is edges iff `edges_undefined` finds no reason
+    (``model.edge_circuits`` and the model's architecture); ``"edges"`` where they are undefined is
+    a ConfigError naming ``circuits.unit``."""
+    unit = checked("unit", unit)
     if unit == "nodes":
         return "nodes"
-    if unit == "edges":
-        if not flagged:
-            raise ConfigError(f"circuits.unit: 'edges' but model {(model_cfg or {}).get('name')!r} sets "
-                              "model.edge_circuits: false (edge patching is not defined there); "
-                              "set circuits.unit: nodes or auto.")
-        check_edge_model(model)
-        return "edges"
-    if unit != "auto":
-        raise ConfigError(f"circuits.unit: {unit!r} is not one of 'edges', 'nodes', 'auto'.")
-    return "edges" if flagged and not edge_model_problems(model) else "nodes"
+    reason = edges_undefined(model_cfg, model)
+    if unit == "edges" and reason is not None:
+        raise ConfigError(f"circuits.unit: 'edges', but {reason}. Set circuits.unit: nodes or auto.")
+    return "nodes" if reason is not None else "edges"
 
 
 def discover_circuit(

@@ -30,20 +30,17 @@ from tqdm.auto import tqdm
 
 from mechflow.attribution.gradients import ig_points
 from mechflow.attribution.patching import PairBatch, check_batch
+from mechflow.circuits.config import checked
 from mechflow.circuits.forward import graph_forward
 from mechflow.circuits.graph import EdgeGraph
-from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-METHODS = ("eap", "eap-ig")
 
 
 def interpolation_points(method: str, steps: int, rule: str) -> Tensor:
     """The points t of the scores' path integral: ``[0]`` for EAP, ``ig_points(steps, rule)`` for
-    EAP-IG; a ConfigError names ``circuits.method`` for anything else."""
-    if method not in METHODS:
-        raise ConfigError(f"circuits.method: {method!r} is not one of {METHODS}.")
+    EAP-IG; anything else fails `CircuitConfig`'s own check of ``circuits.method``."""
+    method = checked("method", method)
     return torch.zeros(1, dtype=torch.float64) if method == "eap" else ig_points(steps, rule)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from mechflow.circuits.config import check_target
 from mechflow.circuits.faithfulness import (
     MIB_PERCENTAGES,
     CircuitEvaluator,
@@ -29,15 +30,8 @@ from mechflow.circuits.faithfulness import (
     n_units,
     unit_prefix,
 )
-from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def check_target(target: float) -> None:
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise ConfigError(f"circuits.target: {target!r} must lie in (0, 1] (fraction of the "
-                          "full model's metric difference the circuit must recover, e.g. 0.8).")
 
 
 @dataclass
@@ -59,7 +53,7 @@ def minimal_faithful_prefix(evaluator: CircuitEvaluator, order: Tensor, target: 
     Works for any evaluator with the `CircuitEvaluator` interface: edges, or nodes
     (`mechflow.circuits.nodes.NodeEvaluator`, ``n_edges`` then counts nodes).
     """
-    check_target(target)
+    check_target(target)  # the config's own check (`circuits.target`), for callers passing a raw float
     total = n_units(evaluator)
     start = evaluator.n_evaluations
     curve = faithfulness_curve(evaluator, order, percentages)

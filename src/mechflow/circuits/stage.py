@@ -237,7 +237,7 @@ All numbers are exact patched forward passes (`circuit.json`; per-prompt values 
 """
 
 
-def run_circuit(cfg: CircuitConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, circuit: Path,
+def circuits(cfg: CircuitConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, circuit: Path,
                 edge_scores: Path, circuit_prompts: Path, curve_prompts: Path, dot: Path, figure: Path, summary: Path,
                 task: str = "task") -> dict:
     """Stage function of rule `circuits` (steps 1-4 of the module docstring), for edge and node circuits."""

@@ -1,7 +1,7 @@
 """Data contracts: every file format mechflow writes or reads is defined here and nowhere else.
 
 * JSON documents: pydantic models by area (`tasks`, `corpus`, `harvest`, `dictionaries`,
-  `attribution`, `circuits`, `reference`, `stats`, `benchmark`, run-level `models`), all
+  `features`, `attribution`, `circuits`, `reference`, `stats`, `benchmark`, run-level `models`), all
   ``extra="forbid"``; writers and readers go through `documents` (`write_document`,
   `read_document`, `load_document`).
 * Parquet tables: pyarrow schemas in `parquet`.
@@ -30,7 +30,6 @@ from mechflow.contracts.dictionaries import (
     CltConfig,
     DictionaryMetrics,
     DictionaryTraining,
-    FeatureSummary,
     ReconstructionMetrics,
     SaeDataState,
     SaeTraining,
@@ -48,6 +47,7 @@ from mechflow.contracts.documents import (
     read_document,
     write_document,
 )
+from mechflow.contracts.features import FeatureRecord, FeatureSummary
 from mechflow.contracts.harvest import HarvestIndex, HarvestIndexEntry, HarvestManifest, ShardInfo, ShardSidecar
 from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.contracts.reference import AucDocument, EdgeReferenceDocument
@@ -59,7 +59,7 @@ __all__ = [
     "SCHEMA_VERSION", "SCHEMA_VERSION_KEY", "AcdcDocument", "AcdcRunDocument", "Agreement", "AucDocument",
     "CircuitEdgeEntry", "CircuitFile", "CircuitNodeEntry", "CkaDocument", "CltConfig", "CorpusManifest",
     "CurvePointEntry", "DictionaryMetrics", "DictionaryTraining", "Document", "EdgeReferenceDocument",
-    "FcasDocument", "FeatureMatchingDocument", "FeatureSummary", "HarvestIndex", "HarvestIndexEntry",
+    "FcasDocument", "FeatureMatchingDocument", "FeatureRecord", "FeatureSummary", "HarvestIndex", "HarvestIndexEntry",
     "HarvestManifest", "LogitDiffSpec", "MethodAgreement", "ModelCard", "PromptSet", "ReconstructionMetrics",
     "RunManifest", "SaeDataState", "SaeTraining", "SchemaVersion", "ShardInfo", "ShardSidecar",
     "StabilityDocument", "StackHeldoutMetrics", "TargetMetricSpec", "TaskBaseline", "TaskDatasetMeta",

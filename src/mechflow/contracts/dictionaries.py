@@ -1,6 +1,6 @@
 """Dictionary files: ``training.json``, ``transcoder.json``, ``clt_cfg.json``, checkpoint
-``data_state.json``, ``sae_metrics.json`` / ``transcoder_metrics.json`` and the feature-analysis
-``summary.json``.
+``data_state.json``, ``sae_metrics.json`` / ``transcoder_metrics.json`` (the feature analysis'
+files are in `mechflow.contracts.features`).
 
 The weights folders themselves are in SAELens' format (``cfg.json``, ``sae_weights.safetensors``),
 which SAELens defines; see `mechflow.dictionaries.transcoder` for the multi-layer layout.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from mechflow.contracts.documents import Document
 
@@ -202,37 +202,3 @@ class CltConfig(Document):
     bandwidth: float
     dtype: str
     metadata: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- feature analysis
-
-
-class FeatureSummary(Document):
-    """``summary.json`` of the feature analysis (``feature_analysis``).
-
-    Besides the fields below it holds ``{task}_pearson``, ``{task}_spearman`` and
-    ``{task}_sign_agreement`` (numbers) for every task with an attribution agreement.
-    """
-
-    model_config = ConfigDict(extra="allow")
-    __pydantic_extra__: dict[str, float]
-
-    stage: Literal["feature_analysis"]
-    hook: str
-    layer: int | None
-    model: str
-    architecture: str
-    dictionary: str
-    d_in: int
-    d_sae: int
-    config: dict[str, Any]
-    exclude_bos: bool
-    n_tokens: int
-    n_live: int
-    n_dead: int
-    dead_fraction: float
-    n_records: int
-    logit_effects: bool
-    hist_log10_range: list[float]
-    hist_bins_per_decade: int
-    tasks: list[dict[str, Any]]

@@ -20,7 +20,7 @@ document — prompts, m(N), m(empty), sampling, timings — in the footer under
     exact_effect            float64  m(N without e) - m(N), mean over prompts
     config_hash, prompts_hash string
 
-The other tables (attribution, circuits, statistics, benchmark) are listed below, each with its
+The other tables (attribution, analysis, circuits, features, statistics, benchmark) are listed below, each with its
 writer and readers. Tables written through polars store strings as ``large_string``. A field's
 ``nullable`` says whether the column may hold nulls (an all-null column may then be of type
 ``null``); field metadata ``mechflow.optional`` marks a column that is present only sometimes.
@@ -129,6 +129,45 @@ LENS_SCHEMA = pa.schema([*SCORES_FRAME_SCHEMA, _required("std", _F64), _required
                          _required("point", _S)])
 DLA_SCHEMA = SCORES_FRAME_SCHEMA
 
+# ----------------------------------------------------------------------------- analysis (rules analyze, causal_trace)
+
+# ablations.parquet: per (method, component, prompt) m(ablated) - m(clean), the node_scores columns
+# (method = zero | mean | resample), then the prompt's id and clean metric and what replaced the
+# activation. Writer: attribution/analyze.py; reader: attribution/analysis_report.py.
+ABLATIONS_SCHEMA = pa.schema([
+    *NODE_SCORES_SCHEMA, _required("example_id", _S), _required("clean_metric", _F64), _required("reference", _S),
+])
+
+# saliency.parquet: per (method, prompt, position) token saliency (gradient_norm, gradient_x_input,
+# integrated_gradients), with the prompt's IG completeness check repeated on each of its rows; token is
+# null when no tokenizer was available.
+SALIENCY_SCHEMA = pa.schema([
+    _required("method", _S), _required("prompt", _I32), _required("example_id", _S), _required("position", _I32),
+    _required("token_id", _I64), pa.field("token", _S), _required("score", _F64), _required("metric", _F64),
+    _required("baseline_metric", _F64), _required("ig_baseline", _S), _required("ig_steps", _I32),
+    _required("ig_completeness_residual", _F64), _required("ig_tolerance", _F64), _required("ig_complete", _B),
+])
+
+# neurons.parquet: per (method, rank, context_rank) a top MLP neuron (method = neuron_dla | neuron_ap)
+# with one of its top-activating contexts; context is null when no tokenizer was available.
+NEURONS_SCHEMA = pa.schema([
+    _required("method", _S), _required("rank", _I64), _required("component", _S), _required("layer", _I64),
+    _required("neuron", _I64), _required("score", _F64), _required("dla_score", _F64), _required("ap_score", _F64),
+    _required("context_rank", _I64), _required("activation", _F64), _required("context_id", _I64),
+    _required("position", _I64), _required("token_id", _I64), _required("context_token_ids", pa.large_list(_I64)),
+    pa.field("context", _S), _required("context_source", _S),
+])
+
+# causal_tracing.parquet: per (kind, layer, position, prompt) the indirect effect of restoring that
+# clean state (kind = resid | mlp | attn), the position's ROME role and the prompt's metrics.
+CAUSAL_TRACING_SCHEMA = pa.schema([
+    _required("kind", _S), _required("layer", _I32), _required("position", _I32), _required("role", _S),
+    _required("is_subject", _B), _required("prompt", _I32), _required("example_id", _S), _required("token_id", _I64),
+    _required("score", _F64), _required("m_clean", _F64), _required("m_corrupted", _F64),
+    _required("m_restore_all", _F64), _required("metric", _S), _required("window", _I32), _required("sigma", _F64),
+    _required("n_samples", _I32),
+])
+
 # ----------------------------------------------------------------------------- circuits (rule circuit)
 
 # circuit_prompts.parquet: per prompt of the circuit batch.
@@ -168,6 +207,16 @@ def edge_scores_schema(unit: str = "edges") -> pa.Schema:
     """The score table of a circuit of ``unit`` (its footer's ``UNIT_KEY`` says which)."""
     return EDGE_SCORES_SCHEMA if unit == "edges" else NODE_RANKING_SCHEMA
 
+
+# ----------------------------------------------------------------------------- features (rule features)
+
+# task_attribution.parquet: one row per (task, SAE latent) of the feature analysis; exact_effect null
+# where the latent was not verified by exact ablation (`mechflow.features.attribution`).
+TASK_ATTRIBUTION_SCHEMA = pa.schema([
+    _required("task", _S), _required("feature", _I32), _required("attribution", _F64),
+    _required("attribution_std", _F64), _required("rank", _I32), _required("clean_activation", _F64),
+    _required("target_activation", _F64), _required("verified", _B), pa.field("exact_effect", _F64),
+])
 
 # ----------------------------------------------------------------------------- statistics
 

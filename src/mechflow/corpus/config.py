@@ -1,13 +1,16 @@
 """Typed config of the corpus stage (Hydra group ``corpus``, `config/corpus/*.yaml`).
 
-`workflow/schemas/config/corpus.schema.json` is generated from `CorpusConfig`.
+`workflow/schemas/config/corpus.schema.json` is generated from `CorpusConfig`. A config built from a
+mapping remembers which keys the mapping gave (`CorpusConfig.as_given`): corpus.json's
+``config_hash`` has always hashed the group as composed, without the class defaults of the keys
+it left out, and keeps doing so, so the same config keeps its hash.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import Field, StrictInt, StrictStr, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, StrictInt, StrictStr, model_validator
 
 from mechflow.config import FieldError, GroupConfig, config_model
 
@@ -42,6 +45,22 @@ class CorpusConfig(GroupConfig):
         "bos", description="Token between concatenated documents: bos = the model's BOS (model.bos_token; every "
         "document starts like a prompt), eos = the tokenizer's EOS. Falls back to EOS when model.prepend_bos is "
         "false.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_given_keys(cls, data: Any, handler: ModelWrapValidatorHandler[CorpusConfig]) -> CorpusConfig:
+        cfg = handler(data)
+        # not a field (the schema and asdict stay as they are); None: built from arguments, every field given
+        object.__setattr__(cfg, "_given_keys", tuple(data) if isinstance(data, dict) else None)
+        return cfg
+
+    def as_given(self) -> dict[str, Any]:
+        """The settings as plain data, only the keys the composed mapping gave (every field when the
+        config was built from arguments): the group exactly as composed, e.g. for a hash that must
+        not change when a class default is added or changed."""
+        values = self.to_dict()
+        given = getattr(self, "_given_keys", None)
+        return values if given is None else {k: values[k] for k in given}
 
     @model_validator(mode="after")
     def _source_has_what_it_reads(self) -> CorpusConfig:

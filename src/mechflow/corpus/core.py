@@ -20,7 +20,7 @@ import hashlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -132,12 +132,12 @@ def read_contexts(tokens: Path) -> np.ndarray:
     return lists.flatten().to_numpy().astype(np.int64).reshape(len(ids), int(lengths[0]))
 
 
-def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest: Path,
+def prepare_corpus(cfg: CorpusConfig | Mapping[str, Any], *, model_cfg: dict, tokens: Path, corpus_manifest: Path,
                    tokenizer_info: TokenizerInfo | None = None) -> dict:
     """Build the token contexts of one corpus for one model's tokenizer.
 
     Args:
-        cfg: the `corpus` config group (see ``CorpusConfig``).
+        cfg: the `corpus` config group, typed (``CorpusConfig``; a mapping is validated into one).
         model_cfg: the `model` config group (name, prepend_bos, bos_token).
         tokens: output `tokens.parquet`.
         corpus_manifest: output `corpus.json`.
@@ -148,7 +148,9 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
     """
     ccfg = CorpusConfig.from_dict(cfg)
     tok = tokenizer_info or load_tokenizer(model_cfg)
-    prepend_bos = bool(model_cfg.get("prepend_bos", True))
+    from mechflow.models import ModelConfig  # the model group's class defaults
+
+    prepend_bos = ModelConfig.from_dict(model_cfg).prepend_bos
     contexts, stats = pack_contexts(
         iter_documents(ccfg), tok.tokenizer, context_size=ccfg.context_size, max_tokens=ccfg.max_tokens,
         prepend_bos=prepend_bos, bos_token_id=tok.bos_token_id,
@@ -175,13 +177,20 @@ def prepare_corpus(cfg: dict, *, model_cfg: dict, tokens: Path, corpus_manifest:
         "tokenizer": tok.name,
         "tokens_sha256": sha256_file(tokens),
         "text_sha256": stats["text_sha256"],
-        "config_hash": canonical_hash({"corpus": cfg,
-                                       "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}}),
+        "config_hash": corpus_config_hash(ccfg, model_cfg),
     }
     write_document(corpus_manifest, CorpusManifest, summary)
     log.info("corpus %s: %d docs → %d contexts × %d tokens", ccfg.name, summary["n_docs"],
              summary["n_contexts"], ccfg.context_size)
     return summary
+
+
+def corpus_config_hash(cfg: CorpusConfig, model_cfg: Mapping[str, Any]) -> str:
+    """corpus.json's ``config_hash``: the corpus group as composed (`CorpusConfig.as_given`, so a
+    config keeps the hash it had when the stage took the raw mapping) and the model settings that
+    change the tokens (name, prepend_bos, bos_token)."""
+    return canonical_hash({"corpus": cfg.as_given(),
+                           "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}})
 
 
 def _source_detail(cfg: CorpusConfig) -> dict:

@@ -37,13 +37,13 @@ def load_tokenizer(model_cfg: dict) -> TokenizerInfo:
     ``mechflow.models.resolve_bos_id`` (``model.bos_token`` when set, else the tokenizer's BOS), so the
     ids match ``LoadedModel.to_tokens`` exactly.
     """
+    from mechflow.models import ModelConfig, resolve_bos_id
     from mechflow.models import load_tokenizer as load_model_tokenizer
-    from mechflow.models import resolve_bos_id
 
     name = model_cfg["name"]
     tokenizer = load_model_tokenizer(name)
     bos_id = resolve_bos_id(tokenizer, name, model_cfg.get("bos_token"))
-    if bool(model_cfg.get("prepend_bos", True)) and bos_id is None:
+    if ModelConfig.from_dict(model_cfg).prepend_bos and bos_id is None:
         raise ModelLoadError(f"model.prepend_bos is set but {name!r} has no BOS token; set model.bos_token")
     log.info("tokenizer of %s loaded (bos=%s, eos=%s)", name, bos_id, tokenizer.eos_token_id)
     return TokenizerInfo(tokenizer=tokenizer, name=name, bos_token_id=bos_id, eos_token_id=tokenizer.eos_token_id)

@@ -62,30 +62,6 @@ class EvalConfig(_Cfg):
     batch_size: int = Field(4096, ge=1, description="rows per dictionary forward")
 
 
-class FeaturesConfig(_Cfg):
-    """Feature analysis of a trained SAE (`feature_analysis`; see `mechflow.dictionaries.features`)."""
-
-    n_features: int | None = Field(256, ge=1, description="feature records written (null: every live feature); "
-                                   "the top task-attributed features are always included")
-    selection: Literal["random", "frequency"] = Field(
-        "random", description="which live features fill n_features: a seeded random sample, or the most frequent")
-    top_contexts: int = Field(10, ge=1, description="top-activating contexts kept per feature")
-    window: int = Field(8, ge=0, description="tokens shown on each side of the activating token")
-    max_tokens: int | None = Field(None, ge=1, description="harvest rows streamed for contexts and stats (null: all)")
-    batch_rows: int = Field(4096, ge=1, description="harvest rows encoded per step")
-    n_logits: int = Field(10, ge=1, description="top promoted and suppressed tokens per feature (W_dec W_U)")
-    tasks: list[str] = Field(default_factory=lambda: ["ioi"],
-                             description="tasks for feature attribution; each must be selected in `task`")
-    n_prompts: int = Field(16, ge=1, description="prompt pairs per task (first of the largest equal-length bucket)")
-    ablation: Literal["corrupted", "zero"] = Field(
-        "corrupted", description="what a latent is patched to: its corrupted-prompt value, or zero")
-    error_term: bool = Field(True, description="keep the SAE's reconstruction error in the spliced model "
-                             "(Marks et al. 2024), so the spliced model's output is the model's own")
-    n_verify: int = Field(20, ge=0, description="top attributed features verified by exact ablation")
-    max_batch: int = Field(64, ge=1, description="sequences per forward pass in the ablations")
-    seed: int = 0
-
-
 class SAEConfig(_Cfg):
     """An SAE trained with SAELens' `SAETrainer` on one hook's activation shards."""
 
@@ -128,7 +104,6 @@ class SAEConfig(_Cfg):
     device: str = "cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
 
 class TranscoderConfig(_Cfg):

@@ -1,5 +1,8 @@
-"""The evaluation stages of the dictionaries: `evaluate_dictionary` (rule `evaluate_sae`, and a
-per-layer transcoder) and `evaluate_transcoder` (rule `evaluate_transcoder`: stacks and CLTs).
+"""The evaluation stages of the dictionaries: `evaluate_sae` (rule `evaluate_sae`) and
+`evaluate_transcoder` (rule `evaluate_transcoder`), each taking its config group typed.
+
+Both go through `evaluate_dictionary` for a SAELens folder (an SAE or a single per-layer/skip
+transcoder); `evaluate_transcoder` evaluates multi-layer stacks and CLTs as a whole.
 
 The metric definitions and their steps are in `mechflow.dictionaries.metrics`; this module loads
 the trained dictionary, streams its held-out shards, splices it into the model on held-out corpus
@@ -11,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow.parquet as pq
 import torch
 
 from mechflow.contracts.dictionaries import DictionaryMetrics, DictionaryTraining, TranscoderStackMetrics
 from mechflow.contracts.documents import load_document, write_document
-from mechflow.dictionaries.config import EvalConfig, TranscoderConfig, parse_config
+from mechflow.dictionaries.config import EvalConfig, SAEConfig, TranscoderConfig, parse_config
 from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
 from mechflow.dictionaries.metrics import (
     ce_metrics,
@@ -53,13 +56,26 @@ def read_contexts(tokens: Path, context_ids: list[int], limit: int) -> torch.Ten
     return torch.tensor(col, dtype=torch.long)
 
 
-def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: Path, metrics: Path,
-                        model_cfg: dict | None = None, manifest_out: Path | None = None,
-                        model: Any = None) -> dict[str, Any]:
+def evaluate_sae(cfg: SAEConfig | Mapping[str, Any], *, dictionary: Path, manifest: Path, tokens: Path,
+                 metrics: Path, model_cfg: dict | None = None, model: Any = None) -> dict[str, Any]:
+    """Held-out metrics of the SAE `train_sae` wrote; write them to `metrics` (rule `evaluate_sae`).
+
+    Args:
+        cfg: the `sae` config group (its `eval` and `data.exclude_bos` settings are used).
+        dictionary, manifest, tokens, metrics, model_cfg, model: as `evaluate_dictionary`.
+    """
+    return evaluate_dictionary(SAEConfig.from_dict(cfg), dictionary=dictionary, manifest=manifest, tokens=tokens,
+                               metrics=metrics, model_cfg=model_cfg, model=model)
+
+
+def evaluate_dictionary(cfg: EvalConfig | SAEConfig | TranscoderConfig | Mapping[str, Any], *, dictionary: Path,
+                        manifest: Path, tokens: Path, metrics: Path, model_cfg: dict | None = None,
+                        manifest_out: Path | None = None, model: Any = None) -> dict[str, Any]:
     """Held-out metrics of a trained SAE (or per-layer transcoder) folder; write them to `metrics`.
 
     Args:
-        cfg: the `eval` settings, or a whole `sae`/`transcoder` group holding an `eval` key.
+        cfg: the `eval` settings, or a whole `sae`/`transcoder` group holding an `eval` key (typed or
+            a mapping).
         dictionary: folder written by `train_sae` / `train_transcoder` (SAELens format).
         manifest: harvest manifest of the dictionary's input hook.
         tokens: corpus `tokens.parquet` the harvest ran on (for CE/KL).
@@ -124,8 +140,9 @@ def evaluate_dictionary(cfg: Any, *, dictionary: Path, manifest: Path, tokens: P
     return result
 
 
-def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], tokens: Path, metrics: Path,
-                        model_cfg: dict | None = None, model: Any = None) -> dict[str, Any]:
+def evaluate_transcoder(cfg: TranscoderConfig | Mapping[str, Any], *, dictionary: Path, manifests: list[Path],
+                        tokens: Path, metrics: Path, model_cfg: dict | None = None,
+                        model: Any = None) -> dict[str, Any]:
     """Held-out metrics of any transcoder written by `train_transcoder`; write them to `metrics`.
 
     A single-layer per-layer or skip transcoder is a SAELens folder and goes through
@@ -136,7 +153,7 @@ def evaluate_transcoder(cfg: Any, *, dictionary: Path, manifests: list[Path], to
     of the same MLP outputs.
 
     Args:
-        cfg: the `transcoder` config group.
+        cfg: the `transcoder` config group (typed; a mapping is validated into one).
         dictionary: the transcoder folder (`train_transcoder`'s ``out_dir``).
         manifests: harvest manifests of every layer's MLP input and output (any order).
         tokens, metrics, model_cfg, model: as `evaluate_dictionary`.

@@ -1,6 +1,8 @@
 """Typed config of the model group (`config/model/<name>.yaml`).
 
-`workflow/schemas/config/model.schema.json` is generated from `ModelConfig`.
+`workflow/schemas/config/model.schema.json` is generated from `ModelConfig`. Its class defaults are
+the only defaults of the model settings: code that reads a `model` group goes through
+`ModelConfig.from_dict` (or receives a `ModelConfig`), never `model_cfg.get(key, default)`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ class ModelConfig(GroupConfig):
     name: StrictStr = Field(min_length=1, description="an embedded model (smollm2_135m, gemma3_270m) or a "
                             "TransformerLens/HF hub name (online only)")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
-        description="weight dtype on CPU; float32 is the tested default")
-    prepend_bos: StrictBool = Field(description="start every prompt and corpus context with the BOS token")
+        "float32", description="weight dtype on CPU; float32 is the tested default")
+    prepend_bos: StrictBool = Field(True, description="start every prompt and corpus context with the BOS token")
     edge_circuits: StrictBool = Field(True, description="whether edge-level circuits (MIB graph) are defined for "
                                       "this model; false: node-level circuits only")
     bos_token: StrictStr | None = Field(None, description="BOS token string; null = the tokenizer's own")

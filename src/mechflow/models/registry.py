@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ import torch
 from mechflow.contracts.models import ModelCard
 from mechflow.errors import ModelLoadError
 from mechflow.io import sha256_file_cached
+from mechflow.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +362,12 @@ def _load_weights(name: str, dtype: str):
     return model, tokenizer, source, time.perf_counter() - start
 
 
+DEFAULTS = ModelConfig.field_defaults()  # `load_model`'s defaults are the model group's class defaults
+
+
 @functools.lru_cache(maxsize=8)
-def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True,
-               bos_token: str | None = None) -> LoadedModel:
+def load_model(name: str, dtype: str = DEFAULTS["dtype"], prepend_bos: bool = DEFAULTS["prepend_bos"],
+               bos_token: str | None = DEFAULTS["bos_token"]) -> LoadedModel:
     """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
 
     Args:
@@ -381,18 +386,15 @@ def load_model(name: str, dtype: str = "float32", prepend_bos: bool = True,
     return LoadedModel(model=model, tokenizer=tokenizer, card=card, load_seconds=seconds)
 
 
-def load_hf_reference(name: str, dtype: str = "float32"):
+def load_hf_reference(name: str, dtype: str = DEFAULTS["dtype"]):
     """The Hugging Face model and tokenizer of an embedded model (for parity checks)."""
     if name not in EMBEDDED_MODELS:
         raise ModelLoadError(f"no HF reference for non-embedded model {name!r}")
     return _load_hf_gguf(EMBEDDED_MODELS[name].gguf_path(), _torch_dtype(dtype))
 
 
-def load_model_from_cfg(model_cfg: dict) -> LoadedModel:
-    """Load from a resolved `model` config group (see config/model/*.yaml)."""
-    return load_model(
-        model_cfg["name"],
-        dtype=model_cfg.get("dtype", "float32"),
-        prepend_bos=bool(model_cfg.get("prepend_bos", True)),
-        bos_token=model_cfg.get("bos_token"),
-    )
+def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any]) -> LoadedModel:
+    """Load from a resolved `model` config group (see config/model/*.yaml; missing keys take the
+    `ModelConfig` class defaults)."""
+    cfg = ModelConfig.from_dict(model_cfg)
+    return load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token)

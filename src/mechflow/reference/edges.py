@@ -7,7 +7,7 @@ Steps:
    the benchmark's restriction keys) united with a layer-stratified, seeded sample of the FULL
    graph (`mechflow.reference.sampling`).
 3. Exact effect ``m(N without e) - m(N)`` (prompt-mean task metric) of every edge of the set by
-   `mechflow.benchmark.compare.exhaustive_effects` (edges into one receiver share a batched forward
+   `mechflow.benchmark.evaluation.exhaustive_effects` (edges into one receiver share a batched forward
    started from the cached clean state at the receiver's stage), one call per receiver layer so
    progress and per-layer time are visible.
 4. Write ``edge_reference.parquet`` (`mechflow.contracts.parquet.EDGE_REFERENCE_SCHEMA`; its footer
@@ -34,10 +34,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechflow.attribution.patching import PairBatch
-from mechflow.benchmark.compare import exhaustive_effects
 from mechflow.benchmark.config import RestrictionConfig
+from mechflow.benchmark.evaluation import exhaustive_effects
 from mechflow.benchmark.restriction import EdgeRestriction
-from mechflow.circuits.forward import check_edge_model
+from mechflow.circuits.core import edges_undefined
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.contracts.documents import check_document
 from mechflow.contracts.parquet import EDGE_REFERENCE_SCHEMA
@@ -45,6 +45,7 @@ from mechflow.contracts.reference import EDGE_REFERENCE_META_KEY, EdgeReferenceD
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, canonical_hash
+from mechflow.models.config import ModelConfig
 from mechflow.reference.config import ReferenceConfig
 from mechflow.reference.sampling import receiver_layers, stratified_sample
 
@@ -133,25 +134,18 @@ def read_edge_reference(path: Path) -> tuple[pa.Table, dict]:
     return table.replace_schema_metadata(None), doc
 
 
-def edge_support(model_cfg: dict, model=None) -> str | None:
-    """None when edges are defined for the model, else the reason."""
-    if not model_cfg.get("edge_circuits", True):
-        return (f"model.edge_circuits is false for {model_cfg.get('name')!r} (config/model/*.yaml): "
-                "edge-level circuits are not defined for it; node-level reference only")
-    if model is not None:
-        try:
-            check_edge_model(model)
-        except ConfigError as e:
-            return str(e)
-    return None
+def edge_support(model_cfg: ModelConfig | Mapping[str, Any], model=None) -> str | None:
+    """None when edges are defined for the model, else the reason (`mechflow.circuits.edges_undefined`)."""
+    return edges_undefined(model_cfg, model, instead="reference")
 
 
-def run_edge_reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path,
+def edge_reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: ModelConfig | Mapping[str, Any],
+                       dataset: Path,
                        edge_reference: Path,
                        task: str = "task", model: Any = None) -> dict:
     """Stage function of rule ``edge_reference`` (steps 1-4 of the module docstring)."""
     rcfg = ReferenceConfig.from_dict(cfg)
-    doc = {"schema_version": SCHEMA_VERSION, "model": model_cfg.get("name"), "task": task,
+    doc = {"schema_version": SCHEMA_VERSION, "model": ModelConfig.from_dict(model_cfg).name, "task": task,
            "config": rcfg.exact_dict(), "config_hash": rcfg.exact_hash(), "skipped": edge_support(model_cfg)}
     if doc["skipped"] is None:
         from mechflow.benchmark.core import load_task_batch

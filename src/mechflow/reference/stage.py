@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from mechflow.benchmark.roc import roc_curve
 from mechflow.circuits.eap import edge_scores as compute_edge_scores
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.contracts.documents import write_document
@@ -36,7 +37,7 @@ from mechflow.contracts.reference import AucDocument
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
 from mechflow.io import atomic_path, atomic_write_text, canonical_hash
-from mechflow.reference.auc import VARIANTS, method_report, positives, roc_curve
+from mechflow.reference.auc import VARIANTS, method_report, positives
 from mechflow.reference.config import ReferenceConfig
 from mechflow.reference.edges import prompts_hash, read_edge_reference
 
@@ -247,7 +248,7 @@ def _markdown(doc: dict, model_name: str, task: str) -> str:
         edge_text, ""])
 
 
-def run_reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, node_scores: Path,
+def reference(cfg: ReferenceConfig | Mapping[str, Any], *, model_cfg: dict, dataset: Path, node_scores: Path,
                   node_prompts: Path,
                   edge_reference: Path, auc: Path, roc: Path, summary: Path, circuit: Path | None = None,
                   edge_scores: Path | None = None, task: str = "task", model: Any = None) -> dict:

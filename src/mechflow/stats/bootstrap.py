@@ -33,9 +33,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from mechflow.errors import ConfigError, DataError
-from mechflow.stats._checks import as_rng, finite_array
-from mechflow.stats.config import CI_METHODS, check_ci_level, check_positive_int
+from mechflow.errors import DataError
+from mechflow.stats.checks import as_rng, check_choices, check_ci_level, check_positive_int, finite_array
+from mechflow.stats.config import CI_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ class BootstrapResult:
 def _check_common(B: int, ci_level: float, methods: Sequence[str]) -> tuple[str, ...]:
     check_positive_int("stats.B", B)
     check_ci_level("stats.ci_level", ci_level)
-    methods = tuple(methods)
-    if not methods or any(m not in CI_METHODS for m in methods):
-        raise ConfigError(f"stats.ci_methods: {list(methods)!r} must be a non-empty list drawn from {list(CI_METHODS)}")
-    return methods
+    return check_choices("stats.ci_methods", methods, CI_METHODS)
 
 
 def resample_indices(n: int, B: int, seed: int | np.random.Generator = 0) -> np.ndarray:

@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mechflow.errors import DataError
-from mechflow.stats._checks import finite_array
+from mechflow.stats.checks import finite_array
 
 logger = logging.getLogger(__name__)
 

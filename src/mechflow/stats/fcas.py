@@ -53,9 +53,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from mechflow.errors import ConfigError, DataError
-from mechflow.stats._checks import as_rng, check_top_k, finite_array
-from mechflow.stats.config import FCAS_NULLS, check_positive_int
+from mechflow.errors import DataError
+from mechflow.stats.checks import as_rng, check_choice, check_positive_int, check_top_k, finite_array
+from mechflow.stats.config import FCAS_NULLS
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ def permutation_null(
 ) -> np.ndarray:
     """[n_permutations] FCAS values sampled under `null` (see module docstring)."""
     check_positive_int("stats.n_permutations", n_permutations)
-    if null not in FCAS_NULLS:
-        raise ConfigError(f"stats.fcas_null: {null!r} must be one of {list(FCAS_NULLS)}")
+    check_choice("stats.fcas_null", null, FCAS_NULLS)
     rng = as_rng(seed)
     ta, tb = a.top_k(k), b.top_k(k)
     out = np.empty(n_permutations)

@@ -35,6 +35,20 @@ def _none_if_nan(x: Any) -> Any:
     return x
 
 
+def nan_to_none(x: Any) -> Any:
+    """A JSON-ready copy of `x` for the stage's documents: NaN/inf become None, numpy scalars
+    Python numbers, through nested dicts, lists and tuples (tuples become lists)."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [nan_to_none(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
 def write_table(df: pl.DataFrame, out_dir: str | Path, stem: str, contract: pa.Schema | None = None
                 ) -> dict[str, Path]:
     """Write `df` as `{stem}.parquet` and `{stem}.csv` in `out_dir`, each atomically (checked

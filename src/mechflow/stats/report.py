@@ -131,7 +131,7 @@ def _ci(row: Mapping[str, Any] | None, interval: str) -> dict[str, Any] | None:
 
 
 def headline_numbers(table: pl.DataFrame, stab: Mapping[str, Any], interval: str) -> dict[str, Any]:
-    """JSON-ready headline numbers of `run_statistics` (all taken from the written files)."""
+    """JSON-ready headline numbers of `stats` (all taken from the written files)."""
     first = table.row(0, named=True)
     out: dict[str, Any] = {"n_prompts": first["n_prompts"], "B": first["B"], "seed": first["seed"],
                            "ci_level": first["ci_level"], "interval": interval, "methods": stab["methods"],

@@ -31,8 +31,8 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from mechflow.errors import DataError
-from mechflow.stats._checks import check_top_k, finite_array
 from mechflow.stats.bootstrap import resample_counts, resample_indices
+from mechflow.stats.checks import check_top_k, finite_array
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ model agrees.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mechflow.errors import ConfigError, ModelLoadError
-from mechflow.models import encode, load_tokenizer, resolve_bos_id
+from mechflow.models import ModelConfig, encode, load_tokenizer, resolve_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,15 @@ class TaskTokenizer:
     bos_token_id: int | None
 
     @classmethod
-    def from_model_cfg(cls, model_cfg: dict, tokenizer: Any | None = None) -> "TaskTokenizer":
-        """Resolve the BOS convention of `model_cfg` as ``load_model`` does."""
-        name = model_cfg.get("name")
-        if not name:
-            raise ConfigError("model.name is missing: set it to smollm2_135m, gemma3_270m or a hub name")
+    def from_model_cfg(cls, model_cfg: ModelConfig | Mapping[str, Any], tokenizer: Any | None = None
+                       ) -> "TaskTokenizer":
+        """Resolve the BOS convention of `model_cfg` as ``load_model`` does (missing keys: the
+        `ModelConfig` class defaults)."""
+        mcfg = ModelConfig.from_dict(model_cfg)
+        name, prepend = mcfg.name, mcfg.prepend_bos
         tok = load_tokenizer(name) if tokenizer is None else tokenizer
-        prepend = bool(model_cfg.get("prepend_bos", True))
         try:
-            bos_id = resolve_bos_id(tok, name, model_cfg.get("bos_token"))
+            bos_id = resolve_bos_id(tok, name, mcfg.bos_token)
         except ModelLoadError as exc:
             raise ConfigError(str(exc)) from exc
         if prepend and bos_id is None:

@@ -3,8 +3,8 @@ defines functions fails `snakemake --lint`).
 
 Each takes the job's `wildcards` and reads the run `runs.RUNS[wildcards.run]`. Params functions
 return exactly the config keys a rule reads, because Snakemake re-runs a job when its params change:
-e.g. `stage_cfg("benchmark", without=("enabled", "tasks"))` keeps `benchmark` from re-running when
-only the selection of benchmarked tasks changes.
+e.g. `stage_cfg("benchmark")` leaves out `BenchmarkConfig.SELECTION_KEYS` (`enabled`, `tasks`), so
+`benchmark` does not re-run when only the selection of benchmarked tasks changes.
 """
 
 from __future__ import annotations
@@ -19,18 +19,34 @@ from mechflow.workflow.runs import RUNS, model_pairs, pair_runs, tasks_of_settin
 
 
 def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict]:
-    """A Snakemake `params` function returning the resolved config group of the job's run.
+    """A Snakemake `params` function returning the resolved config group of the job's run (`job_run`).
 
-    ``without``: keys of the group the rule does not read (e.g. ``benchmark.enabled``), dropped so that
-    editing them does not re-run the rule (params are a rerun trigger).
+    Left out, so that editing them does not re-run the rule (params are a rerun trigger): the keys the
+    group's config class lists in ``SELECTION_KEYS`` (which jobs exist, not what a job computes, e.g.
+    ``benchmark.enabled``, ``benchmark.tasks``), and ``without``, other keys the rule does not read.
     """
 
     def params(wildcards) -> dict:
-        cfg = RUNS[wildcards.run].stage(group)
-        return {k: v for k, v in cfg.items() if k not in without} if without else cfg
+        cfg = RUNS[job_run(wildcards)].stage(group)
+        drop = {*selection_keys(group), *without}
+        return {k: v for k, v in cfg.items() if k not in drop} if drop else cfg
 
     params.__name__ = f"stage_cfg_{group}"
     return params
+
+
+def job_run(wildcards) -> str:
+    """The run whose config a job reads: its `run` wildcard, or for a cross-model job (`pair`) the
+    pair's first run (the two runs differ only in the model)."""
+    run = getattr(wildcards, "run", None)
+    return run if run is not None else pair_runs(wildcards.pair)[0]
+
+
+def selection_keys(group: str) -> tuple[str, ...]:
+    """``SELECTION_KEYS`` of the group's typed config (none for a group without one)."""
+    from mechflow.config import CONFIG_GROUPS, group_model
+
+    return getattr(group_model(group), "SELECTION_KEYS", ()) if group in CONFIG_GROUPS else ()
 
 
 def task_cfg(wildcards) -> dict:
@@ -98,22 +114,21 @@ def dictionary_metrics_of(wildcards) -> list[str]:
             f"{paths.dictionaries_dir(wildcards.run)}/transcoder_metrics.json"]
 
 
-FEATURES_DIR = "sae_features"
 FEATURE_OUTPUTS = ("features.jsonl", "features.html", "histograms.png", "task_attribution.parquet", "summary.json")
 
 
 def feature_datasets_of(wildcards) -> list[str]:
-    """Input function of rule `feature_analysis`: datasets of the tasks in `sae.features.tasks`."""
-    from mechflow.dictionaries.config import FeaturesConfig
+    """Input function of rule `features`: datasets of the tasks in `features.tasks`."""
+    from mechflow.features.config import FeaturesConfig
 
-    features = RUNS[wildcards.run].cfg["sae"].get("features") or {}
-    wanted = tasks_of_setting(wildcards.run, "sae.features.tasks", features.get("tasks", FeaturesConfig().tasks))
+    tasks = FeaturesConfig.from_dict(RUNS[wildcards.run].stage("features")).tasks  # class defaults, one place
+    wanted = tasks_of_setting(wildcards.run, "features.tasks", tasks)
     return [paths.task_file(wildcards.run, task, "dataset.jsonl") for task in wanted]
 
 
 def feature_outputs_of(wildcards) -> list[str]:
-    """The final outputs of rule `feature_analysis` for one run (inputs of `run_manifest`)."""
-    return [f"{paths.dictionaries_dir(wildcards.run)}/{FEATURES_DIR}/{name}" for name in FEATURE_OUTPUTS]
+    """The final outputs of rule `features` for one run (inputs of `run_manifest`)."""
+    return [f"{paths.features_dir(wildcards.run)}/{name}" for name in FEATURE_OUTPUTS]
 
 
 # ----------------------------------------------------------------------------- attribution, analysis, circuits
@@ -121,14 +136,14 @@ def feature_outputs_of(wildcards) -> list[str]:
 
 def neuron_harvest_of(wildcards) -> list[str]:
     """The harvest index, only when the run harvests some `blocks.L.mlp.hook_post` (neuron contexts)."""
-    from mechflow.attribution.analysis import harvests_neurons
+    from mechflow.attribution.planning import harvests_neurons
 
     return [paths.harvest_index(wildcards.run)] if harvests_neurons(RUNS[wildcards.run].stage("harvest")) else []
 
 
 def causal_tracing_of(wildcards) -> list[str]:
     """The task's causal tracing table when it has subject positions (summarised in analysis.md)."""
-    from mechflow.attribution.analysis import has_subjects
+    from mechflow.attribution.planning import has_subjects
 
     if has_subjects(RUNS[wildcards.run].cfg["task"][wildcards.task]):
         return [f"{paths.attribution_dir(wildcards.run, wildcards.task)}/causal_tracing.parquet"]
@@ -137,7 +152,7 @@ def causal_tracing_of(wildcards) -> list[str]:
 
 def analysis_outputs(run: str, run_cfg: dict) -> list[str]:
     """Every analysis output of a run: `analyze` per task, `causal_trace` for tasks with subjects."""
-    from mechflow.attribution.analysis import ANALYZE_OUTPUTS, CAUSAL_TRACE_OUTPUTS, has_subjects
+    from mechflow.attribution.planning import ANALYZE_OUTPUTS, CAUSAL_TRACE_OUTPUTS, has_subjects
 
     out = []
     for task in sorted(run_cfg["task"]):
@@ -177,7 +192,9 @@ def edge_reference_cfg_of(wildcards) -> dict:
 
 def circuit_scores_of(wildcards) -> dict[str, str]:
     """The circuit rule's edge scores (reused when on the same prompts); none where edges are undefined."""
-    if not RUNS[wildcards.run].cfg["model"].get("edge_circuits", True):
+    from mechflow.models.config import ModelConfig
+
+    if not ModelConfig.from_dict(RUNS[wildcards.run].cfg["model"]).edge_circuits:
         return {}
     base = paths.circuits_dir(wildcards.run, wildcards.task)
     return {"circuit": f"{base}/circuit.json", "edge_scores": f"{base}/edge_scores.parquet"}
@@ -249,12 +266,6 @@ def feature_matching_inputs_of(wildcards) -> dict[str, Any]:
         inputs[f"training_{side}"] = f"{paths.dictionaries_dir(run)}/sae/training.json"
         inputs[f"datasets_{side}"] = [paths.task_file(run, task, "dataset.jsonl") for task in shared]
     return inputs
-
-
-def pair_feature_stats_cfg(wildcards) -> dict:
-    """The `stats` keys feature matching reads (so editing B or top_k does not re-run it)."""
-    cfg = RUNS[pair_runs(wildcards.pair)[0]].cfg["stats"]
-    return {k: cfg[k] for k in ("seed", "feature_null", "feature_n_permutations") if k in cfg}
 
 
 def pair_corpus_cfg(wildcards) -> dict:

@@ -45,6 +45,11 @@ def dictionaries_dir(run: str) -> str:
     return f"{run_dir(run)}/dictionaries"
 
 
+def features_dir(run: str) -> str:
+    """Folder of the feature analysis of the run's SAE (rule features)."""
+    return f"{run_dir(run)}/features"
+
+
 def stats_dir(run: str, task: str) -> str:
     return f"{run_dir(run)}/stats/{task}"
 

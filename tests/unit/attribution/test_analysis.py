@@ -17,19 +17,12 @@ import pytest
 import torch
 import yaml
 
-from mechflow.attribution.analysis import (
-    ANALYZE_OUTPUTS,
-    AnalysisConfig,
-    CausalTracingConfig,
-    corpus_top_contexts,
-    neuron_contexts,
-    position_roles,
-    run_analysis,
-    run_causal_tracing,
-    subject_positions,
-)
+from mechflow.attribution.analyze import analyze
+from mechflow.attribution.causal_trace import causal_trace, position_roles, subject_positions
 from mechflow.attribution.causal_tracing import answer_probability
-from mechflow.attribution.config import AttributionConfig
+from mechflow.attribution.config import AnalysisConfig, AttributionConfig, CausalTracingConfig
+from mechflow.attribution.neuron_contexts import corpus_top_contexts, neuron_contexts
+from mechflow.attribution.planning import ANALYZE_OUTPUTS
 from mechflow.corpus import contexts_table
 from mechflow.errors import ConfigError, DataError
 from mechflow.harvest import harvest
@@ -100,14 +93,38 @@ def run(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("analysis")
     dataset = write_task(d / "dataset.jsonl")
     ctx = write_corpus(d / "tokens.parquet")
-    ct = run_causal_tracing(CT_CFG, model_cfg=MODEL_CFG, dataset=dataset, causal_tracing=d / "causal_tracing.parquet",
-                            figure=d / "causal_tracing.png", task="factual_recall", loaded_model=model)
+    ct = causal_trace(CT_CFG, model_cfg=MODEL_CFG, dataset=dataset, causal_tracing=d / "causal_tracing.parquet",
+                      figure=d / "causal_tracing.png", task="factual_recall", loaded_model=model)
     out = outputs(d)
-    summary = run_analysis(CFG, model_cfg=MODEL_CFG, dataset=dataset, tokens=d / "tokens.parquet", harvest_index=[],
-                           causal_tracing=[d / "causal_tracing.parquet"], task="factual_recall", loaded_model=model,
-                           **out)
+    summary = analyze(CFG, model_cfg=MODEL_CFG, dataset=dataset, tokens=d / "tokens.parquet", harvest_index=[],
+                      causal_tracing=[d / "causal_tracing.parquet"], task="factual_recall", loaded_model=model,
+                      **out)
     batch = TaskDataset.load(dataset).buckets()[-1]  # the length-7 bucket (6 prompts)
     return {"dir": d, "dataset": dataset, "ctx": ctx, "out": out, "summary": summary, "ct": ct, "bucket": batch}
+
+
+def test_every_table_matches_its_contract(run):
+    """Writers check their tables against `mechflow.contracts.parquet`; the files read back match too."""
+    from mechflow.contracts.parquet import (
+        ABLATIONS_SCHEMA,
+        CAUSAL_TRACING_SCHEMA,
+        NEURONS_SCHEMA,
+        SALIENCY_SCHEMA,
+        schema_mismatches,
+    )
+
+    for name, contract in (("ablations", ABLATIONS_SCHEMA), ("saliency", SALIENCY_SCHEMA),
+                           ("neurons", NEURONS_SCHEMA), ("causal_tracing", CAUSAL_TRACING_SCHEMA)):
+        assert schema_mismatches(pq.read_schema(run["dir"] / f"{name}.parquet"), contract) == [], name
+
+
+def test_a_table_that_breaks_its_contract_is_refused_on_read(tmp_path):
+    from mechflow.attribution.stage_io import read_table
+    from mechflow.contracts.parquet import ABLATIONS_SCHEMA
+
+    pl.DataFrame({"method": ["zero"]}).write_parquet(tmp_path / "ablations.parquet")
+    with pytest.raises(DataError, match="ablations.parquet does not match its contract.*re-run rule analyze"):
+        read_table(tmp_path / "ablations.parquet", ABLATIONS_SCHEMA, "analyze")
 
 
 def _batch(n):
@@ -163,11 +180,11 @@ def test_incomplete_integrated_gradients_fails_loudly_or_is_flagged(tmp_path, mo
     write_corpus(tmp_path / "tokens.parquet")
     strict = {**CFG, "ig_steps": 1, "ig_rtol": 0.0, "ig_atol": 1e-12, "ablations": []}
     with pytest.raises(DataError, match="integrated gradients is incomplete.*ig_steps"):
-        run_analysis(strict, model_cfg=MODEL_CFG, dataset=dataset, tokens=tmp_path / "tokens.parquet",
-                     loaded_model=model, **outputs(tmp_path))
+        analyze(strict, model_cfg=MODEL_CFG, dataset=dataset, tokens=tmp_path / "tokens.parquet",
+                loaded_model=model, **outputs(tmp_path))
     assert not (tmp_path / "saliency.parquet").exists()
-    summary = run_analysis({**strict, "ig_check": "flag"}, model_cfg=MODEL_CFG, dataset=dataset,
-                           tokens=tmp_path / "tokens.parquet", loaded_model=model, **outputs(tmp_path))
+    summary = analyze({**strict, "ig_check": "flag"}, model_cfg=MODEL_CFG, dataset=dataset,
+                      tokens=tmp_path / "tokens.parquet", loaded_model=model, **outputs(tmp_path))
     assert summary["ig_incomplete_prompts"] == 4
     assert "IG is incomplete" in (tmp_path / "analysis.md").read_text()
     assert pl.read_parquet(tmp_path / "ablations.parquet").height == 0
@@ -254,8 +271,8 @@ def test_subject_positions_come_from_the_clean_corrupted_difference(run):
 def test_causal_trace_refuses_a_task_without_subjects(tmp_path, model):
     dataset = write_task(tmp_path / "dataset.jsonl", kind="ioi")
     with pytest.raises(ConfigError, match="no subject positions"):
-        run_causal_tracing(CT_CFG, model_cfg=MODEL_CFG, dataset=dataset, causal_tracing=tmp_path / "ct.parquet",
-                           figure=tmp_path / "ct.png", loaded_model=model)
+        causal_trace(CT_CFG, model_cfg=MODEL_CFG, dataset=dataset, causal_tracing=tmp_path / "ct.parquet",
+                     figure=tmp_path / "ct.png", loaded_model=model)
 
 
 def test_neuron_contexts_from_harvest_equal_the_corpus_scan_and_brute_force(tmp_path, model):
@@ -318,11 +335,11 @@ def test_bad_config_names_the_key(model, cfg, match):
 
 def test_bad_config_fails_the_stage_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="ig_baseline"):
-        run_analysis({"ig_baseline": "noise"}, model_cfg=MODEL_CFG, dataset=tmp_path / "missing.jsonl",
-                     tokens=tmp_path / "t.parquet", loaded_model=object(), **outputs(tmp_path))
+        analyze({"ig_baseline": "noise"}, model_cfg=MODEL_CFG, dataset=tmp_path / "missing.jsonl",
+                tokens=tmp_path / "t.parquet", loaded_model=object(), **outputs(tmp_path))
     with pytest.raises(ConfigError, match="window"):
-        run_causal_tracing({"window": 0}, model_cfg=MODEL_CFG, dataset=tmp_path / "missing.jsonl",
-                           causal_tracing=tmp_path / "c.parquet", figure=tmp_path / "c.png", loaded_model=object())
+        causal_trace({"window": 0}, model_cfg=MODEL_CFG, dataset=tmp_path / "missing.jsonl",
+                     causal_tracing=tmp_path / "c.parquet", figure=tmp_path / "c.png", loaded_model=object())
 
 
 def test_default_yaml_dataclass_and_schema_agree():

@@ -1,4 +1,5 @@
-"""Benchmark config: shipped YAML parses; every bad value names its field; ACDC refuses bad metrics."""
+"""Benchmark config: shipped YAML parses; every bad value names its field, once, when the config is
+built (ACDC and the comparison read validated values)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from mechflow.benchmark.acdc import Acdc
 from mechflow.benchmark.config import AcdcConfig, BenchmarkConfig, RestrictionConfig
 from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.circuits.graph import EdgeGraph
@@ -30,10 +30,41 @@ def test_shipped_yaml_parses_and_validates(name):
 
 
 def test_recorded_settings_leave_out_the_rule_keys():
-    cfg = BenchmarkConfig.from_dict({"enabled": True, "tasks": ["ioi", "greater_than"], "compare": {"target": 0.9}})
+    cfg = BenchmarkConfig.from_dict({"enabled": True, "tasks": ["ioi", "greater_than"], "target": 0.9})
     assert set(cfg.to_dict()) == {"n_prompts", "restriction", "acdc"}
     assert cfg.hash() == BenchmarkConfig().hash()
     assert cfg.to_dict()["acdc"]["thresholds"] == [0.001, 0.003, 0.01, 0.03, 0.1]
+    assert cfg.compare_dict() == {"target": 0.9, "ig_steps": 5, "ig_rule": "left",
+                                  "percentages": [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100],
+                                  "reference_threshold": None, "acdc_match": "closest"}
+    assert BenchmarkConfig.SELECTION_KEYS == ("enabled", "tasks")
+
+
+def test_the_rule_params_leave_out_the_selection_keys(monkeypatch):
+    """`stage_cfg("benchmark")` drops `SELECTION_KEYS`: toggling them does not re-run a benchmark."""
+    from types import SimpleNamespace
+
+    from mechflow.config import compose_runs
+    from mechflow.workflow import inputs, runs
+
+    (name, run_), = compose_runs().items()
+    monkeypatch.setitem(runs.RUNS, name, run_)
+    params = inputs.stage_cfg("benchmark")(SimpleNamespace(run=name))
+    assert set(run_.cfg["benchmark"]) - set(params) == {"enabled", "tasks"}
+    assert params["target"] == 0.8 and "compare" not in params
+
+
+def test_target_is_checked_as_the_circuits_target():
+    """One statement of the constraint (`mechflow.circuits.config.Target`), two groups."""
+    from mechflow.circuits.config import CircuitConfig
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=r"benchmark\.target") as mine:
+            BenchmarkConfig.from_dict({"target": bad})
+        with pytest.raises(ConfigError, match=r"circuits\.target") as theirs:
+            CircuitConfig.from_dict({"target": bad})
+        assert str(mine.value).split(":")[1][:40] == str(theirs.value).split(":")[1][:40]
+    assert BenchmarkConfig.from_dict({"target": 1}).target == 1.0
 
 
 @pytest.mark.parametrize("thresholds", [[], ["0.1"], [True], [0.1, -0.01], [0.1, 0.01], [0.01, 0.01], "0.1",
@@ -54,6 +85,13 @@ def test_bad_thresholds_name_the_field(thresholds):
     ({"restriction": {"components": "mlps"}}, r"benchmark\.restriction\.components"),
     ({"tasks": []}, r"benchmark\.tasks"),
     ({"enabled": "yes"}, r"benchmark\.enabled"),
+    ({"target": 0}, r"benchmark\.target"),
+    ({"ig_steps": 0}, r"benchmark\.ig_steps"),
+    ({"ig_rule": "right"}, r"benchmark\.ig_rule.*'left', 'midpoint'"),
+    ({"percentages": []}, r"benchmark\.percentages"),
+    ({"reference_threshold": 0}, r"benchmark\.reference_threshold"),
+    ({"acdc_match": "best"}, r"benchmark\.acdc_match.*'closest', 'at_least'"),
+    ({"compare": {"target": 0.8}}, r"benchmark\.compare: unknown key"),
     ({"method": "acdc"}, r"benchmark\.method: unknown key"),
 ])
 def test_bad_values_raise_config_error_naming_field(cfg, field):
@@ -63,6 +101,11 @@ def test_bad_values_raise_config_error_naming_field(cfg, field):
         jsonschema.validate(cfg, SCHEMA)
 
 
+def test_budgets_must_increase():
+    with pytest.raises(ConfigError, match=r"benchmark\.percentages.*strictly increasing"):
+        BenchmarkConfig.from_dict({"percentages": [10, 1]})
+
+
 def test_constructing_a_bad_config_is_a_config_error():
     with pytest.raises(ConfigError, match=r"benchmark\.acdc\.speculation"):
         AcdcConfig(speculation=0)
@@ -70,21 +113,12 @@ def test_constructing_a_bad_config_is_a_config_error():
         RestrictionConfig(components="mlps")
 
 
-def test_unknown_metric_is_refused_by_acdc_too(tiny_llama):
-    from mechflow.attribution.patching import TokenPairs
-
-    toks = torch.zeros(1, 3, dtype=torch.long)
-    batch = TokenPairs(toks, toks + 1, lambda logits: logits[:, -1, 0])
-    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.metric"):
-        Acdc(tiny_llama, batch, _unchecked(metric="mse"))
-
-
-def _unchecked(**kw) -> AcdcConfig:
-    """An AcdcConfig that skipped validation (as a caller building one by hand could)."""
-    cfg = AcdcConfig()
-    for k, v in kw.items():
-        object.__setattr__(cfg, k, v)
-    return cfg
+def test_unknown_metric_is_refused_when_the_config_is_built():
+    """The config is ACDC's one check of its metric and taus (`Acdc` reads validated values)."""
+    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.metric.*'kl', 'task'"):
+        AcdcConfig(metric="mse")
+    with pytest.raises(ConfigError, match=r"benchmark\.acdc\.thresholds"):
+        AcdcConfig(thresholds=(0.1, 0.01))
 
 
 def test_restriction_masks():

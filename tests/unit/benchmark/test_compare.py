@@ -1,5 +1,5 @@
-"""The side-by-side benchmark (`mechflow.benchmark.compare`) on the tiny llama, checked against
-exact single-edge removals computed directly with `CircuitEvaluator`."""
+"""The side-by-side benchmark (`mechflow.benchmark.compare`, stage `benchmark`) on the tiny llama,
+checked against exact single-edge removals computed directly with `CircuitEvaluator`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from mechflow.attribution.patching import TokenPairs
-from mechflow.benchmark.compare import (
+from mechflow.benchmark.compare import compare_methods
+from mechflow.benchmark.config import BenchmarkConfig, RestrictionConfig
+from mechflow.benchmark.evaluation import (
+    RestrictedEvaluator,
+    ResumedRestrictedEvaluator,
+    exhaustive_effects,
+    ranking_inputs,
+    reference_positives,
+)
+from mechflow.benchmark.report import (
     BENCHMARK_MD,
     BENCHMARK_OUTPUTS,
     COLUMNS,
@@ -22,20 +31,11 @@ from mechflow.benchmark.compare import (
     TABLE_TEX,
     TIMING_COLUMNS,
     TIMINGS_JSON,
-    RestrictedEvaluator,
-    ResumedRestrictedEvaluator,
     benchmark_outputs,
-    compare_methods,
-    exhaustive_effects,
-    parse_config,
-    reference_positives,
-    roc_auc,
-    roc_curve,
-    run_benchmark,
-    step_auc,
 )
-from mechflow.benchmark.config import RestrictionConfig
 from mechflow.benchmark.restriction import EdgeRestriction
+from mechflow.benchmark.roc import roc_auc, roc_curve, step_auc
+from mechflow.benchmark.stage import benchmark
 from mechflow.circuits.faithfulness import CircuitEvaluator, prefix_mask
 from mechflow.circuits.graph import EdgeGraph
 from mechflow.errors import ConfigError
@@ -43,7 +43,7 @@ from mechflow.testing import random_token_pairs, write_tiny_task_dataset
 
 CFG = {"n_prompts": 4, "restriction": {"last_layers": 1},
        "acdc": {"thresholds": [0.003, 0.03, 0.3], "speculation": 4},
-       "compare": {"target": 0.8, "ig_steps": 3}}
+       "target": 0.8, "ig_steps": 3}
 
 
 def pairs(seed: int = 0, n: int = 4, pos: int = 6) -> TokenPairs:
@@ -57,9 +57,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def result(tiny_llama, batch, tmp_path_factory):
-    bench, cmp = parse_config(CFG)
     out = tmp_path_factory.mktemp("bench")
-    doc = compare_methods(tiny_llama, batch, bench, cmp, **benchmark_outputs(out),
+    doc = compare_methods(tiny_llama, batch, BenchmarkConfig.from_dict(CFG), **benchmark_outputs(out),
                           meta={"prompt_ids": ["p0", "p1", "p2", "p3"]})
     return doc, out
 
@@ -174,11 +173,11 @@ def test_perfect_scorer_has_auc_one_and_auc_matches_trapezoid_of_the_roc(tiny_ll
     effects, _, _ = exhaustive_effects(tiny_llama, batch, restriction)
     positives = reference_positives(effects, restriction, 5, None, 1.0)
     assert int(positives.sum()) == 5
-    assert roc_auc(effects, positives, restriction) == 1.0
-    assert roc_auc(1.0 / effects.abs(), positives, restriction) == 0.0
+    assert roc_auc(*ranking_inputs(effects, positives, restriction)) == 1.0
+    assert roc_auc(*ranking_inputs(1.0 / effects.abs(), positives, restriction)) == 0.0
     noisy = effects.abs() + torch.rand(effects.shape, generator=torch.Generator().manual_seed(1)).double()
-    pts = roc_curve(noisy, positives, restriction)
-    assert roc_auc(noisy, positives, restriction) == pytest.approx(step_auc(pts), abs=1e-12)
+    pts = list(zip(*roc_curve(*ranking_inputs(noisy, positives, restriction))))
+    assert roc_auc(*ranking_inputs(noisy, positives, restriction)) == pytest.approx(step_auc(pts), abs=1e-12)
     thr = reference_positives(effects, restriction, 0, 0.05, 2.0)
     assert torch.equal(thr, restriction.mask & (effects.nan_to_num(0).abs() > 0.1))
 
@@ -193,9 +192,8 @@ def test_step_auc_of_known_points():
 def test_same_inputs_give_the_same_table_except_timings(tiny_llama, result, tmp_path):
     """Also: each file goes to exactly the path its keyword names (here not the default names)."""
     _, first = result
-    bench, cmp = parse_config(CFG)
     named = {name: tmp_path / name / f"custom_{file}" for name, file in BENCHMARK_OUTPUTS.items()}
-    compare_methods(tiny_llama, pairs(0), bench, cmp, **named)
+    compare_methods(tiny_llama, pairs(0), BenchmarkConfig.from_dict(CFG), **named)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(BENCHMARK_OUTPUTS)
     for name, path in named.items():
         assert [p.name for p in path.parent.iterdir()] == [path.name], name
@@ -206,15 +204,16 @@ def test_same_inputs_give_the_same_table_except_timings(tiny_llama, result, tmp_
 
 @pytest.mark.parametrize("bad", [
     {"acdc": {"thresholds": []}},
-    {"compare": {"target": 1.5}},
-    {"compare": {"percentages": [10, 1]}},
-    {"compare": {"reference_threshold": -1}},
-    {"compare": {"acdc_match": "best"}},
-    {"compare": {"typo": 1}},
+    {"target": 1.5},
+    {"percentages": [10, 1]},
+    {"reference_threshold": -1},
+    {"acdc_match": "best"},
+    {"typo": 1},
+    {"compare": {"target": 0.8}},  # the nested block of earlier versions: an unknown key now
 ])
 def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
-    with pytest.raises(ConfigError, match="benchmark"):
-        run_benchmark(bad, model_cfg={}, dataset=tmp_path / "missing.jsonl", **benchmark_outputs(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=rf"benchmark\.{next(iter(bad))}"):
+        benchmark(bad, model_cfg={}, dataset=tmp_path / "missing.jsonl", **benchmark_outputs(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -229,12 +228,12 @@ def test_stage_reads_the_dataset_and_records_prompt_ids(tiny_llama, tmp_path):
 
     loaded = SimpleNamespace(model=tiny_llama, card=SimpleNamespace(name="tiny"))
     data = _dataset(tmp_path / "dataset.jsonl", "tiny")
-    doc = run_benchmark(CFG, model_cfg={"name": "tiny"}, dataset=data, **benchmark_outputs(tmp_path / "out"),
-                        model=loaded)
+    doc = benchmark(CFG, model_cfg={"name": "tiny"}, dataset=data, **benchmark_outputs(tmp_path / "out"),
+                    model=loaded)
     assert doc["prompt_ids"] == ["e0", "e1", "e2", "e3"] and doc["task"] == "t"
     assert json.loads((tmp_path / "out" / TIMINGS_JSON).read_text())["prompt_ids"] == doc["prompt_ids"]
     assert (tmp_path / "out" / BENCHMARK_MD).exists()
     other = _dataset(tmp_path / "other" / "dataset.jsonl", "someone_else")
     with pytest.raises(DataError, match="tokenized for model"):
-        run_benchmark(CFG, model_cfg={}, dataset=other, **benchmark_outputs(tmp_path / "out2"), model=loaded)
+        benchmark(CFG, model_cfg={}, dataset=other, **benchmark_outputs(tmp_path / "out2"), model=loaded)
     assert not (tmp_path / "out2").exists()

@@ -90,10 +90,11 @@ def test_minimal_prefix_is_a_verified_boundary(setup):
 @pytest.mark.parametrize("target", [0, -0.1, 1.5, float("nan"), True])
 def test_target_outside_unit_interval_is_config_error(setup, target):
     _, ev, order = setup
-    with pytest.raises(ConfigError, match="circuits.target"):
+    with pytest.raises(ConfigError, match="circuits.target") as library:
         minimal_faithful_prefix(ev, order, target)
-    with pytest.raises(ConfigError, match="circuits.target"):
+    with pytest.raises(ConfigError, match="circuits.target") as config:
         CircuitConfig(target=target)
+    assert str(library.value) == str(config.value)  # one check: the library call runs the config's own
 
 
 def test_config_validation():

@@ -162,16 +162,18 @@ def test_node_circuit_search_is_minimal_exact_and_recomputable(tiny_llama, tiny_
 
 
 def test_unit_resolution(tiny_llama, tiny_gemma):
-    assert resolve_unit("auto", tiny_llama, {"edge_circuits": True}) == "edges"
-    assert resolve_unit("auto", tiny_llama, {"edge_circuits": False}) == "nodes"
-    assert resolve_unit("auto", tiny_gemma, {}) == "nodes"
-    assert resolve_unit("nodes", tiny_llama, {}) == "nodes"
+    assert resolve_unit("auto", tiny_llama, {"name": "x", "edge_circuits": True}) == "edges"
+    assert resolve_unit("auto", tiny_llama, {"name": "x", "edge_circuits": False}) == "nodes"
+    assert resolve_unit("auto", tiny_gemma, {"name": "x"}) == "nodes"
+    assert resolve_unit("nodes", tiny_llama, {"name": "x"}) == "nodes"
     with pytest.raises(ConfigError, match="circuits.unit.*post-norms|post-norms.*circuits.unit"):
-        resolve_unit("edges", tiny_gemma, {})
-    with pytest.raises(ConfigError, match="circuits.unit: 'edges'.*edge_circuits: false"):
+        resolve_unit("edges", tiny_gemma, {"name": "x"})
+    with pytest.raises(ConfigError, match="circuits.unit: 'edges'.*edge_circuits is false"):
         resolve_unit("edges", tiny_llama, {"name": "x", "edge_circuits": False})
     with pytest.raises(ConfigError, match="circuits.unit"):
         CircuitConfig(unit="heads")
+    with pytest.raises(ConfigError, match="circuits.unit: 'heads' is not one of"):  # the config's own check
+        resolve_unit("heads", tiny_llama, {"name": "x"})
 
 
 def test_node_file_must_not_list_edges(tiny_llama):

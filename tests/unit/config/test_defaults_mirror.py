@@ -23,7 +23,7 @@ DELIBERATE: dict[str, dict[str, str]] = {
         "restriction.last_layers": "last4: the last 4 layers",
         "restriction.sender_last_layers": "last4: the last 4 layers",
         "acdc.speculation": "last4: 8 candidates per batched forward",
-        "compare.reference_threshold": "last4: top-k positives are degenerate for 1-2 edge circuits",
+        "reference_threshold": "last4: top-k positives are degenerate for 1-2 edge circuits",
     },
     # The dictionary recipes (config/sae/topk.yaml, config/transcoder/default.yaml): tuned on the demo
     # harvest (README, "SAE recipe study"); the classes keep SAELens-like generic values.
@@ -49,10 +49,6 @@ def _class_defaults(group: str) -> dict:
         from mechflow.config import WandbConfig
 
         defaults["wandb"] = WandbConfig.field_defaults()
-    if group == "benchmark":  # `compare` is read by CompareConfig (a sub-stage block, still nested)
-        from mechflow.benchmark.compare import CompareConfig
-
-        defaults["compare"] = CompareConfig().to_dict()
     return defaults
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from mechflow.contracts import catalog
 from mechflow.contracts.attribution import Agreement
 from mechflow.contracts.benchmark import AcdcDocument
-from mechflow.contracts.dictionaries import DictionaryTraining, FeatureSummary, TranscoderMetrics
+from mechflow.contracts.dictionaries import DictionaryTraining, TranscoderMetrics
 from mechflow.contracts.documents import (
     VersionedDocument,
     check_document,
@@ -23,6 +23,7 @@ from mechflow.contracts.documents import (
     union_members,
     write_document,
 )
+from mechflow.contracts.features import FeatureSummary
 from mechflow.contracts.parquet import ACDC_STEPS_SCHEMA, schema_mismatches
 from mechflow.contracts.stats import CkaDocument
 from mechflow.contracts.tasks import TaskBaseline, TaskDatasetMeta, TaskDatasetRow
@@ -167,9 +168,9 @@ def test_acdc_outputs_follow_their_contracts(tiny_llama, tmp_path):
 
 
 def test_cka_document_from_the_report_is_valid():
+    from mechflow.stats.alignment import CKAPrompts
     from mechflow.stats.cka import cka_by_depth
     from mechflow.stats.report import cka_headline
-    from mechflow.stats.stage import CKAPrompts
 
     rng = np.random.default_rng(0)
     acts_a = {layer: rng.normal(size=(10, 6)) for layer in range(2)}
@@ -184,7 +185,7 @@ AGREEMENT = {"ap": {"pearson_vs_exact": 0.9, "spearman_vs_exact": 0.8, "max_abs_
              "ig": {"pearson_vs_exact": 0.99, "spearman_vs_exact": 0.95, "max_abs_error": 0.01},
              "n_prompts": 4, "ig_steps": 3, "direction": "noising", "m_clean_mean": 2.0, "m_corrupted_mean": -1.0,
              "dla_sum_minus_logit_diff_max": 1e-6}
-FEATURE_SUMMARY = {"stage": "feature_analysis", "hook": "blocks.1.hook_resid_post", "layer": 1, "model": "m",
+FEATURE_SUMMARY = {"stage": "features", "hook": "blocks.1.hook_resid_post", "layer": 1, "model": "m",
                    "architecture": "topk", "dictionary": "d", "d_in": 32, "d_sae": 64, "config": {},
                    "exclude_bos": True, "n_tokens": 100, "n_live": 60, "n_dead": 4, "dead_fraction": 0.0625,
                    "n_records": 10, "logit_effects": True, "hist_log10_range": [-6, 1], "hist_bins_per_decade": 10,

@@ -14,8 +14,9 @@ import yaml
 
 from mechflow.contracts.parquet import CORPUS_SCHEMA
 from mechflow.corpus import CorpusConfig, pack_contexts, prepare_corpus, read_contexts, stdlib_docs
+from mechflow.corpus.core import corpus_config_hash
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import sha256_file
+from mechflow.io import canonical_hash, sha256_file
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -76,6 +77,7 @@ def test_prepare_corpus_writes_schema_and_manifest(tmp_path, smollm2_tokenizer, 
     assert manifest["n_tokens"] == ctx.size <= cfg["max_tokens"]
     assert manifest["bos_token_id"] == smollm2_tokenizer.bos_token_id
     assert manifest["separator_token"] == smollm2_cfg["bos_token"]
+    assert manifest["config_hash"] == raw_group_hash(cfg, smollm2_cfg)  # what the untyped stage hashed
     # Real text: the first context decodes to the start of the first stdlib docstring.
     first_doc = next(iter(stdlib_docs()))
     assert first_doc.startswith(smollm2_tokenizer.tokenizer.decode(ctx[0, 1:]).strip()[:20])
@@ -146,3 +148,32 @@ def test_shipped_configs_match_schema_and_dataclass(path):
     jsonschema.validate(cfg, schema)
     if cfg["source"] not in ("text_files", "jsonl"):  # those need user paths
         CorpusConfig.from_dict(cfg)
+
+
+# corpus.json's config_hash of the default corpus (config/corpus/stdlib_docs.yaml) for SmolLM2, as the stage
+# computed it while it took the group as a raw mapping (commit 708134a): typing the stage must not change it.
+SMOLLM2 = {"name": "smollm2_135m", "prepend_bos": True, "bos_token": "<|endoftext|>"}
+DEFAULT_CONFIG_HASH = "e00d62e943b8dfddb64bb66f7b096a53786b6463b09c53ca18a4e58f7085b93c"
+
+
+def raw_group_hash(raw: dict, model_cfg: dict) -> str:
+    """The untyped stage's config_hash: the group mapping as composed, plus three model keys."""
+    return canonical_hash({"corpus": raw, "model": {k: model_cfg.get(k) for k in ("name", "prepend_bos", "bos_token")}})
+
+
+def test_config_hash_of_the_default_corpus_is_unchanged():
+    raw = yaml.safe_load((ROOT / "config/corpus/stdlib_docs.yaml").read_text())
+    assert corpus_config_hash(CorpusConfig.from_dict(raw), SMOLLM2) == DEFAULT_CONFIG_HASH
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config/corpus").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_hash_hashes_the_group_as_composed(path):
+    raw = yaml.safe_load(path.read_text())
+    if not raw.get("paths") and raw["source"] in ("text_files", "jsonl"):
+        raw["paths"] = ["data/docs"]  # what an override gives them
+    typed = CorpusConfig.from_dict(raw)
+    assert typed.as_given() == raw and typed.as_given() != typed.to_dict()  # class defaults stay out
+    assert corpus_config_hash(typed, SMOLLM2) == raw_group_hash(raw, SMOLLM2)
+    edited = {**raw, "context_size": 64}
+    assert corpus_config_hash(CorpusConfig.from_dict(edited), SMOLLM2) == raw_group_hash(edited, SMOLLM2) \
+        != raw_group_hash(raw, SMOLLM2)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from dictionary_shards import write_shards, write_tokens
 
+from mechflow.dictionaries.config import SAEConfig
 from mechflow.dictionaries.data import ShardSource
-from mechflow.dictionaries.evaluate import evaluate_dictionary
+from mechflow.dictionaries.evaluate import evaluate_dictionary, evaluate_sae
 from mechflow.dictionaries.metrics import ce_metrics, reconstruction_metrics, sae_splice_hooks
 
 HOOK = "blocks.0.hook_resid_post"
@@ -140,6 +141,11 @@ def test_evaluate_dictionary_stage_on_tiny_llama(tiny_llama, tmp_path):
     with torch.no_grad():
         ref = ce_metrics(model, tokens[4:], sae_splice_hooks(sae, HOOK, xd.mean(0).float(), 1))
     assert out["ce_recovered_mean"] == pytest.approx(ref["ce_recovered_mean"], rel=1e-6)
+    # the rule's stage: the whole `sae` group, typed; the same numbers from its `eval` block
+    group = SAEConfig.from_dict({"hook": HOOK, "eval": {"ce_contexts": 10, "dead_min_tokens": 10}})
+    staged = evaluate_sae(group, dictionary=tmp_path / "sae", manifest=m, tokens=tok_path,
+                          metrics=tmp_path / "sae_metrics.json", model=model)
+    assert staged == out
 
 
 @pytest.mark.parametrize("kind", ["clt", "per_layer"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mechflow.reference.auc import agreement, positives, roc_auc, roc_curve
+from mechflow.benchmark.roc import roc_auc, roc_curve
+from mechflow.reference.auc import agreement, positives
 
 
 def brute_force_auc(scores, labels) -> float:

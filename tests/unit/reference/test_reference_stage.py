@@ -29,10 +29,10 @@ from mechflow.circuits.result import TargetMetricSpec, write_circuit
 from mechflow.circuits.stage import _edge_table
 from mechflow.errors import DataError
 from mechflow.reference import (
+    edge_reference,
     read_edge_reference,
+    reference,
     roc_auc,
-    run_edge_reference,
-    run_reference,
 )
 from mechflow.reference.auc import positives
 from mechflow.reference.sampling import receiver_layers
@@ -80,10 +80,10 @@ def env(tiny_llama, tmp_path_factory):
     data = write_task(root / "dataset.jsonl", "tiny")
     _, _, batch = load_task_batch(MODEL_CFG, data, CFG["n_prompts"], loaded)
     write_node_tables(tiny_llama, batch, root)
-    run_edge_reference(CFG, model_cfg=MODEL_CFG, dataset=data, edge_reference=root / "edge_reference.parquet",
+    edge_reference(CFG, model_cfg=MODEL_CFG, dataset=data, edge_reference=root / "edge_reference.parquet",
                        task="t", model=loaded)
     out = root / "computed"
-    run_reference(CFG, model_cfg=MODEL_CFG, dataset=data, node_scores=root / "node_scores.parquet",
+    reference(CFG, model_cfg=MODEL_CFG, dataset=data, node_scores=root / "node_scores.parquet",
                   node_prompts=root / "prompts.parquet", edge_reference=root / "edge_reference.parquet",
                   task="t", model=loaded, **outputs(out))
     return SimpleNamespace(root=root, loaded=loaded, data=data, batch=batch, out=out,
@@ -170,7 +170,7 @@ def test_circuit_scores_are_reused_on_the_same_prompts_only(tiny_llama, env, tmp
     common = stage_inputs(env)
     same = tmp_path / "same"
     same.mkdir()
-    run_reference(CFG, **common, **circuit_files(same, 3), **outputs(same / "out"))
+    reference(CFG, **common, **circuit_files(same, 3), **outputs(same / "out"))
     doc = json.loads((same / "out" / "auc.json").read_text())
     assert doc["edges"]["scores_source"]["eap-ig"].startswith("reused")
     for name in ("restricted", "sampled"):  # reused scores = the ones computed here
@@ -180,7 +180,7 @@ def test_circuit_scores_are_reused_on_the_same_prompts_only(tiny_llama, env, tmp
             assert a == pytest.approx(b, abs=1e-9)
     other = tmp_path / "other"
     other.mkdir()
-    run_reference(CFG, **common, **circuit_files(other, 2), **outputs(other / "out"))
+    reference(CFG, **common, **circuit_files(other, 2), **outputs(other / "out"))
     src = json.loads((other / "out" / "auc.json").read_text())["edges"]["scores_source"]["eap-ig"]
     assert src.startswith("computed") and "ig_steps=2" in src
 
@@ -188,12 +188,12 @@ def test_circuit_scores_are_reused_on_the_same_prompts_only(tiny_llama, env, tmp
 def test_method_settings_rerun_without_the_exact_part_which_is_checked(env, tmp_path):
     common = stage_inputs(env)
     before = (env.root / "edge_reference.parquet").stat().st_mtime_ns
-    run_reference({**CFG, "positives": {"top_fraction": 0.5, "threshold": 0.2}}, **common, **outputs(tmp_path / "a"))
+    reference({**CFG, "positives": {"top_fraction": 0.5, "threshold": 0.2}}, **common, **outputs(tmp_path / "a"))
     doc = json.loads((tmp_path / "a" / "auc.json").read_text())
     assert doc["edges"]["sets"]["sampled"]["positives"]["top_k"]["k"] == 15
     assert (env.root / "edge_reference.parquet").stat().st_mtime_ns == before
     with pytest.raises(DataError, match="re-run rule edge_reference"):
-        run_reference({**CFG, "seed": 1}, **common, **outputs(tmp_path / "b"))
+        reference({**CFG, "seed": 1}, **common, **outputs(tmp_path / "b"))
     assert not (tmp_path / "b" / "auc.json").exists()
 
 
@@ -216,12 +216,12 @@ def test_gemma_like_model_skips_edges_with_the_reason_and_keeps_nodes(tmp_path):
     _, _, batch = load_task_batch({}, data, 4, loaded)
     write_node_tables(model, batch, tmp_path)
     model_cfg = {"name": "tinygemma", "edge_circuits": True}  # the model check itself refuses
-    run_edge_reference(CFG, model_cfg=model_cfg, dataset=data, edge_reference=tmp_path / "edge_reference.parquet",
+    edge_reference(CFG, model_cfg=model_cfg, dataset=data, edge_reference=tmp_path / "edge_reference.parquet",
                        model=loaded)
     table = pq.read_table(tmp_path / "edge_reference.parquet")
     _, doc = read_edge_reference(tmp_path / "edge_reference.parquet")
     assert table.num_rows == 0 and "post-norms" in doc["skipped"]
-    run_reference(CFG, model_cfg=model_cfg, dataset=data, node_scores=tmp_path / "node_scores.parquet",
+    reference(CFG, model_cfg=model_cfg, dataset=data, node_scores=tmp_path / "node_scores.parquet",
                   node_prompts=tmp_path / "prompts.parquet", edge_reference=tmp_path / "edge_reference.parquet",
                   model=loaded, **outputs(tmp_path / "out"))
     auc = json.loads((tmp_path / "out" / "auc.json").read_text())
@@ -230,6 +230,6 @@ def test_gemma_like_model_skips_edges_with_the_reason_and_keeps_nodes(tmp_path):
     assert (tmp_path / "out" / "roc.png").stat().st_size > 0
     assert "Edges skipped" in (tmp_path / "out" / "reference.md").read_text()
     # model.edge_circuits: false decides without loading a model (no dataset needed)
-    run_edge_reference(CFG, model_cfg={"name": "gemma3_270m", "edge_circuits": False},
+    edge_reference(CFG, model_cfg={"name": "gemma3_270m", "edge_circuits": False},
                        dataset=tmp_path / "missing.jsonl", edge_reference=tmp_path / "cfg_skip.parquet")
     assert "edge_circuits is false" in read_edge_reference(tmp_path / "cfg_skip.parquet")[1]["skipped"]

@@ -19,20 +19,15 @@ from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_json
 from mechflow.stats import (
     bootstrap_faithfulness,
+    cross_model,
     kendall_tau_b,
     resample_indices,
-    run_cross_model,
-    run_statistics,
     stage,
+    stats,
 )
+from mechflow.stats.alignment import cka_prompt_texts, last_token_residuals
 from mechflow.stats.cka import cka_by_depth
-from mechflow.stats.stage import (
-    STATS_OUTPUTS,
-    cka_prompt_texts,
-    cross_model_outputs,
-    last_token_residuals,
-    stats_outputs,
-)
+from mechflow.stats.stage import STATS_OUTPUTS, cross_model_outputs, stats_outputs
 from mechflow.tasks.dataset import TaskItem, write_dataset
 
 CFG = {"B": 200, "seed": 3, "top_k": 4, "n_permutations": 199}
@@ -165,7 +160,7 @@ def no_temp_files(d: Path) -> bool:
 def test_every_output_is_written_and_estimates_are_plain_means(inputs, tmp_path):
     paths, raw = inputs
     out = tmp_path / "stats"
-    head = run_statistics(CFG, **paths, **stats_outputs(out))
+    head = stats(CFG, **paths, **stats_outputs(out))
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     assert no_temp_files(out)
     df = pl.read_parquet(out / "bootstrap.parquet")
@@ -190,7 +185,7 @@ def test_every_output_is_written_and_estimates_are_plain_means(inputs, tmp_path)
 
 def test_circuit_point_estimates_equal_circuit_json(inputs, tmp_path):
     paths, raw = inputs
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "stats"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "stats"))
     df = pl.read_parquet(tmp_path / "stats" / "bootstrap.parquet").filter(pl.col("group") == "circuit")
     doc = raw["doc"]
     names = ["m_full", "m_empty", "m_circuit", "faithfulness", "sufficiency", "comprehensiveness", "f1", "cpr", "cmd"]
@@ -203,7 +198,7 @@ def test_circuit_point_estimates_equal_circuit_json(inputs, tmp_path):
 def test_circuit_intervals_match_independent_bootstraps(inputs, tmp_path):
     """Faithfulness CI = `bootstrap_faithfulness` on the same seed; CPR/CMD CI = brute-force loop."""
     paths, raw = inputs
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "stats"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "stats"))
     df = pl.read_parquet(tmp_path / "stats" / "bootstrap.parquet")
     row = {r["quantity"]: r for r in df.iter_rows(named=True)}
     ref = bootstrap_faithfulness(raw["m_circuit"], raw["m_full"], raw["m_empty"], B=200, seed=3)
@@ -229,7 +224,7 @@ def test_a_separate_circuit_batch_is_resampled_on_its_own(tmp_path):
     """Circuit stage on other examples than the node scores: its CIs come from its own resamples."""
     ids = ["ex0", "ex1", "ex7", "ex9", "ex10"]
     paths, raw = make_inputs(tmp_path / "c", n=12, circuit_ids=ids)
-    head = run_statistics(CFG, **paths, **stats_outputs(tmp_path / "s"))
+    head = stats(CFG, **paths, **stats_outputs(tmp_path / "s"))
     df = pl.read_parquet(tmp_path / "s" / "bootstrap.parquet")
     circ = df.filter(pl.col("group") == "circuit")
     assert set(circ["resample_set"]) == {"circuit_prompts"} and set(circ["n_prompts"]) == {5}
@@ -243,9 +238,9 @@ def test_a_separate_circuit_batch_is_resampled_on_its_own(tmp_path):
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(inputs, tmp_path):
     paths, _ = inputs
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "a"))
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "b"))
-    run_statistics({**CFG, "seed": 4}, **paths, **stats_outputs(tmp_path / "c"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "a"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "b"))
+    stats({**CFG, "seed": 4}, **paths, **stats_outputs(tmp_path / "c"))
     for name in ("bootstrap.parquet", "bootstrap.csv", "stability.json", "stability_methods.csv", "statistics.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "bootstrap.csv").read_bytes() != (tmp_path / "c" / "bootstrap.csv").read_bytes()
@@ -263,8 +258,8 @@ def test_writes_exactly_the_named_paths(inputs, tmp_path):
     bytes of a run into one folder under the default names."""
     paths, _ = inputs
     named = {name: tmp_path / "named" / name / f"custom_{file}" for name, file in STATS_OUTPUTS.items()}
-    head = run_statistics(CFG, **paths, **named)
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "default"))
+    head = stats(CFG, **paths, **named)
+    stats(CFG, **paths, **stats_outputs(tmp_path / "default"))
     for name, path in named.items():
         assert [p.name for p in path.parent.iterdir()] == [path.name], name
         if path.suffix != ".png":
@@ -278,7 +273,7 @@ def test_method_stability_on_planted_rankings(tmp_path):
     exact = np.arange(1, p + 1) + rng.normal(0, 0.01, (n, p))
     paths, _ = make_inputs(tmp_path / "c", n=n, circuit=False,
                            effects={"exact": exact, "ap": 2.0 * exact, "ig": -exact})
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "s"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "s"))
     stab = json.loads((tmp_path / "s" / "stability.json").read_text())
     signed, absolute = stab["methods_pairwise"]["signed"], stab["methods_pairwise"]["abs"]
     assert signed["names"] == ["exact", "ap", "ig"]
@@ -301,7 +296,7 @@ def test_template_stability_on_planted_templates(tmp_path):
     exact = eff + rng.normal(0, 0.01, eff.shape)
     paths, _ = make_inputs(tmp_path / "c", n=12, circuit=False, templates=templates,
                            effects={"exact": exact, "ap": exact + rng.normal(0, 0.01, eff.shape)})
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "s"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "s"))
     tp = json.loads((tmp_path / "s" / "stability.json").read_text())["templates"]
     assert tp["templates"] == ["A", "B", "C"] and tp["n_prompts_per_template"]["D"] == 1
     tau = np.array(tp["by_method"]["exact"]["signed"]["tau_b"])
@@ -312,7 +307,7 @@ def test_template_stability_on_planted_templates(tmp_path):
 
 def test_template_stability_is_skipped_with_a_note(tmp_path):
     paths, _ = make_inputs(tmp_path / "c", n=6, circuit=False, templates=[None] * 6)
-    run_statistics(CFG, **paths, **stats_outputs(tmp_path / "s"))
+    stats(CFG, **paths, **stats_outputs(tmp_path / "s"))
     tp = json.loads((tmp_path / "s" / "stability.json").read_text())["templates"]
     assert "skipped" in tp and "by_method" not in tp
     assert "Across templates: skipped" in (tmp_path / "s" / "statistics.md").read_text()
@@ -321,7 +316,7 @@ def test_template_stability_is_skipped_with_a_note(tmp_path):
 def test_single_method_without_circuit(tmp_path):
     rng = np.random.default_rng(7)
     paths, _ = make_inputs(tmp_path / "c", n=5, circuit=False, effects={"exact": rng.normal(size=(5, 9))})
-    head = run_statistics(CFG, **paths, **stats_outputs(tmp_path / "s"))
+    head = stats(CFG, **paths, **stats_outputs(tmp_path / "s"))
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(OUTPUTS)
     assert head["circuit"] == {}
     assert "skipped" in json.loads((tmp_path / "s" / "stability.json").read_text())["methods_pairwise"]
@@ -375,7 +370,7 @@ def test_bad_inputs_raise_one_data_error_and_write_nothing(tmp_path, case, file,
         write_card(d / "model_card.json", 2, 2)
     out = tmp_path / "s"
     with pytest.raises(DataError, match=r".*") as exc:
-        run_statistics(CFG, **paths, **stats_outputs(out))
+        stats(CFG, **paths, **stats_outputs(out))
     assert file in str(exc.value) and needle in str(exc.value)
     assert not out.exists()
 
@@ -383,14 +378,14 @@ def test_bad_inputs_raise_one_data_error_and_write_nothing(tmp_path, case, file,
 def test_top_k_larger_than_components_is_a_config_error(inputs, tmp_path):
     paths, _ = inputs
     with pytest.raises(ConfigError, match="stats.top_k"):
-        run_statistics({**CFG, "top_k": 100}, **paths, **stats_outputs(tmp_path / "s"))
+        stats({**CFG, "top_k": 100}, **paths, **stats_outputs(tmp_path / "s"))
 
 
 # ----------------------------------------------------------------------------- cross-model
 
 
 def _cross(tmp_path, a, b, **kw):
-    return run_cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=b["node_scores"],
+    return cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=b["node_scores"],
                            model_card_a=a["model_card"], model_card_b=b["model_card"],
                            prompts_a=a["prompts"], prompts_b=b["prompts"],
                            **cross_model_outputs(tmp_path / "x", cka="model_cfg_a" in kw), **kw)
@@ -447,7 +442,7 @@ def test_cross_model_needs_exact_scores(tmp_path):
 def test_cka_without_its_paths_is_a_config_error_before_any_work(tmp_path):
     a, _ = make_inputs(tmp_path / "A", n=4, circuit=False, name="model_a")
     with pytest.raises(ConfigError, match=r"no path for \['cka_table', 'cka_csv', 'cka_figure'\]"):
-        run_cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=a["node_scores"],
+        cross_model(CFG, node_scores_a=a["node_scores"], node_scores_b=a["node_scores"],
                         model_card_a=a["model_card"], model_card_b=a["model_card"], head_types_a=None,
                         head_types_b=None, prompts_a=a["prompts"], prompts_b=a["prompts"],
                         **cross_model_outputs(tmp_path / "x", cka=False), cka=tmp_path / "x" / "cka.json",
@@ -476,8 +471,8 @@ def test_cross_model_with_cka_writes_exactly_the_named_paths(tmp_path, monkeypat
                   model_cfg_b={"name": "y"})
     default = cross_model_outputs(tmp_path / "default")
     named = {name: tmp_path / "named" / name / f"custom_{path.name}" for name, path in default.items()}
-    head = run_cross_model(CFG, **common, **named)
-    run_cross_model(CFG, **common, **default)
+    head = cross_model(CFG, **common, **named)
+    cross_model(CFG, **common, **default)
     assert sorted(p.name for p in (tmp_path / "default").iterdir()) == sorted(
         ["fcas.json", "fcas_null.png", "cross_model.md", "cka.json", "cka.parquet", "cka.csv", "cka.png"])
     for name, path in named.items():

@@ -29,7 +29,7 @@ def test_default_yaml_parses_and_validates():
      ({"n_permutations": 0}, "stats.n_permutations"), ({"ci_methods": ["bca", "normal"]}, "stats.ci_methods"),
      ({"ci_methods": ["bca", "bca"]}, "stats.ci_methods"), ({"ci_methods": []}, "stats.ci_methods"),
      ({"quantiles": [0.5, 1.5]}, "stats.quantiles"), ({"seed": -1}, "stats.seed"),
-     ({"feature_null": "x"}, "stats.feature_null"), ({"Bee": 3}, "stats.Bee: unknown key")],
+     ({"Bee": 3}, "stats.Bee: unknown key")],
 )
 def test_bad_values_fail_in_model_and_schema_naming_the_field(override, field):
     bad = {**DEFAULT, **override}

@@ -14,7 +14,7 @@ from mechflow.circuits.result import LogitDiffSpec
 from mechflow.circuits.stage import write_circuit_outputs
 from mechflow.contracts.models import ModelCard
 from mechflow.io import atomic_write_json
-from mechflow.stats import run_statistics
+from mechflow.stats import stats
 from mechflow.stats.stage import stats_outputs
 from mechflow.testing import make_tiny_llama
 
@@ -51,7 +51,7 @@ def test_statistics_read_a_node_circuit(tmp_path):
     card = ModelCard(name="tiny", architecture="LlamaForCausalLM", n_layers=L, n_heads=H, d_model=32,
                      d_mlp=64, d_vocab=50, source="synthetic", dtype="float64", prepend_bos=False)
     atomic_write_json(d / "model_card.json", card.model_dump(mode="json"))
-    head = run_statistics({"B": 100, "seed": 1, "top_k": 3, "n_permutations": 19},
+    head = stats({"B": 100, "seed": 1, "top_k": 3, "n_permutations": 19},
                           node_scores=d / "node_scores.parquet", prompts=d / "prompts.parquet",
                           model_card=d / "model_card.json", **stats_outputs(tmp_path / "stats"),
                           circuit=files["circuit"], circuit_prompts=files["circuit_prompts"],

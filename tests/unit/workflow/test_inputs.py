@@ -41,7 +41,8 @@ def test_stage_cfg_drops_the_keys_a_rule_does_not_read(default_run):
 def test_feature_and_reference_inputs_name_every_output(default_run):
     name, run_ = default_run
     wc = SimpleNamespace(run=name, task="ioi")
-    assert inputs.feature_outputs_of(wc)[0] == f"results/{name}/dictionaries/sae_features/features.jsonl"
+    assert inputs.feature_outputs_of(wc)[0] == f"results/{name}/features/features.jsonl"
+    assert inputs.feature_datasets_of(wc) == [f"results/{name}/tasks/ioi/dataset.jsonl"]  # features.tasks
     assert len(inputs.reference_outputs_of(wc)) == 4 * len(run_.cfg["task"])
     assert inputs.circuit_scores_of(wc) == {"circuit": f"results/{name}/circuits/ioi/circuit.json",
                                             "edge_scores": f"results/{name}/circuits/ioi/edge_scores.parquet"}

@@ -6,34 +6,38 @@ import typing
 
 import pytest
 
-from mechflow.attribution.analysis import run_analysis, run_causal_tracing
-from mechflow.attribution.stage import run_attribution
-from mechflow.circuits.stage import run_circuit
+from mechflow.attribution.analyze import analyze
+from mechflow.attribution.causal_trace import causal_trace
+from mechflow.attribution.stage import attribute
+from mechflow.benchmark.stage import benchmark
+from mechflow.circuits.stage import circuits
 from mechflow.config import compose_config
+from mechflow.corpus.core import prepare_corpus
+from mechflow.dictionaries.evaluate import evaluate_sae, evaluate_transcoder
 from mechflow.dictionaries.sae import train_sae
 from mechflow.dictionaries.transcoder import train_transcoder
+from mechflow.features import feature_matching, features
 from mechflow.harvest.core import harvest
-from mechflow.reference.edges import run_edge_reference
-from mechflow.reference.stage import run_reference
-from mechflow.stats.feature_stage import run_feature_matching
-from mechflow.stats.stage import run_cross_model, run_statistics
+from mechflow.reference.edges import edge_reference
+from mechflow.reference.stage import reference
+from mechflow.stats.stage import cross_model, stats
 from mechflow.summary.core import summarize
 from mechflow.tasks.core import evaluate_task, prepare_task
 from mechflow.workflow.adapter import typed_config
 
-# stage function -> how its rule's `cfg` param is taken from the composed config. Not typed on purpose:
-# prepare_corpus (corpus.json's config_hash hashes the group as composed), feature_analysis (reads the
-# `sae.features` block), evaluate_* (take either an `eval` block or a whole group), benchmark (splits
-# `benchmark.compare` off first).
+# stage function -> how its rule's `cfg` param is taken from the composed config.
 STAGES = {
+    prepare_corpus: lambda c: c["corpus"],
     prepare_task: lambda c: c["task"]["ioi"], evaluate_task: lambda c: c["task"]["ioi"],
-    harvest: lambda c: c["harvest"], train_sae: lambda c: c["sae"],
-    train_transcoder: lambda c: c["transcoder"], run_attribution: lambda c: c["attribution"],
-    run_analysis: lambda c: c["analysis"], run_causal_tracing: lambda c: c["causal_tracing"],
-    run_circuit: lambda c: c["circuits"], run_edge_reference: lambda c: c["reference"],
-    run_reference: lambda c: c["reference"], run_statistics: lambda c: c["stats"],
-    run_cross_model: lambda c: c["stats"], run_feature_matching: lambda c: c["stats"],
-    summarize: lambda c: c["summary"],
+    harvest: lambda c: c["harvest"], train_sae: lambda c: c["sae"], evaluate_sae: lambda c: c["sae"],
+    train_transcoder: lambda c: c["transcoder"], evaluate_transcoder: lambda c: c["transcoder"],
+    attribute: lambda c: c["attribution"],
+    analyze: lambda c: c["analysis"], causal_trace: lambda c: c["causal_tracing"],
+    circuits: lambda c: c["circuits"], edge_reference: lambda c: c["reference"],
+    reference: lambda c: c["reference"], stats: lambda c: c["stats"],
+    cross_model: lambda c: c["stats"], features: lambda c: c["features"],
+    feature_matching: lambda c: c["feature_matching"],
+    summarize: lambda c: c["summary"], benchmark: lambda c: c["benchmark"],
 }
 
 

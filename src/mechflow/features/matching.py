@@ -32,9 +32,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from mechflow.errors import ConfigError, DataError
-from mechflow.stats._checks import as_rng, finite_array
-from mechflow.stats.config import FEATURE_NULLS, check_positive_int
+from mechflow.errors import DataError
+from mechflow.features.config import FEATURE_NULLS
+from mechflow.stats.checks import as_rng, check_choice, check_positive_int, finite_array
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,8 @@ def match_features(
         null: "shuffle" (permute B's rows) or "circular_shift" (roll B's rows).
         seed: seed or Generator for the null.
     """
-    check_positive_int("stats.feature_n_permutations", n_permutations)
-    if null not in FEATURE_NULLS:
-        raise ConfigError(f"stats.feature_null: {null!r} must be one of {list(FEATURE_NULLS)}")
+    check_positive_int("feature_matching.n_permutations", n_permutations)
+    check_choice("feature_matching.null_kind", null, FEATURE_NULLS)
     C, dead_a, dead_b = correlation_matrix(profile_a, profile_b)
     n = C.shape[0]
     rows = np.asarray(profile_a).shape[0]

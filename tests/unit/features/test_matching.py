@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mechflow.errors import ConfigError, DataError
-from mechflow.stats.feature_matching import correlation_matrix, match_features, shared_vocabulary
+from mechflow.features.matching import correlation_matrix, match_features, shared_vocabulary
 
 
 def planted(seed=0, n=400, f_a=12, f_extra=8, noise=0.5):
@@ -65,7 +65,7 @@ def test_shared_vocabulary_normalizes_word_markers():
 def test_errors():
     with pytest.raises(DataError, match="share the first axis"):
         match_features(np.ones((5, 2)), np.ones((6, 2)))
-    with pytest.raises(ConfigError, match=r"stats\.feature_null"):
+    with pytest.raises(ConfigError, match=r"feature_matching\.null_kind"):
         match_features(np.eye(4), np.eye(4), null="bogus")
-    with pytest.raises(ConfigError, match=r"stats\.feature_n_permutations"):
+    with pytest.raises(ConfigError, match=r"feature_matching\.n_permutations"):
         match_features(np.eye(4), np.eye(4), n_permutations=0)

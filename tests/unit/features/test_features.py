@@ -1,4 +1,4 @@
-"""Feature analysis against exact references: brute-force top contexts, hand matmuls, exact ablation."""
+"""The `features` stage against exact references: brute-force top contexts, hand matmuls, exact ablation."""
 
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import pytest
 import torch
 from dictionary_shards import write_shards, write_tokens
 
+from mechflow.contracts.documents import check_document
+from mechflow.contracts.features import FeatureRecord
+from mechflow.contracts.parquet import TASK_ATTRIBUTION_SCHEMA, check_schema
 from mechflow.dictionaries.data import ShardSource
-from mechflow.dictionaries.features import (
-    SplicedSAE,
-    ablation_effects,
-    effective_decoder,
-    feature_analysis,
-    feature_attribution,
-    logit_effects,
-    stream_feature_stats,
-    write_jsonl,
-)
 from mechflow.errors import ConfigError, DataError
+from mechflow.features.attribution import SplicedSAE, ablation_effects, feature_attribution
+from mechflow.features.logits import effective_decoder, logit_effects
+from mechflow.features.records import write_jsonl
+from mechflow.features.stage import features
+from mechflow.features.stats import stream_feature_stats
 from mechflow.io import sha256_file
 from mechflow.tasks.dataset import TaskItem, make_batch, write_dataset
 from mechflow.testing import make_tiny_sae
@@ -99,15 +97,15 @@ def run_dir(tmp_path, tiny_llama):
                                                    "summary": out / "summary.json"}}
 
 
-CFG = {"features": {"n_features": 6, "top_contexts": 4, "window": 2, "n_logits": 3, "tasks": ["ioi"],
-                    "n_prompts": 6, "n_verify": 5, "batch_rows": 7, "max_batch": 12}}
+CFG = {"n_features": 6, "top_contexts": 4, "window": 2, "n_logits": 3, "tasks": ["ioi"], "n_prompts": 6,
+       "n_verify": 5, "batch_rows": 7, "max_batch": 12}
 
 
 def run_stage(run_dir, tiny_llama, cfg=CFG, **overrides):
     kwargs = {"dictionary": run_dir["dictionary"], "manifest": run_dir["manifest"], "tokens": run_dir["tokens"],
               "datasets": run_dir["datasets"], "model": tiny_llama, "tokenizer": StubTokenizer(),
               **run_dir["outputs"], **overrides}
-    return feature_analysis(cfg, **kwargs)
+    return features(cfg, **kwargs)
 
 
 # ----------------------------------------------------------------------------- top contexts and stats
@@ -284,7 +282,7 @@ def test_ablation_verification_is_exact(tiny_llama, error_term):
 def test_stage_writes_records_html_histograms_and_attribution(run_dir, tiny_llama):
     result = run_stage(run_dir, tiny_llama)
     out = run_dir["outputs"]
-    records = [json.loads(line) for line in out["features"].read_text().splitlines()]
+    records = [check_document(FeatureRecord, json.loads(line)) for line in out["features"].read_text().splitlines()]
     assert len(records) == result["n_records"] >= 6
     toks = run_dir["toks"]
     task = result["tasks"][0]
@@ -302,6 +300,7 @@ def test_stage_writes_records_html_histograms_and_attribution(run_dir, tiny_llam
             assert c["left_ids"] == row[max(0, p - 2):p] and c["right_ids"] == row[p + 1:p + 3]
             assert c["token"] == StubTokenizer().decode([row[p]])
     frame = pl.read_parquet(out["attribution"])
+    check_schema(frame.to_arrow().schema, TASK_ATTRIBUTION_SCHEMA, "task_attribution.parquet")
     assert frame.height == run_dir["sae"].cfg.d_sae and frame["verified"].sum() == len(verified)
     ver = frame.filter(pl.col("verified")).sort("rank")
     assert ver["feature"].to_list() == verified
@@ -345,8 +344,8 @@ def test_d_model_mismatch_is_a_clear_error(run_dir, tiny_llama, tmp_path):
 
 
 def test_unknown_task_is_a_clear_error(run_dir, tiny_llama):
-    cfg = {"features": {**CFG["features"], "tasks": ["ioi", "nope"]}}
-    with pytest.raises(ConfigError, match=r"sae\.features\.tasks: \['nope'\] are not tasks of this run"):
+    cfg = {**CFG, "tasks": ["ioi", "nope"]}
+    with pytest.raises(ConfigError, match=r"features\.tasks: \['nope'\] are not tasks of this run"):
         run_stage(run_dir, tiny_llama, cfg=cfg)
 
 
@@ -364,8 +363,8 @@ def test_unknown_hook_is_a_clear_error(tiny_llama):
 # ----------------------------------------------------------------------------- the DAG
 
 
-def test_dry_run_plans_feature_analysis_once_per_run(tmp_path):
-    targets = [f"results/{run}/dictionaries/sae_features/features.jsonl" for run in ("smollm2_135m", "gemma3_270m")]
+def test_dry_run_plans_features_once_per_run(tmp_path):
+    targets = [f"results/{run}/features/features.jsonl" for run in ("smollm2_135m", "gemma3_270m")]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                              "--directory", str(tmp_path), "-n", "--cores", "2", *targets, "--config",
@@ -374,5 +373,5 @@ def test_dry_run_plans_feature_analysis_once_per_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = {p[0]: int(p[1]) for p in (line.split() for line in result.stdout.splitlines())
               if len(p) == 2 and p[1].isdigit()}
-    assert counts["feature_analysis"] == 2 and counts["train_sae"] == 2
+    assert counts["features"] == 2 and counts["train_sae"] == 2
     assert "results/smollm2_135m/tasks/ioi/dataset.jsonl" in result.stdout

@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from mechflow.dictionaries.features import SplicedSAE, unembed_directions
 from mechflow.errors import ConfigError, DataError
-from mechflow.stats.feature_stage import (
-    ModelSide,
-    activation_profile,
-    control_activation_profile,
-    corpus_passages,
-    logit_profile,
-    run_feature_matching,
-    shared_texts,
-    tokenize_words,
-    word_spans,
-)
+from mechflow.features.attribution import SplicedSAE
+from mechflow.features.logits import unembed_directions
+from mechflow.features.matching_stage import feature_matching
+from mechflow.features.profiles import activation_profile, control_activation_profile, logit_profile
+from mechflow.features.texts import ModelSide, corpus_passages, shared_texts, tokenize_words, word_spans
 from mechflow.tasks.dataset import TaskItem, write_dataset
 from mechflow.testing import make_tiny_llama, make_tiny_sae
 
@@ -119,7 +112,7 @@ def outputs(folder: Path) -> dict[str, Path]:
             "figure": folder / "feature_matching.png"}
 
 
-CFG = {"seed": 0, "feature_null": "shuffle", "feature_n_permutations": 49}
+CFG = {"seed": 0, "null_kind": "shuffle", "n_permutations": 49}
 
 
 def test_word_spans_and_token_overlap():
@@ -180,10 +173,10 @@ def test_planted_permuted_sae_is_recovered_with_minimal_p(tmp_path, tiny_llama):
     tb = save_sae(permuted(sae_a, perm), tmp_path / "b", "tiny")
     side = make_side("tiny", tiny_llama)
     out = outputs(tmp_path / "out")
-    head = run_feature_matching(CFG, training_a=ta, training_b=tb, sides=(side, side), texts=random_texts(40),
+    head = feature_matching(CFG, training_a=ta, training_b=tb, sides=(side, side), texts=random_texts(40),
                                 n_top=5, **out)
     doc = json.loads(out["matching"].read_text())
-    p_min = 1 / (1 + CFG["feature_n_permutations"])
+    p_min = 1 / (1 + CFG["n_permutations"])
     for kind in ("activation", "logit"):
         b = doc[kind]
         assert b["n_live_a"] == b["n_live_b"] > 12
@@ -221,7 +214,7 @@ def test_unrelated_models_and_saes_give_few_matches(tmp_path):
     ta = save_sae(make_sae(32, 64, seed=1), tmp_path / "a", "A")
     tb = save_sae(make_sae(48, 48, seed=2), tmp_path / "b", "B", hook="blocks.1.hook_resid_post")
     out = outputs(tmp_path / "out")
-    run_feature_matching({**CFG, "feature_n_permutations": 99}, training_a=ta, training_b=tb,
+    feature_matching({**CFG, "n_permutations": 99}, training_a=ta, training_b=tb,
                          sides=(make_side("A", model_a), make_side("B", model_b, vocab_b)),
                          texts=random_texts(60, seed=1), **out)
     doc = json.loads(out["matching"].read_text())
@@ -243,11 +236,11 @@ def test_missing_sae_folder_is_a_clear_error(tmp_path, tiny_llama):
     ta = save_sae(make_sae(), tmp_path / "a", "tiny")
     side = make_side("tiny", tiny_llama)
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope")) + ".*train_sae"):
-        run_feature_matching(CFG, training_a=ta, training_b=tmp_path / "nope" / "training.json",
+        feature_matching(CFG, training_a=ta, training_b=tmp_path / "nope" / "training.json",
                              sides=(side, side), texts=random_texts(5), **outputs(tmp_path / "out"))
     # the rule path fails before loading any model
     with pytest.raises(DataError, match="train_sae"):
-        run_feature_matching(CFG, training_a=tmp_path / "nope" / "training.json", training_b=ta,
+        feature_matching(CFG, training_a=tmp_path / "nope" / "training.json", training_b=ta,
                              model_cfg_a={"name": "smollm2_135m"}, model_cfg_b={"name": "gemma3_270m"},
                              texts=random_texts(5), **outputs(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -257,10 +250,10 @@ def test_sae_of_another_model_and_bad_config_are_refused(tmp_path, tiny_llama):
     ta = save_sae(make_sae(), tmp_path / "a", "other_model")
     side = make_side("tiny", tiny_llama)
     with pytest.raises(ConfigError, match="other_model"):
-        run_feature_matching(CFG, training_a=ta, training_b=ta, sides=(side, side), texts=random_texts(5),
+        feature_matching(CFG, training_a=ta, training_b=ta, sides=(side, side), texts=random_texts(5),
                              **outputs(tmp_path / "out"))
-    with pytest.raises(ConfigError, match="stats.feature_null"):
-        run_feature_matching({"feature_null": "bogus"}, training_a=ta, training_b=ta, sides=(side, side),
+    with pytest.raises(ConfigError, match=r"feature_matching\.null_kind"):
+        feature_matching({"null_kind": "bogus"}, training_a=ta, training_b=ta, sides=(side, side),
                              texts=random_texts(5), **outputs(tmp_path / "out"))
 
 
@@ -294,15 +287,15 @@ def test_shared_texts_union_of_prompts_and_corpus_passages(tmp_path):
 
 
 def test_rarely_active_latents_are_left_out_of_the_matching():
-    from mechflow.stats.config import StatsConfig
-    from mechflow.stats.feature_stage import match_profile
+    from mechflow.features.config import FeatureMatchingConfig
+    from mechflow.features.profile_match import match_profile
 
     rng = np.random.default_rng(0)
     P = rng.exponential(size=(50, 6)) * (rng.random((50, 6)) < 0.5)
     P[:, 1] = 0.0
     P[[3, 7], 1] = 1.0  # active on 2 words: its correlation with any 2-row partner would be ~1
     P[:, 4] = 0.0  # dead
-    cfg = StatsConfig.from_dict({"feature_n_permutations": 9})
+    cfg = FeatureMatchingConfig.from_dict({"n_permutations": 9})
     pm = match_profile("activation", P, P, cfg, np.random.default_rng(1), min_active=5)
     assert pm.live_a.tolist() == pm.live_b.tolist() == [0, 2, 3, 5]
     assert match_profile("activation", P, P, cfg, np.random.default_rng(1)).live_a.tolist() == [0, 1, 2, 3, 5]

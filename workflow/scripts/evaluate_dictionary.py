@@ -1,5 +1,0 @@
-# Snakemake adapter: the rule's named inputs, outputs and params become keyword arguments.
-from mechflow.dictionaries import evaluate_dictionary
-from mechflow.workflow import run_rule
-
-run_rule(snakemake, evaluate_dictionary)  # noqa: F821 (injected by Snakemake)
