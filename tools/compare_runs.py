@@ -28,6 +28,8 @@ def renamed(rel: str) -> str:
     parts = rel.split("/")
     if parts[0] == "circuits" and len(parts) == 3 and parts[2] in ATTRIBUTION_FILES:
         return f"attribution/{parts[1]}/{parts[2]}"
+    if parts[:2] == ["dictionaries", "sae_features"]:  # rule feature_analysis became rule features
+        return "/".join(["features", *parts[2:]])
     return rel
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from mechflow.circuits.config import Percentages, Target
+from mechflow.circuits.config import IgRule, IgSteps, Percentages, Target
 from mechflow.config import GroupConfig, config_model, is_number
 from mechflow.errors import ConfigError
 from mechflow.io import canonical_hash
@@ -93,8 +93,8 @@ class BenchmarkConfig(GroupConfig):
                                          description="tasks to benchmark (each must be selected in `task`)")
     target: Target = Field(0.8, description="our circuit: the shortest EAP-IG prefix whose restricted faithfulness "
                            "f >= target, in (0, 1], e.g. 0.8 (as circuits.target)")
-    ig_steps: StrictInt = Field(5, ge=1, description="EAP-IG interpolation points of the EAP-IG ranking and of ours")
-    ig_rule: Literal["left", "midpoint"] = Field(
+    ig_steps: IgSteps = Field(5, description="EAP-IG interpolation points of the EAP-IG ranking and of ours")
+    ig_rule: IgRule = Field(
         "left", description="EAP-IG interpolation points: left (t = k/steps) or midpoint")
     percentages: Percentages = Field(
         (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0),

@@ -3,7 +3,7 @@
 `workflow/schemas/config/circuits.schema.json` is generated from `CircuitConfig`.
 
 Each constraint of a circuits setting is stated once, here: `Target` (also used by other groups'
-models that hold a faithfulness target), `Method`, `Unit`, `Percent`. Library functions called
+models that hold a faithfulness target), `IgSteps`, `IgRule`, `Method`, `Unit`, `Percent`. Library functions called
 with raw values (`minimal_faithful_prefix`, `edge_scores`, `resolve_unit`) check them with
 `checked`, which runs this model's own validation, so there is no second implementation.
 """
@@ -24,6 +24,11 @@ Method = Literal["eap-ig", "eap"]
 METHODS: tuple[str, ...] = get_args(Method)
 Percent = Annotated[StrictFloat, Field(gt=0, le=100)]
 Target = Annotated[StrictFloat, Field(gt=0, le=1)]
+IgSteps = Annotated[StrictInt, Field(ge=1)]
+"""EAP-IG interpolation points (circuits, benchmark, reference): an integer >= 1."""
+IgRule = Literal["left", "midpoint"]
+"""EAP-IG interpolation rule: left (t = k/steps, as the reference EAP-IG code) or midpoint."""
+IG_RULES: tuple[str, ...] = get_args(IgRule)
 """A normalized faithfulness target in (0, 1]: the fraction of the full model's metric difference a
 circuit must recover (an int such as 1 is accepted, a bool is not)."""
 # Read by the rule and `circuits`, not by the ranking: left out of `to_dict` (the settings that
@@ -50,14 +55,14 @@ class CircuitConfig(GroupConfig):
                        "auto: edges where the model supports edge patching (`model.edge_circuits`), else nodes")
     method: Method = Field(
         "eap-ig", description="ranking method (of edges, or of node activations for node circuits): eap-ig or eap")
-    ig_steps: StrictInt = Field(5, ge=1, description="EAP-IG interpolation points (MIB uses 5)")
-    ig_rule: Literal["left", "midpoint"] = Field(
+    ig_steps: IgSteps = Field(5, description="EAP-IG interpolation points (MIB uses 5)")
+    ig_rule: IgRule = Field(
         "left", description="EAP-IG interpolation points: left (t = k/steps, as the reference EAP-IG code) or midpoint")
     target: Target = Field(0.8, description="normalized faithfulness the minimal circuit must reach, in (0, 1], "
                            "e.g. 0.8")
     absolute: StrictBool = Field(True, description="rank by |score| (MIB default) instead of the signed score")
-    percentages: Annotated[tuple[Percent, ...], AfterValidator(_increasing)] = Field(
-        (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0), min_length=1,
+    percentages: Percentages = Field(
+        (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0),
         description="strictly increasing budgets of the faithfulness curve / CPR / CMD, in percent of all edges "
         "(or nodes), in (0, 100]")
     n_prompts: StrictInt = Field(16, ge=2, description="prompt pairs used: the first of the task's largest "

@@ -12,17 +12,16 @@ Two parts, so that the expensive exact reference is recomputed only when ITS set
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any
 
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 
 from mechflow.benchmark.config import RestrictionConfig
+from mechflow.circuits.config import IgRule, IgSteps
 from mechflow.config import GroupConfig, config_model
 from mechflow.io import canonical_hash
 
 EXACT_KEYS = ("n_prompts", "restriction", "n_sampled_edges", "min_per_layer", "seed", "max_batch_rows")
-IgRule = Literal["left", "midpoint"]
-IG_RULES: tuple[str, ...] = get_args(IgRule)
 
 
 @config_model("reference.positives")
@@ -53,7 +52,7 @@ class ReferenceConfig(GroupConfig):
     seed: StrictInt = Field(0, ge=0, description="Sampling seed.")
     max_batch_rows: StrictInt = Field(256, ge=1, description="Edge copies x prompts per batched exact forward "
                                       "(memory bound; values unchanged).")
-    ig_steps: StrictInt = Field(5, ge=1, description="EAP-IG interpolation points when its scores are computed here "
+    ig_steps: IgSteps = Field(5, description="EAP-IG interpolation points when its scores are computed here "
                                 "(the circuit stage's scores are reused when prompts and these settings match).")
     ig_rule: IgRule = Field("left", description="EAP-IG interpolation rule.")
     positives: PositivesConfig = Field(PositivesConfig(),
