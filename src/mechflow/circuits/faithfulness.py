@@ -96,7 +96,7 @@ class CircuitEvaluator:
 
 def n_units(evaluator) -> int:
     """Units (edges, or nodes) an evaluator's circuits are made of; duck-typed evaluators that only
-    expose ``graph`` (e.g. `mechflow.benchmark.compare.RestrictedEvaluator`) count ``graph.n_edges``."""
+    expose ``graph`` (e.g. `mechflow.benchmark.evaluation.RestrictedEvaluator`) count ``graph.n_edges``."""
     n = getattr(evaluator, "n_units", None)
     return int(n) if n is not None else int(evaluator.graph.n_edges)
 
