@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechflow.attribution.config import AnalysisConfig
 from mechflow.attribution.lens import head_frame, layer_frame
 from mechflow.contracts.hooks import COMPONENT_HOOKS
 from mechflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zero", "mean", "resample")
 HOOKS = {k: COMPONENT_HOOKS[k] for k in ("head", "mlp")}
 
 
@@ -57,8 +57,7 @@ def replacement_activations(model, tokens: Tensor, component: str, method: str,
     """Layer -> the replacement for every prompt, shaped like the hook's activation ``[n, pos, ...]``."""
     if component not in HOOKS:
         raise ConfigError(f"ablation.component: {component!r} is not one of {sorted(HOOKS)}")
-    if method not in METHODS:
-        raise ConfigError(f"ablation.method: {method!r} is not one of {list(METHODS)}")
+    AnalysisConfig(ablations=(method,))  # the analysis group's own check of an ablation method, stated once
     names = {f"blocks.{l}.{HOOKS[component]}": l for l in range(model.cfg.n_layers)}
     n = tokens.shape[0]
     own = reference_tokens is None

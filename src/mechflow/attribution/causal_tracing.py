@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechflow.attribution.config import CausalTracingConfig
 from mechflow.contracts.hooks import COMPONENT_HOOKS
 from mechflow.errors import ConfigError
 
@@ -152,10 +153,7 @@ def causal_trace(model, tokens: Tensor, subject_positions, metric: Metric, kind:
         window: layers restored together, centred (ROME uses 10 for mlp/attn, 1 for resid).
         layers: layers to trace (default all); other rows are 0.
     """
-    if kind not in KIND_HOOKS:
-        raise ConfigError(f"causal_tracing.kind: {kind!r} is not one of {sorted(KIND_HOOKS)}")
-    if window < 1 or n_samples < 1:
-        raise ConfigError(f"causal_tracing: window={window} and n_samples={n_samples} must be >= 1")
+    CausalTracingConfig(kinds=(kind,), window=window, n_samples=n_samples)  # the group's own checks, stated once
     mask = subject_mask(tokens, subject_positions)
     n, n_pos = tokens.shape
     L = model.cfg.n_layers

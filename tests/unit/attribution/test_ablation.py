@@ -69,7 +69,7 @@ def test_resample_ablation_uses_a_seeded_derangement(tiny_llama):
 
 
 def test_bad_arguments(tiny_llama):
-    with pytest.raises(ConfigError, match="ablation.method"):
+    with pytest.raises(ConfigError, match=r"analysis\.ablations"):
         ablate_components(tiny_llama, _tokens(), metric, "head", "noise")
     with pytest.raises(ConfigError, match="reference_tokens"):
         ablate_components(tiny_llama, _tokens(), metric, "mlp", "mean",

@@ -88,7 +88,7 @@ def test_window_restores_consecutive_layers(tiny_llama, kind):
 
 
 def test_bad_arguments(tiny_llama):
-    with pytest.raises(ConfigError, match="causal_tracing.kind"):
+    with pytest.raises(ConfigError, match=r"causal_tracing\.kinds"):
         causal_trace(tiny_llama, _tokens(), SUBJECT, answer_probability(ANSWER), kind="z")
     with pytest.raises(ConfigError, match="subject_positions"):
         causal_trace(tiny_llama, _tokens(), [[1], [2], [3]], answer_probability(ANSWER))
