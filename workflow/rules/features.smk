@@ -59,6 +59,6 @@ rule feature_matching:
         cfg=stage_cfg("feature_matching"),  # the pair's first run's group (the runs differ only in the model)
         model_cfg_a=pair_model_cfg("a"),
         model_cfg_b=pair_model_cfg("b"),
-        corpus_cfg=pair_corpus_cfg,  # corpus passages are shared texts
+        corpus_cfg=stage_cfg("corpus"),  # corpus passages are shared texts
     script:
         "../scripts/feature_matching.py"

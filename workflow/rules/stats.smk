@@ -62,7 +62,7 @@ rule cross_model:
         mem_mb=12000,
         runtime=30,
     params:
-        cfg=pair_stats_cfg,
+        cfg=stage_cfg("stats"),
         model_cfg_a=pair_model_cfg("a"),
         model_cfg_b=pair_model_cfg("b"),
     script:

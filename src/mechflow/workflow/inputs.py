@@ -18,17 +18,18 @@ from mechflow.workflow.runs import RUNS, model_pairs, pair_runs, tasks_of_settin
 # ----------------------------------------------------------------------------- config (params)
 
 
-def stage_cfg(group: str, without: tuple[str, ...] = ()) -> Callable[[Any], dict]:
+def stage_cfg(group: str) -> Callable[[Any], dict]:
     """A Snakemake `params` function returning the resolved config group of the job's run (`job_run`).
 
     Left out, so that editing them does not re-run the rule (params are a rerun trigger): the keys the
     group's config class lists in ``SELECTION_KEYS`` (which jobs exist, not what a job computes, e.g.
-    ``benchmark.enabled``, ``benchmark.tasks``), and ``without``, other keys the rule does not read.
+    ``benchmark.enabled``, ``benchmark.tasks``). One rule reads a declared subset of another stage's
+    group: `edge_reference` (the exact part of ``reference``, `edge_reference_cfg_of`).
     """
 
     def params(wildcards) -> dict:
         cfg = RUNS[job_run(wildcards)].stage(group)
-        drop = {*selection_keys(group), *without}
+        drop = set(selection_keys(group))
         return {k: v for k, v in cfg.items() if k not in drop} if drop else cfg
 
     params.__name__ = f"stage_cfg_{group}"
@@ -243,10 +244,6 @@ def cross_model_inputs_of(wildcards) -> dict[str, str]:
     return inputs
 
 
-def pair_stats_cfg(wildcards) -> dict:
-    return RUNS[pair_runs(wildcards.pair)[0]].cfg["stats"]
-
-
 def pair_model_cfg(side: str) -> Callable[[Any], dict]:
     def params(wildcards) -> dict:
         return RUNS[pair_runs(wildcards.pair)["ab".index(side)]].cfg["model"]
@@ -266,11 +263,6 @@ def feature_matching_inputs_of(wildcards) -> dict[str, Any]:
         inputs[f"training_{side}"] = f"{paths.dictionaries_dir(run)}/sae/training.json"
         inputs[f"datasets_{side}"] = [paths.task_file(run, task, "dataset.jsonl") for task in shared]
     return inputs
-
-
-def pair_corpus_cfg(wildcards) -> dict:
-    """The `corpus` group of the pair (its runs differ only in the model): shared passages."""
-    return RUNS[pair_runs(wildcards.pair)[0]].cfg["corpus"]
 
 
 # ----------------------------------------------------------------------------- benchmark, summary, run

@@ -35,7 +35,7 @@ def test_stage_cfg_drops_the_keys_a_rule_does_not_read(default_run):
     wc = SimpleNamespace(run=name)
     assert inputs.stage_cfg("attribution")(wc) == run_.cfg["attribution"]
     assert inputs.stage_cfg("causal_tracing")(wc) == run_.cfg["causal_tracing"]
-    assert "enabled" not in inputs.stage_cfg("benchmark", without=("enabled", "tasks"))(wc)
+    assert "enabled" not in inputs.stage_cfg("benchmark")(wc)
 
 
 def test_feature_and_reference_inputs_name_every_output(default_run):
