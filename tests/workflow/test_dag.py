@@ -162,3 +162,27 @@ def test_dry_run_plans_the_recorded_job_set(scenario, tmp_path):
     missing = [j for j in expected if j not in planned]
     extra = [j for j in planned if j not in expected]
     assert not missing and not extra, f"missing jobs: {missing[:3]}\nnew jobs: {extra[:3]}"
+    # every JSON / JSONL / Parquet file a planned job writes has its contract in mechflow.contracts
+    assert uncontracted_outputs(planned) == set()
+
+
+def uncontracted_outputs(jobs: list[dict]) -> set[tuple[str, str]]:
+    """(rule, path) of each planned .json/.jsonl/.parquet output that no catalog contract's file
+    pattern (``reference/{task}/auc.json``, relative to the run folder) matches."""
+    import re
+
+    from mechflow.contracts import catalog
+
+    def pattern(file: str) -> re.Pattern:
+        file = file.removesuffix(" (one per line)")
+        return re.compile("(^|/)" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(file)) + "$")
+
+    patterns = [pattern(c.file) for c in (*catalog.DOCUMENTS, *catalog.TABLES)]
+    return {(job["rule"], out) for job in jobs for out in job["output"]
+            if out.endswith((".json", ".jsonl", ".parquet")) and not any(p.search(out) for p in patterns)}
+
+
+def test_the_contract_coverage_check_sees_a_missing_contract():
+    jobs = [{"rule": "stats", "output": ["results/r/stats/ioi/stability.json", "results/r/stats/ioi/new_table.parquet",
+                                         "results/r/stats/ioi/figure.png"]}]
+    assert uncontracted_outputs(jobs) == {("stats", "results/r/stats/ioi/new_table.parquet")}
