@@ -35,7 +35,7 @@ from mechflow.harvest import shards
 from mechflow.harvest.config import HarvestConfig
 from mechflow.harvest.hooks import capture, expand_hooks, hook_layer, stop_layer
 from mechflow.io import canonical_hash, sha256_file
-from mechflow.models import ModelConfig
+from mechflow.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def resolve_model(model_cfg: dict, model: Any = None) -> tuple[Any, ModelInfo]:
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     name = model_cfg.get("name") or model.cfg.model_name
     dtype = str(model.cfg.dtype).removeprefix("torch.")
-    prepend_bos = model_cfg.get("prepend_bos", ModelConfig.__pydantic_fields__["prepend_bos"].default)
+    prepend_bos = model_cfg.get("prepend_bos", ModelConfig.field_defaults()["prepend_bos"])
     return model, ModelInfo(name, h.hexdigest(), dtype, bool(prepend_bos), None)
 
 
