@@ -115,3 +115,24 @@ def make_tiny_sae(d_in: int = 32, d_sae: int = 24, kind: str = "topk", seed: int
         sae.W_dec.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.05)
     return sae.eval()
+
+
+def make_random_transcoders(model, d_sae: int = 16, skip: bool = False, seed: int = 0, scale: float = 1.0):
+    """A random per-layer JumpReLU transcoder for every MLP of ``model`` (thresholds 0.3, so a mix
+    of features is active); ``scale`` shrinks the decoders (real models: keep the outputs small)."""
+    from mechflow.graphs.replacement import LayerTranscoder, TranscoderSet
+
+    g = torch.Generator().manual_seed(seed)
+    d, dtype = model.cfg.d_model, model.cfg.dtype
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+    layers = {}
+    for layer in range(model.cfg.n_layers):
+        layers[layer] = LayerTranscoder(
+            W_enc=rnd(d, d_sae, std=1 / d ** 0.5), b_enc=rnd(d_sae, std=0.1),
+            threshold=torch.full((d_sae,), 0.3, dtype=dtype),
+            W_dec=rnd(d_sae, d, std=0.3 * scale), b_dec=rnd(d, std=0.1 * scale),
+            W_skip=rnd(d, d, std=0.1) if skip else None)
+    return TranscoderSet(layers)

@@ -14,34 +14,10 @@ import torch
 
 from mechflow.errors import ConfigError
 from mechflow.graphs.attribution import attribute_prompt, salient_logits
-from mechflow.graphs.replacement import (
-    LayerTranscoder,
-    Perturbation,
-    TranscoderSet,
-    frozen_forward,
-    setup_prompt,
-)
-from mechflow.testing import make_tiny_llama
+from mechflow.graphs.replacement import Perturbation, TranscoderSet, frozen_forward, setup_prompt
+from mechflow.testing import make_random_transcoders, make_tiny_llama
 
 TOKENS = torch.tensor([1, 7, 23, 4, 41, 9, 16, 30])
-
-
-def random_transcoders(model, d_sae: int = 16, skip: bool = False, seed: int = 0,
-                       scale: float = 1.0) -> TranscoderSet:
-    g = torch.Generator().manual_seed(seed)
-    d, dtype = model.cfg.d_model, model.cfg.dtype
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
-
-    layers = {}
-    for layer in range(model.cfg.n_layers):
-        layers[layer] = LayerTranscoder(
-            W_enc=rnd(d, d_sae, std=1 / d ** 0.5), b_enc=rnd(d_sae, std=0.1),
-            threshold=torch.full((d_sae,), 0.3, dtype=dtype),
-            W_dec=rnd(d_sae, d, std=0.3 * scale), b_dec=rnd(d, std=0.1 * scale),
-            W_skip=rnd(d, d, std=0.1) if skip else None)
-    return TranscoderSet(layers)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +72,7 @@ def check_doubling(model, transcoders, graph, state, columns, atol):
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("zero_bos", [False, True])
 def test_every_edge_is_the_exact_effect_of_doubling_its_source(tiny, skip, zero_bos):
-    transcoders = random_transcoders(tiny, skip=skip)
+    transcoders = make_random_transcoders(tiny, skip=skip)
     graph = attribute_prompt(tiny, transcoders, TOKENS, batch_size=5, zero_bos=zero_bos, bos_token_id=1,
                              desired_logit_prob=0.5)
     state = setup_prompt(tiny, transcoders, TOKENS, zero_bos=zero_bos, bos_token_id=1)
@@ -111,7 +87,7 @@ def test_every_edge_is_the_exact_effect_of_doubling_its_source(tiny, skip, zero_
 
 
 def test_the_frozen_replacement_reproduces_the_models_logits(tiny):
-    transcoders = random_transcoders(tiny, skip=True)
+    transcoders = make_random_transcoders(tiny, skip=True)
     state = setup_prompt(tiny, transcoders, TOKENS)
     out = frozen_forward(tiny, transcoders, state)
     torch.testing.assert_close(out.logits, tiny(TOKENS[None])[0], atol=1e-10, rtol=0)
@@ -124,7 +100,7 @@ def test_the_frozen_replacement_reproduces_the_models_logits(tiny):
 def test_freezing_matters_edges_differ_from_the_unfrozen_gradient(tiny):
     """The edge token → logit is not the plain gradient of the real model (which would pass through
     attention patterns, norms and MLPs): the freezes are really applied."""
-    transcoders = random_transcoders(tiny)
+    transcoders = make_random_transcoders(tiny)
     graph = attribute_prompt(tiny, transcoders, TOKENS, desired_logit_prob=0.5)
     embed = tiny.embed(TOKENS[None]).detach().requires_grad_(True)
     logits = tiny(embed, start_at_layer=0)[0, -1]
@@ -140,14 +116,14 @@ def graph_token_vectors(model):
 
 
 def test_batch_size_does_not_change_the_graph(tiny):
-    transcoders = random_transcoders(tiny)
+    transcoders = make_random_transcoders(tiny)
     one = attribute_prompt(tiny, transcoders, TOKENS, batch_size=1)
     many = attribute_prompt(tiny, transcoders, TOKENS, batch_size=64)
     torch.testing.assert_close(one.adjacency, many.adjacency, atol=1e-12, rtol=0)
 
 
 def test_a_feature_budget_keeps_rows_of_the_full_graph(tiny):
-    transcoders = random_transcoders(tiny)
+    transcoders = make_random_transcoders(tiny)
     full = attribute_prompt(tiny, transcoders, TOKENS, batch_size=4)
     part = attribute_prompt(tiny, transcoders, TOKENS, batch_size=4, max_feature_nodes=12, update_interval=1)
     assert part.layout.n_features == 12 < full.layout.n_features
@@ -176,7 +152,7 @@ def test_salient_logits_take_the_smallest_set_reaching_the_probability():
 
 
 def test_bad_transcoder_sets_get_one_clear_error(tiny):
-    full = random_transcoders(tiny)
+    full = make_random_transcoders(tiny)
     missing = TranscoderSet({k: v for k, v in full.transcoders.items() if k != 1})
     with pytest.raises(ConfigError, match=r"no transcoder for layer\(s\) \[1\]"):
         attribute_prompt(tiny, missing, TOKENS)
@@ -194,7 +170,7 @@ def test_bad_transcoder_sets_get_one_clear_error(tiny):
 def test_smollm2_replacement_reproduces_logits_and_edges_match_doubling(smollm2):
     model = smollm2
     tokens = model.to_tokens("When Mary and John went to the store, John gave a drink to", prepend_bos=True)[0]
-    transcoders = random_transcoders(model, d_sae=64, scale=0.05)
+    transcoders = make_random_transcoders(model, d_sae=64, scale=0.05)
     state = setup_prompt(model, transcoders, tokens)
     out = frozen_forward(model, transcoders, state)
     assert (out.logits - model(tokens[None])[0]).abs().max() <= 1e-4
