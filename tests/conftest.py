@@ -30,3 +30,25 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     return load_configured_model("gemma3_270m")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium for browser tests: the one on PATH, else Debian's package installed with
+    apt when running as root (CI machines), else the test is skipped with the reason."""
+    import shutil
+    import subprocess
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no Chromium on PATH and no root apt-get to install it (apt-get install chromium)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.skip(f"could not install Chromium ({' '.join(cmd)}: {done.stderr.strip()[-300:]})")
+    if not shutil.which("chromium"):
+        pytest.skip("apt-get install chromium did not put chromium on PATH")
+    return shutil.which("chromium")

@@ -1,0 +1,67 @@
+"""The offline HTML viewer in a real browser: headless Chromium loads the file, the SVG it draws
+has exactly the JSON's nodes and links, and a screenshot is saved (kept in MECHFLOW_SCREENSHOT_DIR
+when set, for a person to look at)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from mechflow.graphs.attribution import attribute_prompt
+from mechflow.graphs.export import neuronpedia_graph, supernodes
+from mechflow.graphs.influence import graph_scores, prune_graph
+from mechflow.graphs.viewer import render_viewer, write_viewer
+from mechflow.testing import make_random_transcoders, make_tiny_llama
+
+TOKENS = torch.tensor([1, 7, 23, 4, 41, 9, 16, 30])
+
+
+def tiny_document():
+    model = make_tiny_llama(n_layers=3)
+    transcoders = make_random_transcoders(model)
+    graph = attribute_prompt(model, transcoders, TOKENS, desired_logit_prob=0.5)
+    pruned = prune_graph(graph.adjacency, graph.layout, graph.logit_probabilities)
+    groups = supernodes(graph, pruned, lambda layer, f: transcoders.transcoders[layer].W_dec[f], min_cosine=0.3)
+    doc = neuronpedia_graph(graph, pruned, slug="tiny-0", scan="tiny", transcoder_list=[], prompt="tiny prompt",
+                            decode=lambda t: f"tok{t}", node_threshold=0.8, supernodes=groups)
+    feature = next(n for n in doc.nodes if n.feature_type == "cross layer transcoder")
+    layer, f, _ = feature.node_id.split("_")
+    features = {f"{layer}_{f}": {"top_contexts": [{"left": ["a", " b"], "token": " </script>", "right": [" c"],
+                                                    "activation": 1.5}],
+                                 "logit_effects": {"top": [{"token": "x", "value": 0.5}], "bottom": []}}}
+    rep, comp = graph_scores(graph.adjacency, graph.layout, graph.logit_probabilities)
+    return doc, features, {"replacement": rep, "completeness": comp}
+
+
+def test_the_page_is_self_contained():
+    doc, features, scores = tiny_document()
+    html = render_viewer(doc, features=features, scores=scores)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched from a network
+    assert "<script src" not in html and "<link" not in html
+    assert html.count("</script>") == 2  # a "</script>" inside the data cannot end the data element
+
+
+def test_chromium_draws_every_node_and_link(chromium, tmp_path):
+    doc, features, scores = tiny_document()
+    page = write_viewer(tmp_path / "graph.html", doc, features=features, scores=scores)
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+            "--window-size=1400,900"]
+    dom = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'id="graph-svg"' in dom, "the viewer's script did not run"
+    drawn = re.findall(r'data-node-id="([^"]+)"', dom)
+    assert sorted(drawn) == sorted(n.node_id for n in doc.nodes)
+    assert len(re.findall(r'<path class="link ', dom)) == len(doc.links)
+    assert f'data-node-count="{len(doc.nodes)}"' in dom
+    assert "top activating contexts" not in dom or features  # side panel is filled by hovering (logit by default)
+    shot = tmp_path / "graph.png"
+    subprocess.run([*args, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    keep = os.environ.get("MECHFLOW_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "graph_viewer_tiny.png")
