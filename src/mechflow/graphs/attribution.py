@@ -71,11 +71,12 @@ class AttributionGraph:
 
 
 @torch.no_grad()
-def salient_logits(logits: Tensor, W_U: Tensor, *, max_n_logits: int = 10,
-                   desired_logit_prob: float = 0.95) -> tuple[Tensor, Tensor, Tensor]:
+def salient_logits(logits: Tensor, W_U: Tensor, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+                   include: Sequence[int] = ()) -> tuple[Tensor, Tensor, Tensor]:
     """``(ids [K], probabilities [K], demeaned unembedding columns [K, d_model])`` of the smallest set
     of top logits whose cumulative probability reaches ``desired_logit_prob``, at most
-    ``max_n_logits`` (circuit-tracer's `compute_salient_logits`)."""
+    ``max_n_logits`` (circuit-tracer's `compute_salient_logits`); token ids in ``include`` (a task's
+    answer and foil) are appended when that set misses them."""
     if max_n_logits < 1:
         raise ConfigError(f"graph.max_n_logits = {max_n_logits}: keep at least one logit")
     if not 0 < desired_logit_prob <= 1:
@@ -84,6 +85,10 @@ def salient_logits(logits: Tensor, W_U: Tensor, *, max_n_logits: int = 10,
     top_p, top_idx = torch.topk(probs, min(max_n_logits, probs.shape[-1]))
     cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), torch.tensor(desired_logit_prob, dtype=top_p.dtype))) + 1
     top_p, top_idx = top_p[:cutoff], top_idx[:cutoff]
+    missing = [int(t) for t in dict.fromkeys(include) if int(t) not in set(top_idx.tolist())]
+    if missing:
+        extra = torch.tensor(missing, dtype=top_idx.dtype)
+        top_idx, top_p = torch.cat([top_idx, extra]), torch.cat([top_p, probs[extra]])
     demeaned = W_U[:, top_idx] - W_U.mean(dim=-1, keepdim=True)
     return top_idx, top_p.to(logits.dtype), demeaned.T
 
@@ -221,7 +226,8 @@ def partial_influence(rows: Tensor, row_nodes: Tensor, logit_probabilities: Tens
 def attribute_prompt(model, transcoders: TranscoderSet, tokens: Tensor | Sequence[int], *, max_n_logits: int = 10,
                      desired_logit_prob: float = 0.95, batch_size: int = 64, max_feature_nodes: int | None = None,
                      update_interval: int = 4, zero_bos: bool = True, bos_token_id: int | None = None,
-                     max_tokens: int | None = None, progress: bool = False) -> AttributionGraph:
+                     max_tokens: int | None = None, include_logits: Sequence[int] = (),
+                     progress: bool = False) -> AttributionGraph:
     """The unpruned attribution graph of ``tokens`` (see the module docstring)."""
     if batch_size < 1:
         raise ConfigError(f"graph.batch_size = {batch_size}: must be >= 1")
@@ -235,7 +241,7 @@ def attribute_prompt(model, transcoders: TranscoderSet, tokens: Tensor | Sequenc
         index, values = engine.feature_index, state.active_features()[1]
         n_active = len(index)
         logit_idx, logit_p, logit_vecs = salient_logits(state.logits[-1], model.W_U, max_n_logits=max_n_logits,
-                                                        desired_logit_prob=desired_logit_prob)
+                                                        desired_logit_prob=desired_logit_prob, include=include_logits)
         K = len(logit_idx)
         logit_offset = n_active + (L + 1) * P
         n_nodes = logit_offset + K
