@@ -193,8 +193,8 @@ def validate_graph(model, transcoders: TranscoderSet, graph: AttributionGraph, s
             "frozen": float(demeaned(frozen[i], answer) - demeaned(base_frozen, answer)),
         }
         if f_idx is not None:
-            edge = graph.adjacency[layout.logits.start + a_idx, item.node] - graph.adjacency[layout.logits.start + f_idx,
-                                                                                              item.node]
+            column = graph.adjacency[layout.logits, item.node]
+            edge = column[a_idx] - column[f_idx]
             row["predicted_direct_diff"] = unit * float(edge)
             row["predicted_graph_diff"] = item.delta * (graph_prediction(graph, item.node, a_idx)
                                                         - graph_prediction(graph, item.node, f_idx))
