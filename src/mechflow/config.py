@@ -572,6 +572,7 @@ CONFIG_GROUPS: dict[str, str] = {
     "circuits": "mechflow.circuits.config:CircuitConfig",
     "corpus": "mechflow.corpus.config:CorpusConfig",
     "feature_matching": "mechflow.features.config:FeatureMatchingConfig",
+    "graph": "mechflow.graphs.config:GraphConfig",
     "features": "mechflow.features.config:FeaturesConfig",
     "harvest": "mechflow.harvest.config:HarvestConfig",
     "model": "mechflow.models.config:ModelConfig",

@@ -202,3 +202,42 @@ class CltConfig(Document):
     bandwidth: float
     dtype: str
     metadata: dict[str, Any]
+
+
+class TranscoderSetLayer(Document):
+    """One layer of the transcoder set: held-out metrics from its ``training.json``."""
+
+    layer: int
+    fvu: float = Field(description="held-out fraction of MLP-output variance unexplained")
+    l0: float = Field(description="mean active latents per held-out token")
+    dead_fraction: float = Field(description="latents that never fire on the held-out tokens")
+    heldout_tokens: int
+    training_seconds: float
+    training: str = Field(description="the layer's training.json")
+
+
+class WholeModelReplacement(SpliceMetrics):
+    """CE / KL with every MLP of the set replaced by its transcoder at once (empty when
+    ``eval.ce_contexts`` is 0)."""
+
+    mean_source: str | None = None
+
+
+class TranscoderSetDocument(Document):
+    """``dictionaries/transcoder_set/set.json``: written by ``transcoder_set``."""
+
+    stage: Literal["transcoder_set"]
+    kind: str
+    layers: list[int]
+    in_hooks: list[str]
+    out_hooks: list[str]
+    d_sae: int
+    per_layer: list[TranscoderSetLayer]
+    mean_fvu: float
+    max_fvu: float
+    mean_l0: float
+    mean_dead_fraction: float
+    training_seconds: float = Field(description="sum of the layers' training times (CPU jobs may overlap)")
+    whole_model: WholeModelReplacement
+    circuit_tracer: str = Field(description="folder of the set in circuit-tracer's transcoder_set layout")
+    folders: list[str] = Field(description="the layers' SAELens transcoder folders")

@@ -14,7 +14,7 @@ the probability. Unlike circuit-tracer's ``Model.links: list[dict]``, links are 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -73,3 +73,64 @@ class NeuronpediaGraph(Document):
 
 class GraphMetadataIndex(Document):
     graphs: list[GraphMetadata]
+
+
+class SupernodesDocument(Document):
+    """``graphs/<task>/p<N>/supernodes.json``: editable groups of kept features (same position,
+    decoder cosine >= ``min_cosine``), each ``[label, node_id, ...]`` as ``qParams.supernodes``."""
+
+    slug: str
+    min_cosine: float
+    supernodes: list[list[str]]
+
+
+class GraphLogit(Document):
+    token: str
+    token_id: int
+    probability: float
+
+
+class PrunedCounts(Document):
+    n_nodes: int
+    n_feature_nodes: int
+    n_edges: int
+    node_threshold: float
+    edge_threshold: float
+
+
+class GraphScores(Document):
+    replacement: float = Field(description="unpruned graph (circuit-tracer's compute_graph_scores)")
+    completeness: float
+    replacement_pruned: float = Field(description="pruned nodes' and edges' entries set to zero")
+    completeness_pruned: float
+
+
+class GraphSummary(Document):
+    """``graphs/<task>/p<N>/graph.json``: written by ``attribution_graph``."""
+
+    stage: Literal["attribution_graph"]
+    task: str
+    prompt_index: int
+    slug: str
+    prompt: str
+    tokens: list[str]
+    answer: str
+    foil: str
+    answer_id: int
+    foil_id: int
+    logits: list[GraphLogit]
+    n_active_features: int
+    n_feature_nodes: int = Field(description="features with computed rows (the budget's choice by influence)")
+    n_error_nodes: int
+    n_token_nodes: int
+    n_logit_nodes: int
+    n_edges: int = Field(description="non-zero entries of the unpruned adjacency")
+    pruned: PrunedCounts
+    scores: GraphScores
+    error_share_per_layer: list[float] = Field(description="each layer's error nodes' share of influence")
+    top_paths: list[list[str]]
+    validation: dict[str, Any] = Field(description="summary of validate_graph (correlations, sign agreement)")
+    bos_zeroed: bool
+    seconds: dict[str, float]
+    config: dict[str, Any]
+    files: dict[str, str]

@@ -299,3 +299,14 @@ def reader_columns(contract: pa.Schema, names: list[str] | None = None) -> dict[
 def footer_metadata(schema: pa.Schema) -> Mapping[str, str]:
     """A schema's metadata as text (for rendering)."""
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+
+# ----------------------------------------------------------------------------- graphs (rule attribution_graph)
+
+# validation.parquet: one row per intervention on a graph feature (mechflow.graphs.validation).
+GRAPH_VALIDATION_SCHEMA = pa.schema([
+    _required("node", _I32), _required("layer", _I32), _required("position", _I32), _required("feature", _I64),
+    _required("activation", _F64), _required("operation", _S), _required("delta", _F64),
+    _required("predicted_direct", _F64), _required("predicted_graph", _F64), _required("real", _F64),
+    _required("frozen", _F64), pa.field("predicted_direct_diff", _F64), pa.field("predicted_graph_diff", _F64),
+    pa.field("real_diff", _F64),
+])

@@ -1,6 +1,7 @@
-"""Typed configs of the dictionary stages (`config/sae/*.yaml`, `config/transcoder/*.yaml`).
+"""Typed configs of the dictionary stages (`config/sae/*.yaml`, `config/transcoder/*.yaml`,
+`config/transcoder_set/*.yaml`).
 
-`workflow/schemas/config/{sae,transcoder}.schema.json` are generated from these models
+`workflow/schemas/config/{sae,transcoder,transcoder_set}.schema.json` are generated from these models
 (`python -m mechflow.contracts.export`); a unit test fails when they drift.
 """
 
@@ -138,6 +139,43 @@ class TranscoderConfig(_Cfg):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
+class TranscoderSetConfig(TranscoderConfig):
+    """Per-layer transcoders for every MLP (`config/transcoder_set/`): the replacement model of the
+    attribution-graph stage. The recipe fields are `TranscoderConfig`'s; each layer is one job
+    (rule `train_layer_transcoder`), reading shards that rule `harvest_layers` writes for a group of
+    `layers_per_harvest` layers and Snakemake deletes once every layer of the group is trained."""
+
+    GROUP: ClassVar[str] = "transcoder_set"
+
+    kind: Literal["per_layer", "skip"] = Field(
+        "per_layer", description="per_layer | skip (W_skip x added); a graph needs one transcoder per MLP")
+    layers: Literal["all"] | list[int] = Field(
+        "all", description="all: every layer of the model; or a list (a graph needs them all)")
+    layers_per_harvest: int = Field(
+        5, ge=1, description="layers whose MLP in/out one harvest job writes (one forward pass up to the last of "
+        "them); peak disk is about this x 2 hooks x the harvest size, times the jobs alive at once")
+    harvest_max_contexts: int | None = Field(
+        None, ge=1, description="harvest only the first N corpus contexts for the set (null: as harvest.max_contexts)")
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        """The layers of the set for a model with ``n_layers`` layers (one clear error if out of range)."""
+        layers = list(range(n_layers)) if self.layers == "all" else list(self.layers)
+        bad = [layer for layer in layers if not 0 <= layer < n_layers]
+        if bad or layers != sorted(set(layers)) or not layers:
+            raise ConfigError(f"transcoder_set.layers={self.layers}: give increasing layers in [0, {n_layers - 1}] "
+                              "or 'all'")
+        return layers
+
+    def harvest_groups(self, n_layers: int) -> list[list[int]]:
+        layers = self.layer_list(n_layers)
+        return [layers[i:i + self.layers_per_harvest] for i in range(0, len(layers), self.layers_per_harvest)]
+
+    def for_layer(self, layer: int) -> TranscoderConfig:
+        """The one-layer `TranscoderConfig` that rule `train_layer_transcoder` trains."""
+        fields = self.model_dump(exclude={"layers", "layers_per_harvest", "harvest_max_contexts"})
+        return TranscoderConfig.model_validate({**fields, "layers": [layer]})
+
+
 def parse_config(model: type[_Cfg], cfg: Any, group: str) -> Any:
     """Validate `cfg` (dict, DictConfig or model) into `model`; raise ConfigError naming the field."""
     if isinstance(cfg, model):
@@ -164,4 +202,5 @@ def parse_config(model: type[_Cfg], cfg: Any, group: str) -> Any:
 def json_schemas() -> dict[str, dict]:
     draft = {"$schema": "https://json-schema.org/draft/2020-12/schema"}  # jsonschema/snakemake detect the dialect
     return {"sae": {**draft, **SAEConfig.model_json_schema()},
-            "transcoder": {**draft, **TranscoderConfig.model_json_schema()}}
+            "transcoder": {**draft, **TranscoderConfig.model_json_schema()},
+            "transcoder_set": {**draft, **TranscoderSetConfig.model_json_schema()}}

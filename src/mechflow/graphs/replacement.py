@@ -24,7 +24,8 @@ the tests use it as the exact reference for the backward-pass edges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,33 +95,32 @@ class TranscoderSet:
     out_hook: str = "blocks.{layer}.hook_mlp_out"
 
     @classmethod
-    def from_folders(cls, folders: Mapping[int, str | Path] | list[str | Path]) -> TranscoderSet:
-        """Per-layer transcoders written by `train_transcoder` (``kind`` per_layer or skip), one
-        folder per layer or folders holding several layers; every folder must use the same hooks."""
+    def from_folders(cls, folders: Sequence[str | Path]) -> TranscoderSet:
+        """Per-layer (or skip) transcoders written by `train_transcoder`: one folder per layer (the
+        transcoder set) or folders holding several layers; every layer must use the same hooks."""
         from mechflow.dictionaries.transcoder import load_transcoder, read_transcoder_index
 
-        paths = list(folders.values()) if isinstance(folders, Mapping) else list(folders)
         layers: dict[int, LayerTranscoder] = {}
-        hooks: set[tuple[str, str]] = set()
-        for path in paths:
+        templates: set[tuple[str, str]] = set()
+        for path in folders:
             index = read_transcoder_index(path)
             if index["kind"] == "clt":
                 raise ConfigError(f"{path}: cross-layer transcoders are not supported by the graph stage yet "
-                                  "(transcoder.kind: clt); train per-layer transcoders (transcoder=all_layers)")
+                                  "(transcoder kind clt); train the per-layer transcoder set (transcoder_set)")
             stack = load_transcoder(path)
-            hooks.add((index["in_hook"], index["out_hook"]))
             for i, layer in enumerate(index["layers"]):
                 if layer in layers:
                     raise ConfigError(f"layer {layer} has two transcoders ({path} and an earlier folder): "
                                       "give one folder per layer")
+                templates.add((_template(index["in_hooks"][i], layer), _template(index["out_hooks"][i], layer)))
                 layers[layer] = LayerTranscoder(
                     stack.W_enc[i].detach(), stack.b_enc[i].detach(), stack.threshold[i].detach(),
                     stack.W_dec_stack[i].detach(), stack.b_dec[i].detach(),
                     None if stack.W_skip is None else stack.W_skip[i].detach())
-        if len(hooks) != 1:
-            raise ConfigError(f"transcoder folders {paths} read/write different hooks {sorted(hooks)}: "
-                              "train the whole set with one transcoder config")
-        in_hook, out_hook = hooks.pop()
+        if len(templates) != 1:
+            raise ConfigError(f"transcoder folders {[str(p) for p in folders]} read/write different hooks "
+                              f"{sorted(templates)}: train the whole set with one transcoder_set config")
+        in_hook, out_hook = templates.pop()
         return cls(layers, in_hook, out_hook)
 
     def hook_in(self, layer: int) -> str:
@@ -184,6 +184,11 @@ class PromptState:
         layer, then position, then feature (circuit-tracer's coalesced sparse order)."""
         index = self.activations.nonzero()
         return index, self.activations[index[:, 0], index[:, 1], index[:, 2]]
+
+
+def _template(hook: str, layer: int) -> str:
+    """``blocks.7.hook_mlp_out`` of layer 7 -> ``blocks.{layer}.hook_mlp_out``."""
+    return re.sub(rf"^blocks\.{layer}\.", "blocks.{layer}.", hook)
 
 
 def is_frozen(name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, StrictBool, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from mechflow.config import GroupConfig, config_model
 
@@ -26,3 +26,6 @@ class ModelConfig(GroupConfig):
     edge_circuits: StrictBool = Field(True, description="whether edge-level circuits (MIB graph) are defined for "
                                       "this model; false: node-level circuits only")
     bos_token: StrictStr | None = Field(None, description="BOS token string; null = the tokenizer's own")
+    n_layers: StrictInt | None = Field(None, ge=1, description="layers of the model, for stages that plan one job "
+                                       "per layer before the model is loaded (transcoder_set.layers: all); "
+                                       "checked against the loaded model")

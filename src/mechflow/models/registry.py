@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from mechflow.contracts.models import ModelCard
-from mechflow.errors import ModelLoadError
+from mechflow.errors import ConfigError, ModelLoadError
 from mechflow.io import sha256_file_cached
 from mechflow.models.config import ModelConfig
 
@@ -397,4 +397,9 @@ def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any]) -> LoadedMod
     """Load from a resolved `model` config group (see config/model/*.yaml; missing keys take the
     `ModelConfig` class defaults)."""
     cfg = ModelConfig.from_dict(model_cfg)
-    return load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token)
+    loaded = load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token)
+    actual = loaded.model.cfg.n_layers
+    if cfg.n_layers is not None and cfg.n_layers != actual:
+        raise ConfigError(f"model.n_layers = {cfg.n_layers}, but {cfg.name} has {actual} layers: set "
+                          f"model.n_layers={actual} (or null)")
+    return loaded

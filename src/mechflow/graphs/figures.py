@@ -1,0 +1,102 @@
+"""Static figures of the graph stage: the pruned graph (PNG, the viewer's layout) and the
+validation scatter (predicted vs real change of the answer logit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mechflow.contracts.graphs import NeuronpediaGraph
+from mechflow.io import atomic_path
+
+COLORS = {"cross layer transcoder": "#4e79a7", "mlp reconstruction error": "#bab0ac", "embedding": "#59a14f",
+          "logit": "#f28e2b"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png", bbox_inches="tight")
+
+
+def layout_positions(doc: NeuronpediaGraph) -> dict[str, tuple[float, float]]:
+    """(x, y) per node: x = token position (nodes of one cell spread sideways), y = layer
+    (embeddings 0, layer l at l + 1, logits on top)."""
+    n_layers = max((int(n.layer) - 1 for n in doc.nodes if n.feature_type == "logit"), default=0)
+    cells: dict[tuple[int, int], list] = {}
+    for n in doc.nodes:
+        row = 0 if n.feature_type == "embedding" else n_layers + 1 if n.feature_type == "logit" else int(n.layer) + 1
+        cells.setdefault((row, n.ctx_idx), []).append(n)
+    pos = {}
+    for (row, ctx), nodes in cells.items():
+        k = len(nodes)
+        for i, n in enumerate(nodes):
+            pos[n.node_id] = (ctx + (0 if k == 1 else -0.35 + 0.7 * i / (k - 1)), row)
+    return pos
+
+
+def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "") -> Path:
+    plt = _plt()
+    pos = layout_positions(doc)
+    n_pos = len(doc.metadata.prompt_tokens)
+    n_rows = max(y for _, y in pos.values()) + 1
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * n_pos), max(4, 0.28 * n_rows + 2)))
+    wmax = max((abs(link.weight) for link in doc.links), default=1.0) or 1.0
+    for link in doc.links:
+        (x0, y0), (x1, y1) = pos[link.source], pos[link.target]
+        ax.plot([x0, x1], [y0, y1], color="#1f77b4" if link.weight >= 0 else "#d62728",
+                alpha=0.15 + 0.6 * abs(link.weight) / wmax, linewidth=0.3 + 2 * abs(link.weight) / wmax, zorder=1)
+    for kind, color in COLORS.items():
+        pts = [pos[n.node_id] for n in doc.nodes if n.feature_type == kind]
+        if pts:
+            marker = {"cross layer transcoder": "o", "mlp reconstruction error": "s"}.get(kind, "D")
+            ax.scatter(*zip(*pts, strict=True), s=22, c=color, marker=marker, edgecolors="#333", linewidths=0.4,
+                       zorder=2, label=kind)
+    for n in doc.nodes:
+        if n.feature_type == "logit":
+            x, y = pos[n.node_id]
+            ax.annotate(n.clerp.replace("Output ", ""), (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=6, rotation=20)
+    ax.set_xticks(range(n_pos))
+    ax.set_xticklabels(doc.metadata.prompt_tokens, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks([0, n_rows - 1])
+    ax.set_yticklabels(["emb", "logits"])
+    ax.set_ylabel("layer")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title or doc.metadata.slug, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_validation(rows: list[dict], path: Path, title: str = "") -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, (pred, real, label) in zip(axes, (("predicted_graph", "real", "real model"),
+                                              ("predicted_direct", "frozen", "frozen replacement")), strict=True):
+        for op, marker in (("zero", "o"), ("x2", "^"), ("x-1", "v")):
+            pts = [(r[pred], r[real]) for r in rows if r["operation"] == op]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), s=16, marker=marker, label=op)
+        values = [v for r in rows for v in (r[pred], r[real])]
+        if values:
+            lo, hi = min(values), max(values)
+            ax.plot([lo, hi], [lo, hi], color="#999", linewidth=0.8)
+        ax.set_xlabel(f"{pred.replace('_', ' ')} Δ answer logit")
+        ax.set_ylabel(f"{label} Δ answer logit")
+        ax.legend(fontsize=7)
+    if not rows:
+        axes[0].text(0.5, 0.5, "no interventions (graph.validation_features: 0)", ha="center",
+                     transform=axes[0].transAxes)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
