@@ -42,6 +42,7 @@ rule run_manifest:
         feature_outputs=feature_outputs_of,
         reference_outputs=reference_outputs_of,
         analysis_outputs=analysis_outputs_of,
+        graph_outputs=graph_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     log:

@@ -5,7 +5,7 @@ and `graphs_summary`). `workflow/schemas/config/graph.schema.json` is generated 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
@@ -17,6 +17,8 @@ Operation = Literal["zero", "x2", "x-1"]
 @config_model("graph")
 class GraphConfig(GroupConfig):
     """Attribution graphs of task prompts (see `mechflow.graphs.stage`)."""
+
+    SELECTION_KEYS: ClassVar[tuple[str, ...]] = ("enabled", "tasks", "prompts")  # which jobs exist
 
     enabled: StrictBool = Field(False, description="build graphs in this run (opt in: the transcoder set "
                                 "trains one transcoder per layer)")

@@ -298,3 +298,69 @@ def run_targets(wildcards) -> list[str]:
         if "sae" in RUNS[a].cfg and "sae" in RUNS[b].cfg:  # SAE feature matching needs both SAEs
             targets.append(f"{paths.cross_model_dir(pair)}/features/feature_matching.json")
     return targets
+
+
+# ----------------------------------------------------------------------------- transcoder set, graphs
+
+
+def _set_cfg(run: str):
+    from mechflow.dictionaries.config import TranscoderSetConfig
+
+    return TranscoderSetConfig.from_dict(RUNS[run].cfg["transcoder_set"])
+
+
+def set_layers_of(run: str) -> list[int]:
+    from mechflow.dictionaries.transcoder_set import set_layers
+
+    return set_layers(_set_cfg(run), RUNS[run].cfg["model"])
+
+
+def harvest_group_of(wildcards) -> str:
+    """The harvest group folder holding the MLP in/out shards of the job's layer."""
+    from mechflow.dictionaries.transcoder_set import group_of
+
+    return paths.harvest_group_dir(wildcards.run, group_of(_set_cfg(wildcards.run), RUNS[wildcards.run].cfg["model"],
+                                                             int(wildcards.layer)))
+
+
+def layer_transcoder_dir_of(wildcards) -> Path:
+    return Path(paths.transcoder_set_dir(wildcards.run)) / f"layer_{wildcards.layer}"
+
+
+def set_trainings_of(wildcards) -> list[str]:
+    """training.json of every layer of the run's transcoder set."""
+    return [f"{paths.transcoder_set_dir(wildcards.run)}/layer_{layer}/training.json"
+            for layer in set_layers_of(wildcards.run)]
+
+
+def _graph_cfg(run: str):
+    from mechflow.graphs.config import GraphConfig
+
+    return GraphConfig.from_dict(RUNS[run].cfg["graph"])
+
+
+def graph_tasks_of(run: str) -> list[str]:
+    gcfg = _graph_cfg(run)
+    return tasks_of_setting(run, "graph.tasks", gcfg.tasks) if gcfg.enabled else []
+
+
+def graph_files_of(wildcards) -> dict[str, list[str]]:
+    """Named inputs of `graphs_summary`: each prompt's graph.json and frontend JSON."""
+    from mechflow.graphs.stage import slug_of
+
+    folder = paths.graphs_dir(wildcards.run, wildcards.task)
+    prompts = _graph_cfg(wildcards.run).prompts
+    return {"summaries": [f"{folder}/p{p}/graph.json" for p in prompts],
+            "neuronpedia": [f"{folder}/{slug_of(wildcards.task, p)}.json" for p in prompts]}
+
+
+def graph_outputs_of(wildcards) -> list[str]:
+    """The graph stage's final outputs of a run (inputs of `run_manifest`; none unless graph.enabled)."""
+    tasks = graph_tasks_of(wildcards.run)
+    if not tasks:
+        return []
+    out = [f"{paths.transcoder_set_dir(wildcards.run)}/set.json"]
+    for task in tasks:
+        out += [f"{paths.graphs_dir(wildcards.run, task)}/graphs.md",
+                f"{paths.graphs_dir(wildcards.run, task)}/graph-metadata.json"]
+    return out

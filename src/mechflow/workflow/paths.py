@@ -64,3 +64,18 @@ def benchmark_dir(run: str, task: str) -> str:
 
 def cross_model_dir(pair: str) -> str:
     return f"{RESULTS}/cross_model/{pair}"
+
+
+def transcoder_set_dir(run: str) -> str:
+    """Folder of the per-layer transcoder set (rules train_layer_transcoder, transcoder_set)."""
+    return f"{dictionaries_dir(run)}/transcoder_set"
+
+
+def harvest_group_dir(run: str, group: int) -> str:
+    """Temporary shards of one harvest group of the transcoder set (rule harvest_layers)."""
+    return f"{run_dir(run)}/harvest_layers/group_{group}"
+
+
+def graphs_dir(run: str, task: str) -> str:
+    """Folder of a task's attribution graphs (rules attribution_graph, graphs_summary)."""
+    return f"{run_dir(run)}/graphs/{task}"
