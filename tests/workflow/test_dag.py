@@ -139,6 +139,18 @@ def test_smoke_run_end_to_end(tmp_path):
     assert any(p.endswith("reference/ioi/auc.json") for p in produced)
     assert any(p.endswith("/features/features.jsonl") for p in produced)
     assert any(p.endswith("attribution/ioi/ablations.parquet") for p in produced)
+    # the smoke experiment builds one IOI attribution graph on a 30-layer transcoder set
+    tset = json.loads((run / "dictionaries" / "transcoder_set" / "set.json").read_text())
+    assert tset["layers"] == list(range(30)) and len(tset["per_layer"]) == 30
+    assert (run / "dictionaries" / "transcoder_set" / "circuit_tracer" / "config.yaml").exists()
+    assert not (run / "harvest_layers").exists() or not any((run / "harvest_layers").iterdir())  # temp() shards gone
+    graph = json.loads((run / "graphs" / "ioi" / "p0" / "graph.json").read_text())
+    assert graph["n_feature_nodes"] > 0 and 0 <= graph["scores"]["completeness"] <= 1
+    assert graph["validation"]["frozen_max_abs_error"] < 1e-3
+    frontend = json.loads((run / "graphs" / "ioi" / "ioi-p0.json").read_text())
+    assert frontend["nodes"] and frontend["metadata"]["slug"] == "ioi-p0"
+    assert "ioi-p0" in (run / "graphs" / "ioi" / "graphs.md").read_text()
+    assert (run / "graphs" / "ioi" / "p0" / "viewer.html").stat().st_size > 5000
     # a second invocation has nothing to do
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -149,6 +161,16 @@ def test_benchmark_rule_is_opt_in(tmp_path):
     on = snakemake("-n", "--cores", "2", "--config", "overrides=benchmark.enabled=true", cwd=tmp_path)
     assert "benchmark" not in off
     assert on.returncode == 0 and planned_rules(on.stdout)["benchmark"] == 2, on.stderr[-2000:]  # ioi, greater_than
+
+
+def test_graph_rules_are_opt_in_and_plan_one_job_per_layer(tmp_path):
+    off = planned_rules(snakemake("-n", "--cores", "2", cwd=tmp_path).stdout)
+    on = snakemake("-n", "--cores", "2", "--config", "overrides=graph.enabled=true", cwd=tmp_path)
+    assert not {"attribution_graph", "train_layer_transcoder", "harvest_layers"} & set(off)
+    assert on.returncode == 0, on.stderr[-2000:]
+    counts = planned_rules(on.stdout)
+    assert counts["train_layer_transcoder"] == 30 and counts["harvest_layers"] == 6  # 5 layers per harvest group
+    assert counts["transcoder_set"] == 1 and counts["attribution_graph"] == 4 and counts["graphs_summary"] == 2
 
 
 @pytest.mark.parametrize("scenario", ["default", "sweep_benchmark"])

@@ -253,8 +253,8 @@ def attribute_prompt(model, transcoders: TranscoderSet, tokens: Tensor | Sequenc
             targets = (torch.full((k,), L), torch.full((k,), P - 1), logit_vecs[i:i + k])
             rows[i:i + k, :logit_offset] = engine.rows(*targets)
             row_nodes[i:i + k] = torch.arange(i, i + k) + logit_offset
-        encoder_rows = torch.stack([transcoders.transcoders[int(layer)].W_enc[:, int(f)].to(rows.dtype)
-                                    for layer, _, f in index.tolist()]) if n_active else None
+        encoder_rows = torch.cat([transcoders.transcoders[layer].W_enc.to(rows.dtype)[:, index[start:end, 2]].T
+                                  for layer, (start, end) in enumerate(engine.spans)]) if n_active else None
         visited = torch.zeros(n_active, dtype=torch.bool)
         st, n_visited = K, 0
         with tqdm(total=budget, desc="graph rows", disable=not progress) as bar:
