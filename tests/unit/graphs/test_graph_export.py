@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from mechflow.contracts.graphs import GraphMetadataIndex, NeuronpediaGraph
-from mechflow.graphs.attribution import attribute_prompt
 from mechflow.graphs.export import (
     add_graph_metadata,
     graph_nodes,
@@ -22,19 +21,14 @@ from mechflow.graphs.export import (
     write_graph_json,
 )
 from mechflow.graphs.influence import prune_graph
-from mechflow.testing import make_random_transcoders, make_tiny_llama
-
-TOKENS = torch.tensor([1, 7, 23, 4, 41, 9, 16, 30])
 
 
 @pytest.fixture(scope="module")
-def built():
-    model = make_tiny_llama(n_layers=3)
-    transcoders = make_random_transcoders(model)
-    graph = attribute_prompt(model, transcoders, TOKENS, desired_logit_prob=0.5)
+def built(tiny_graph):
+    graph = tiny_graph.graph
     pruned = prune_graph(graph.adjacency, graph.layout, graph.logit_probabilities, node_threshold=0.8,
                          edge_threshold=0.98)
-    return model, transcoders, graph, pruned
+    return tiny_graph.model, tiny_graph.transcoders, graph, pruned
 
 
 def decode(token_id: int) -> str:

@@ -11,18 +11,12 @@ from mechflow.errors import ConfigError
 from mechflow.graphs.attribution import attribute_prompt, salient_logits
 from mechflow.graphs.replacement import setup_prompt
 from mechflow.graphs.validation import agreement, graph_prediction, validate_graph
-from mechflow.testing import make_random_transcoders, make_tiny_llama
-
-TOKENS = torch.tensor([1, 7, 23, 4, 41, 9, 16, 30])
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = make_tiny_llama(n_layers=3)
-    transcoders = make_random_transcoders(model)
-    graph = attribute_prompt(model, transcoders, TOKENS, desired_logit_prob=0.5)
-    state = setup_prompt(model, transcoders, TOKENS)
-    return model, transcoders, graph, state
+def setup(tiny_graph):
+    state = setup_prompt(tiny_graph.model, tiny_graph.transcoders, tiny_graph.tokens)
+    return tiny_graph.model, tiny_graph.transcoders, tiny_graph.graph, state
 
 
 def test_frozen_interventions_equal_the_direct_edge_and_real_ones_are_measured(setup):
@@ -62,7 +56,7 @@ def test_answers_outside_the_logit_nodes_get_one_clear_error(setup):
     missing = next(t for t in range(model.cfg.d_vocab) if t not in graph.logit_tokens.tolist())
     with pytest.raises(ConfigError, match="include_answer_logits"):
         validate_graph(model, transcoders, graph, state, answer=missing)
-    forced = attribute_prompt(model, transcoders, TOKENS, desired_logit_prob=0.5, include_logits=[missing])
+    forced = attribute_prompt(model, transcoders, state.tokens, desired_logit_prob=0.5, include_logits=[missing])
     assert forced.logit_tokens[-1] == missing
 
 

@@ -10,21 +10,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import torch
-
-from mechflow.graphs.attribution import attribute_prompt
 from mechflow.graphs.export import neuronpedia_graph, supernodes
 from mechflow.graphs.influence import graph_scores, prune_graph
 from mechflow.graphs.viewer import render_viewer, write_viewer
-from mechflow.testing import make_random_transcoders, make_tiny_llama
-
-TOKENS = torch.tensor([1, 7, 23, 4, 41, 9, 16, 30])
 
 
-def tiny_document():
-    model = make_tiny_llama(n_layers=3)
-    transcoders = make_random_transcoders(model)
-    graph = attribute_prompt(model, transcoders, TOKENS, desired_logit_prob=0.5)
+def tiny_document(tiny_graph):
+    transcoders, graph = tiny_graph.transcoders, tiny_graph.graph
     pruned = prune_graph(graph.adjacency, graph.layout, graph.logit_probabilities)
     groups = supernodes(graph, pruned, lambda layer, f: transcoders.transcoders[layer].W_dec[f], min_cosine=0.3)
     doc = neuronpedia_graph(graph, pruned, slug="tiny-0", scan="tiny", transcoder_list=[], prompt="tiny prompt",
@@ -38,16 +30,16 @@ def tiny_document():
     return doc, features, {"replacement": rep, "completeness": comp}
 
 
-def test_the_page_is_self_contained():
-    doc, features, scores = tiny_document()
+def test_the_page_is_self_contained(tiny_graph):
+    doc, features, scores = tiny_document(tiny_graph)
     html = render_viewer(doc, features=features, scores=scores)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched from a network
     assert "<script src" not in html and "<link" not in html
     assert html.count("</script>") == 2  # a "</script>" inside the data cannot end the data element
 
 
-def test_chromium_draws_every_node_and_link(chromium, tmp_path):
-    doc, features, scores = tiny_document()
+def test_chromium_draws_every_node_and_link(chromium, tmp_path, tiny_graph):
+    doc, features, scores = tiny_document(tiny_graph)
     page = write_viewer(tmp_path / "graph.html", doc, features=features, scores=scores)
     args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
             "--window-size=1400,900"]
