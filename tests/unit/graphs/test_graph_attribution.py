@@ -168,8 +168,8 @@ def test_bad_transcoder_sets_get_one_clear_error(tiny):
 
 @pytest.mark.slow
 def test_smollm2_replacement_reproduces_logits_and_edges_match_doubling(smollm2):
-    model = smollm2
-    tokens = model.to_tokens("When Mary and John went to the store, John gave a drink to", prepend_bos=True)[0]
+    model = smollm2.model
+    tokens = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")[0]
     transcoders = make_random_transcoders(model, d_sae=64, scale=0.05)
     state = setup_prompt(model, transcoders, tokens)
     out = frozen_forward(model, transcoders, state)
