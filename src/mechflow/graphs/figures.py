@@ -35,7 +35,14 @@ def layout_positions(doc: NeuronpediaGraph) -> dict[str, tuple[float, float]]:
         row = 0 if n.feature_type == "embedding" else n_layers + 1 if n.feature_type == "logit" else int(n.layer) + 1
         cells.setdefault((row, n.ctx_idx), []).append(n)
     pos = {}
+    logits = [n for n in doc.nodes if n.feature_type == "logit"]
+    last = len(doc.metadata.prompt_tokens) - 1
+    for i, n in enumerate(logits):  # one row, right-aligned under the last position, a column apart
+        pos[n.node_id] = (max(0.0, last - (len(logits) - 1 - i) * min(1.0, last / max(1, len(logits) - 1))),
+                          n_layers + 1)
     for (row, ctx), nodes in cells.items():
+        if nodes[0].feature_type == "logit":
+            continue
         k = len(nodes)
         for i, n in enumerate(nodes):
             pos[n.node_id] = (ctx + (0 if k == 1 else -0.35 + 0.7 * i / (k - 1)), row)
@@ -63,11 +70,12 @@ def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "") -> Path:
         if n.feature_type == "logit":
             x, y = pos[n.node_id]
             ax.annotate(n.clerp.replace("Output ", ""), (x, y), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=6, rotation=20)
+                        ha="left", fontsize=6, rotation=30)
     ax.set_xticks(range(n_pos))
     ax.set_xticklabels(doc.metadata.prompt_tokens, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks([0, n_rows - 1])
-    ax.set_yticklabels(["emb", "logits"])
+    ticks = [0, *range(1, n_rows - 1, 5), n_rows - 1]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(["emb", *(f"L{t - 1}" for t in ticks[1:-1]), "logits"])
     ax.set_ylabel("layer")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or doc.metadata.slug, fontsize=9)

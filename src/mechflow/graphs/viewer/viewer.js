@@ -24,7 +24,7 @@
   }
   // fit the canvas: columns share its width (at least 60 px each, then it scrolls), rows its height
   const canvas = document.getElementById("canvas");
-  const left = 60, top = 30, bottom = 50;
+  const left = 60, top = 42, bottom = 50;
   const colW = Math.max(60, (Math.max(600, canvas.clientWidth) - left - 30) / Math.max(1, tokens.length));
   const rowH = Math.max(22, Math.min(70, (Math.max(400, canvas.clientHeight) - top - bottom) / (nLayers + 2)));
   const width = left + colW * tokens.length + 30, height = top + rowH * (nLayers + 2) + bottom;
@@ -111,7 +111,8 @@
     if (cls === "logit") {
       const m = /^Output "(.*)" \(p=([0-9.]+)\)$/.exec(n.clerp);
       const word = m ? m[1] : n.clerp;
-      const t = el("text", { x: x, y: y - 10, "text-anchor": "middle" }, nodesG);
+      const k = logitNodes.indexOf(n);  // alternate label heights so neighbours do not overlap
+      const t = el("text", { x: x, y: y - 10 - (k % 2) * 12, "text-anchor": "middle" }, nodesG);
       t.textContent = (word.length > 10 ? word.slice(0, 9) + "…" : word) + (m ? " " + m[2] : "");
     }
   }
