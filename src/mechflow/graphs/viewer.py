@@ -50,3 +50,38 @@ def render_viewer(graph: NeuronpediaGraph, *, features: dict[str, Any] | None = 
 
 def write_viewer(path: str | Path, graph: NeuronpediaGraph, **kwargs: Any) -> Path:
     return atomic_write_text(path, render_viewer(graph, **kwargs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render a viewer from a graph's frontend JSON, e.g. after editing its ``supernodes.json``:
+
+        python -m mechflow.graphs.viewer results/<run>/graphs/ioi/ioi-p0.json \\
+            --supernodes results/<run>/graphs/ioi/p0/supernodes.json --out viewer.html
+    """
+    import argparse
+
+    from mechflow.contracts.documents import load_document, read_document
+    from mechflow.contracts.graphs import SupernodesDocument
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("graph", type=Path, help="the frontend JSON (<task>-p<N>.json)")
+    ap.add_argument("--supernodes", type=Path, default=None, help="an (edited) supernodes.json")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    doc = read_document(args.graph, NeuronpediaGraph, fix="pass the <task>-p<N>.json of rule attribution_graph")
+    if args.supernodes is not None:
+        groups = load_document(args.supernodes, SupernodesDocument, fix="each entry is [label, node_id, ...]")
+        ids = {n.node_id for n in doc.nodes}
+        unknown = sorted({i for g in groups["supernodes"] for i in g[1:]} - ids)
+        if unknown:
+            from mechflow.errors import DataError
+
+            raise DataError(f"{args.supernodes}: node ids {unknown[:5]} are not nodes of {args.graph}; "
+                            "use the node_id values of the graph's nodes")
+        doc = doc.model_copy(update={"qParams": doc.qParams.model_copy(update={"supernodes": groups["supernodes"]})})
+    write_viewer(args.out, doc)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -57,3 +57,24 @@ def test_chromium_draws_every_node_and_link(chromium, tmp_path, tiny_graph):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "graph_viewer_tiny.png")
+
+
+def test_an_edited_supernodes_file_re_renders_the_viewer(tiny_graph, tmp_path):
+    import json
+
+    import pytest
+
+    from mechflow.errors import DataError
+    from mechflow.graphs.export import write_graph_json
+    from mechflow.graphs.viewer import main
+
+    doc, _, _ = tiny_document(tiny_graph)
+    graph = write_graph_json(tmp_path / "g.json", doc)
+    features = [n.node_id for n in doc.nodes if n.feature_type == "cross layer transcoder"][:2]
+    edited = tmp_path / "supernodes.json"
+    edited.write_text(json.dumps({"slug": "tiny-0", "min_cosine": 0.7, "supernodes": [["my group", *features]]}))
+    main([str(graph), "--supernodes", str(edited), "--out", str(tmp_path / "v.html")])
+    assert '"my group"' in (tmp_path / "v.html").read_text()
+    edited.write_text(json.dumps({"slug": "tiny-0", "min_cosine": 0.7, "supernodes": [["x", "9_9_9"]]}))
+    with pytest.raises(DataError, match="9_9_9"):
+        main([str(graph), "--supernodes", str(edited), "--out", str(tmp_path / "v2.html")])
