@@ -82,6 +82,18 @@ def random_set(model, tokens: torch.Tensor, d_sae: int, l0: float, seed: int = 0
 
 
 def plain_fwd_bwd(model, tokens: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward + backward pass (gradients of every weight) on ``tokens``."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    try:
+        return _timed_fwd_bwd(model, tokens, repeats)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _timed_fwd_bwd(model, tokens: torch.Tensor, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
