@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from circuits import RssPeak  # the RSS sampler of the circuits benchmark (benchmarks/ is on sys.path)
 
 from mechflow.graphs.attribution import attribute_prompt
 from mechflow.graphs.replacement import LayerTranscoder, TranscoderSet
@@ -35,34 +34,6 @@ from mechflow.models import load_model
 TEXT = ("When Mary and John went to the store, John gave a drink to Mary. Afterwards Mary and John walked home "
         "along the river, talking about the books they had read and the places they wanted to visit next summer "
         "with their friends from school and work")
-
-
-class PeakRss:
-    """Peak resident memory of this process above its level at start, sampled every 5 ms."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def above_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def random_set(model, tokens: torch.Tensor, d_sae: int, l0: float, seed: int = 0) -> TranscoderSet:
@@ -132,7 +103,7 @@ def main() -> None:
         tokens = ids[:n]
         with torch.enable_grad():
             base = plain_fwd_bwd(model, tokens, args.repeats)
-        with PeakRss() as rss:
+        with RssPeak() as rss:
             t0 = time.perf_counter()
             graph = attribute_prompt(model, transcoders, tokens, batch_size=args.batch_size,
                                      max_feature_nodes=args.max_feature_nodes, bos_token_id=lm.card.bos_token_id)

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -159,8 +160,8 @@ class BackwardEngine:
         hooks = [(name, detach) for name in model.hook_dict if is_frozen(name)]
         hooks.append(("hook_embed", embed))
         for layer in range(L):
-            hooks.append((transcoders.hook_in(layer), _bind(capture, layer)))
-            hooks.append((transcoders.hook_out(layer), _bind(replace_mlp, layer)))
+            hooks.append((transcoders.hook_in(layer), partial(capture, layer=layer)))
+            hooks.append((transcoders.hook_out(layer), partial(replace_mlp, layer=layer)))
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
             resid = model(state.tokens[None].expand(B, -1), stop_at_layer=L)
             points[L] = model.ln_final(resid)
@@ -198,11 +199,6 @@ class BackwardEngine:
             out[:, tok: tok + P] = torch.einsum("bpd,pd->bp", got[0][:n], state.token_vectors)
         return out
 
-
-def _bind(fn, layer: int):
-    def hook(value, hook):
-        return fn(value, hook, layer)
-    return hook
 
 
 def partial_influence(rows: Tensor, row_nodes: Tensor, logit_probabilities: Tensor, n_nodes: int,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -288,19 +289,14 @@ def frozen_forward(model, transcoders: TranscoderSet, state: PromptState,
     hooks = [(name, frozen_value) for name in state.frozen]
     hooks.append(("hook_embed", embed))
     for layer in range(L):
-        hooks.append((transcoders.hook_in(layer), _bind(capture, layer)))
-        hooks.append((transcoders.hook_out(layer), _bind(replace_mlp, layer)))
+        hooks.append((transcoders.hook_in(layer), partial(capture, layer=layer)))
+        hooks.append((transcoders.hook_out(layer), partial(replace_mlp, layer=layer)))
     with model.hooks(fwd_hooks=hooks):
         resid = model(state.tokens[None], stop_at_layer=L)
         final = model.ln_final(resid)[0]
     logits = final @ model.W_U + model.b_U
     return FrozenOutput(torch.stack([seen[layer] for layer in range(L)]), final, logits)
 
-
-def _bind(fn, layer: int):
-    def hook(value, hook):
-        return fn(value, hook, layer)
-    return hook
 
 
 def check_tokens(tokens: Tensor, model) -> Tensor:

@@ -25,6 +25,7 @@ the fraction of interventions whose sign the prediction gets right (zero changes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -122,16 +123,11 @@ def real_model_logits(model, transcoders: TranscoderSet, tokens: Tensor, items: 
                     value[b, item.position] += _vector(transcoders, item, value.dtype)
             return value
 
-        hooks = [(transcoders.hook_out(layer), _bind(add, layer)) for layer in sorted({i.layer for i in batch})]
+        hooks = [(transcoders.hook_out(layer), partial(add, layer=layer)) for layer in sorted({i.layer for i in batch})]
         logits = model.run_with_hooks(tokens[None].expand(len(batch), -1), fwd_hooks=hooks)
         out.append(logits[:, -1])
     return torch.cat(out)
 
-
-def _bind(fn, layer):
-    def hook(value, hook):
-        return fn(value, hook, layer)
-    return hook
 
 
 def frozen_model_logits(model, transcoders: TranscoderSet, state: PromptState, items: list[Intervention]) -> Tensor:
