@@ -24,7 +24,9 @@ Definitions (circuit-tracer's `attribution.py`: `AttributionContext`, `compute_s
   norm scales (frozen), so each row holds direct effects only.
 - With a feature budget, rows are computed in the order of influence on the logits as the graph
   grows (circuit-tracer's loop: logit rows first, then repeatedly the most influential unvisited
-  features given the rows so far, re-ranked every ``update_interval`` batches).
+  features given the rows so far, re-ranked every ``update_interval`` batches). The features of
+  one re-ranking are then batched by layer (circuit-tracer batches them in rank order): the same
+  rows, but a pass whose targets sit in low layers stops its backward there.
 
 Written on TransformerLens hooks of mechflow's own model instead of circuit-tracer's
 `ReplacementModel` (a HookedTransformer subclass), because circuit-tracer cannot share mechflow's
@@ -201,21 +203,28 @@ class BackwardEngine:
 
 
 
-def partial_influence(rows: Tensor, row_nodes: Tensor, logit_probabilities: Tensor, n_nodes: int,
+def partial_influence(feature_weights: Tensor, row_nodes: Tensor, logit_probabilities: Tensor,
                       max_iter: int = 128) -> Tensor:
-    """Influence on the logits of every node, from the adjacency rows computed so far (row ``i`` is
-    node ``row_nodes[i]``'s; the logit nodes are the last ``K``); circuit-tracer's
-    `compute_partial_influences`."""
-    normalized = rows.abs()
-    normalized = normalized / normalized.sum(dim=1, keepdim=True).clamp(min=1e-8)
-    total = torch.zeros(n_nodes, dtype=normalized.dtype)
-    prod = torch.zeros(n_nodes, dtype=normalized.dtype)
-    prod[-len(logit_probabilities):] = logit_probabilities.to(normalized.dtype)
+    """Influence on the logits of every active feature, from the adjacency rows computed so far;
+    circuit-tracer's `compute_partial_influences` restricted to what the ranking reads.
+
+    ``feature_weights[i] = |row_i[features]| / sum |row_i|`` (the row-normalised absolute adjacency's
+    feature columns; row ``i`` is node ``row_nodes[i]``'s, the first ``K`` rows the logits'). Error
+    and token nodes have no rows, so they pass no influence on and are not ranked: dropping their
+    columns changes no feature's score. Kept row by row as the rows arrive (`attribute_prompt`),
+    so no update copies the whole rows matrix.
+    """
+    K = len(logit_probabilities)
+    total = torch.zeros(feature_weights.shape[1], dtype=feature_weights.dtype)
+    weights = torch.zeros(len(row_nodes), dtype=feature_weights.dtype)
+    weights[:K] = logit_probabilities.to(feature_weights.dtype)
+    feature_rows = row_nodes[K:]
     for _ in range(max_iter):
-        prod = prod[row_nodes] @ normalized
+        prod = weights @ feature_weights
         if not prod.any():
             return total
         total += prod
+        weights = torch.cat([torch.zeros(K, dtype=prod.dtype), prod[feature_rows]])
     raise RuntimeError("influence did not converge: the graph has a cycle")
 
 
@@ -244,10 +253,16 @@ def attribute_prompt(model, transcoders: TranscoderSet, tokens: Tensor | Sequenc
         budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
         rows = torch.zeros(budget + K, n_nodes, dtype=engine.points[0].dtype)
         row_nodes = torch.zeros(budget + K, dtype=torch.long)
+        feature_weights = torch.zeros(budget + K, n_active, dtype=rows.dtype)  # see partial_influence
+
+        def store(at: int, new_rows: Tensor) -> None:
+            rows[at:at + len(new_rows), :logit_offset] = new_rows
+            total = new_rows.abs().sum(dim=1, keepdim=True).clamp(min=1e-8)
+            feature_weights[at:at + len(new_rows)] = new_rows[:, :n_active].abs() / total
+
         for i in range(0, K, batch_size):
             k = min(batch_size, K - i)
-            targets = (torch.full((k,), L), torch.full((k,), P - 1), logit_vecs[i:i + k])
-            rows[i:i + k, :logit_offset] = engine.rows(*targets)
+            store(i, engine.rows(torch.full((k,), L), torch.full((k,), P - 1), logit_vecs[i:i + k]))
             row_nodes[i:i + k] = torch.arange(i, i + k) + logit_offset
         encoder_rows = torch.cat([transcoders.transcoders[layer].W_enc.to(rows.dtype)[:, index[start:end, 2]].T
                                   for layer, (start, end) in enumerate(engine.spans)]) if n_active else None
@@ -258,12 +273,14 @@ def attribute_prompt(model, transcoders: TranscoderSet, tokens: Tensor | Sequenc
                 if budget == n_active:
                     pending = torch.arange(n_active)
                 else:
-                    scores = partial_influence(rows[:st], row_nodes[:st], logit_p, n_nodes)
-                    rank = torch.argsort(scores[:n_active], descending=True, stable=True)
+                    scores = partial_influence(feature_weights[:st], row_nodes[:st], logit_p)
+                    rank = torch.argsort(scores, descending=True, stable=True)
                     pending = rank[~visited[rank]][:min(update_interval * batch_size, budget - n_visited)]
+                # by layer: a pass whose targets all sit at or below layer l runs backward from l only
+                pending = pending[torch.argsort(index[pending, 0], stable=True)]
                 for batch in pending.split(batch_size):
                     k = len(batch)
-                    rows[st:st + k, :logit_offset] = engine.rows(index[batch, 0], index[batch, 1], encoder_rows[batch])
+                    store(st, engine.rows(index[batch, 0], index[batch, 1], encoder_rows[batch]))
                     row_nodes[st:st + k] = batch
                     visited[batch] = True
                     st += k

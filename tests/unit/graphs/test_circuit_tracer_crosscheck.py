@@ -81,3 +81,24 @@ def test_pruning_influence_and_json_agree_with_circuit_tracer(smollm2, tmp_path)
     assert report["nodes_in_json"] == len(document.nodes) and report["links_in_json"] == len(document.links)
     assert 0 < report["kept_nodes"] < graph.adjacency.shape[0]  # the pruning did prune, and kept a graph
     print(json.dumps(report), file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_model_level_attribution_agrees_with_circuit_tracer(smollm2, tmp_path):
+    """circuit-tracer's own `attribute` on SmolLM2 with the same (random) transcoders, built from the
+    local HF weights: the same logit nodes, the same active and selected features, the same edges."""
+    ct_python = circuit_tracer_python()
+    sys.path.insert(0, str(SIDE.parent))
+    from model_level import run
+
+    from mechflow.models.registry import load_hf_reference
+
+    hf_model, hf_tokenizer = load_hf_reference("smollm2_135m", "float32")
+    transcoders = make_random_transcoders(smollm2.model, d_sae=64, scale=0.05)
+    tokens = [int(t) for t in smollm2.to_tokens(IOI)[0]]
+    result = run(ct_python, tmp_path, smollm2, hf_model, hf_tokenizer, transcoders, tokens, max_feature_nodes=64,
+                 batch_size=32)
+    print(json.dumps(result), file=sys.stderr)
+    assert result["same_logit_tokens"] and result["active_features_equal"]
+    assert result["feature_jaccard"] == 1.0
+    assert result["relative_max_diff"] < 1e-4 and result["pearson"] > 0.99999
