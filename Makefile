@@ -11,7 +11,7 @@ CORES  ?= 2
 SNAKEMAKE_ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: setup run smoke test dag lint bench clean-results circuit-tracer-venv
+.PHONY: setup run graphs smoke test dag lint bench clean-results circuit-tracer-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default $(SNAKEMAKE_ARGS)
+
+# make run plus the attribution graphs (graph.enabled=true): the per-layer transcoder set of every MLP
+# and the graphs of graph.tasks x graph.prompts, about an hour more on 2 cores (docs/graphs.md).
+graphs: setup
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default --config 'overrides=["graph.enabled=true"]' $(SNAKEMAKE_ARGS)
 
 # The same DAG with tiny sizes (minutes): a quick check that everything runs on this machine.
 smoke: setup
@@ -56,8 +61,7 @@ bench: setup
 # circuit-tracer in its own venv (it cannot share .venv: it pins transformers and huggingface-hub), for
 # the cross-check of tests/unit/graphs/test_circuit_tracer_crosscheck.py (docs/graphs.md). Offline,
 # point CIRCUIT_TRACER_SRC at a local clone of github.com/safety-research/circuit-tracer. Its
-# dependencies resolve under mechflow's constraints.txt (an unconstrained install takes TransformerLens
-# 4, which removed the HookedTransformerConfig that circuit-tracer's graph.py imports).
+# dependencies resolve under tests/crosscheck/circuit-tracer-constraints.txt (why each pin: there).
 CT_VENV ?= .venv-circuit-tracer
 CIRCUIT_TRACER_SRC ?= git+https://github.com/safety-research/circuit-tracer@d797c824c0ffe3a0274071e32d92962a36656212
 circuit-tracer-venv: $(CT_VENV)/.mechflow-setup
@@ -66,7 +70,7 @@ $(CT_VENV)/.mechflow-setup:
 	rm -rf $(CT_VENV)
 	$(PYTHON) -m venv $(CT_VENV)
 	$(CT_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(CT_VENV)/bin/python -m pip install --quiet -c constraints.txt "$(CIRCUIT_TRACER_SRC)"
+	$(CT_VENV)/bin/python -m pip install --quiet -c tests/crosscheck/circuit-tracer-constraints.txt "$(CIRCUIT_TRACER_SRC)"
 	touch $@
 
 constraints: setup

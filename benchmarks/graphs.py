@@ -3,7 +3,7 @@ forward+backward passes of the model, and their scaling with prompt length.
 
 Usage: python benchmarks/graphs.py --out results/benchmarks/graphs.json
        [--set results/<run>/dictionaries/transcoder_set] [--lengths 8 16 32 64] [--threads 1]
-       [--max-feature-nodes 4096]
+       [--max-feature-nodes 4096 [1024 ...]]
 
 With ``--set``, the trained transcoder set of a run (its layer_<l>/ folders); without it, random
 per-layer transcoders of the default width (d_sae 4608) whose thresholds are set per layer so that
@@ -11,8 +11,11 @@ about ``--l0`` features fire per token on the benchmark prompt (the cost of a gr
 number of active features, not with their meaning). Printed and written: for each prompt length,
 the graph's wall time, the time of one plain forward+backward pass of the same prompt, their
 ratio ("the graph costs N forward+backward passes"), the number of active features / feature
-nodes / backward passes, and the peak RSS above the loaded model (sampled every 5 ms). The figure
-``graphs_scaling.png`` beside the JSON plots time and memory against length.
+nodes / backward passes, the peak RSS above the loaded model (sampled every 5 ms), and the
+graph's replacement and completeness scores (unpruned and pruned, `mechflow.graphs.influence`):
+with a trained set, what a smaller feature budget costs in quality. Several
+``--max-feature-nodes`` give one row per (length, budget). The figure ``graphs_scaling.png``
+beside the JSON plots time and memory against length (at the first budget).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from circuits import RssPeak  # the RSS sampler of the circuits benchmark (benchmarks/ is on sys.path)
 
 from mechflow.graphs.attribution import attribute_prompt
+from mechflow.graphs.influence import graph_scores, prune_graph
 from mechflow.graphs.replacement import LayerTranscoder, TranscoderSet
 from mechflow.io import atomic_write_json
 from mechflow.models import load_model
@@ -81,7 +85,7 @@ def main() -> None:
     ap.add_argument("--set", type=Path, default=None, help="a run's dictionaries/transcoder_set folder")
     ap.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-feature-nodes", type=int, default=4096)
+    ap.add_argument("--max-feature-nodes", type=int, nargs="+", default=[4096])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--l0", type=float, default=64.0)
     ap.add_argument("--d-sae", type=int, default=4608)
@@ -103,24 +107,34 @@ def main() -> None:
         tokens = ids[:n]
         with torch.enable_grad():
             base = plain_fwd_bwd(model, tokens, args.repeats)
-        with RssPeak() as rss:
-            t0 = time.perf_counter()
-            graph = attribute_prompt(model, transcoders, tokens, batch_size=args.batch_size,
-                                     max_feature_nodes=args.max_feature_nodes, bos_token_id=lm.card.bos_token_id)
-            seconds = time.perf_counter() - t0
-        n_rows = graph.layout.n_features + graph.layout.n_logits
-        rows.append({"tokens": n, "graph_seconds": round(seconds, 3), "fwd_bwd_seconds": round(base, 4),
-                     "graph_over_fwd_bwd": round(seconds / base, 1), "active_features": int(len(graph.active_features)),
-                     "feature_nodes": graph.layout.n_features, "backward_passes": -(-n_rows // args.batch_size),
-                     "peak_rss_above_model_mb": round(rss.above_mb, 1)})
-        print(f"{n:3d} tokens: graph {seconds:7.2f} s = {seconds / base:7.1f} x one forward+backward "
-              f"({base * 1000:.1f} ms); {rows[-1]['active_features']} active features, "
-              f"{rows[-1]['feature_nodes']} nodes; peak RSS +{rss.above_mb:.0f} MB", flush=True)
+        for budget in args.max_feature_nodes:
+            with RssPeak() as rss:
+                t0 = time.perf_counter()
+                graph = attribute_prompt(model, transcoders, tokens, batch_size=args.batch_size,
+                                         max_feature_nodes=budget, bos_token_id=lm.card.bos_token_id)
+                seconds = time.perf_counter() - t0
+            layout, p = graph.layout, graph.logit_probabilities
+            pruned = prune_graph(graph.adjacency, layout, p)
+            keep = pruned.edge_mask & pruned.node_mask[:, None] & pruned.node_mask[None, :]
+            scores = graph_scores(graph.adjacency, layout, p) + graph_scores(graph.adjacency * keep, layout, p)
+            n_rows = layout.n_features + layout.n_logits
+            rows.append({"tokens": n, "max_feature_nodes": budget, "graph_seconds": round(seconds, 3),
+                         "fwd_bwd_seconds": round(base, 4), "graph_over_fwd_bwd": round(seconds / base, 1),
+                         "active_features": int(len(graph.active_features)), "feature_nodes": layout.n_features,
+                         "backward_passes": -(-n_rows // args.batch_size),
+                         "peak_rss_above_model_mb": round(rss.above_mb, 1),
+                         "replacement": round(scores[0], 4), "completeness": round(scores[1], 4),
+                         "pruned_replacement": round(scores[2], 4), "pruned_completeness": round(scores[3], 4)})
+            print(f"{n:3d} tokens, budget {budget}: graph {seconds:7.2f} s = {seconds / base:7.1f} x one "
+                  f"forward+backward ({base * 1000:.1f} ms); {rows[-1]['active_features']} active features, "
+                  f"{layout.n_features} nodes; peak RSS +{rss.above_mb:.0f} MB; replacement / completeness "
+                  f"{scores[0]:.3f} / {scores[1]:.3f} (pruned {scores[2]:.3f} / {scores[3]:.3f})", flush=True)
     result = {"model": "smollm2_135m", "threads": args.threads, "transcoders": source,
               "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size, "rows": rows,
               "torch": torch.__version__}
     atomic_write_json(args.out, result)
-    _plot(rows, args.out.with_name("graphs_scaling.png"))
+    _plot([r for r in rows if r["max_feature_nodes"] == args.max_feature_nodes[0]],
+          args.out.with_name("graphs_scaling.png"))
     print(json.dumps(result, indent=1))
 
 

@@ -26,13 +26,32 @@ import torch
 from safetensors.torch import save_file
 
 
+def load_jumprelu_transcoder(path: Path, layer: int):
+    """circuit-tracer's `load_gemma_scope_transcoder`, step for step, except the JumpReLU's threshold:
+    that loader builds `JumpReLU(0.0, 0.1)` (a scalar threshold) and then assigns the per-feature
+    threshold with `load_state_dict(assign=True)`, which torch >= 2.4 refuses (size mismatch [d_sae]
+    vs []); here the JumpReLU is built with the per-feature threshold. Same classes, same forward."""
+    import numpy as np
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder
+
+    params = {k: torch.tensor(v, dtype=torch.float32) for k, v in np.load(path).items()}
+    d_model, d_transcoder = params["W_enc"].shape
+    activation = JumpReLU(0.0, 0.1)
+    activation.threshold = torch.nn.Parameter(params.pop("threshold"))
+    transcoder = SingleLayerTranscoder(d_model, d_transcoder, activation, layer)
+    transcoder.load_state_dict(params, strict=False)
+    missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(params)
+    assert not missing, missing
+    return transcoder
+
+
 def main(workdir: str) -> None:
     from circuit_tracer.attribution import attribute
     from circuit_tracer.replacement_model import ReplacementModel
-    from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_transcoder
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.set_num_threads(int(json.loads((Path(workdir) / "request.json").read_text()).get("threads", 1)))
     work = Path(workdir)
@@ -40,13 +59,15 @@ def main(workdir: str) -> None:
     fields = json.loads((work / "tl_config.json").read_text())
     cfg = HookedTransformerConfig(**fields, dtype=torch.float32, device="cpu")
     hf_model = AutoModelForCausalLM.from_pretrained(work / "hf_model", dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(work / "hf_model")
-    model = ReplacementModel(cfg, tokenizer=tokenizer, move_to_device=False)
+    # the tokenizer files come from transformers 5 (class TokenizersBackend, unknown to 4.x): rebuild the
+    # fast tokenizer from tokenizer.json and the special tokens mechflow's tokenizer declares
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(work / "hf_model" / "tokenizer.json"),
+                                        **request["special_tokens"])
+    model = ReplacementModel(cfg, move_to_device=False)
+    model.tokenizer = tokenizer  # set_tokenizer would reload it by name from the hub; attribute only decodes
     model.load_and_process_state_dict(convert_llama_weights(hf_model, cfg), fold_ln=False,
                                       center_writing_weights=False, center_unembed=False)
-    cpu = torch.device("cpu")
-    transcoders = {layer: load_gemma_scope_transcoder(str(work / "transcoders" / f"layer_{layer}.npz"), layer,
-                                                      device=cpu, dtype=torch.float32)
+    transcoders = {layer: load_jumprelu_transcoder(work / "transcoders" / f"layer_{layer}.npz", layer)
                    for layer in range(cfg.n_layers)}
     model._configure_replacement_model(transcoders, request["feature_input_hook"], request["feature_output_hook"],
                                        "mechflow")

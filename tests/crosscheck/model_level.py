@@ -9,9 +9,10 @@ compares: the logit nodes, the selected features (Jaccard of the (layer, positio
 triples), and every adjacency entry whose target row both graphs computed and whose source both
 graphs hold (max |difference|, relative to the largest |entry|, and Pearson r).
 
-circuit-tracer d797c82 (the upstream snapshot this project can reach offline) differs from
-mechflow's defaults in one documented way: it never zeroes the BOS position (mechflow's
-`zero_bos`, from later circuit-tracer versions), so mechflow runs with ``zero_bos=False`` here.
+circuit-tracer d797c82 (the upstream snapshot this project can reach offline) zeroes the first
+position when its token is any special token of the tokenizer; mechflow zeroes it when it is the
+configured BOS id. Here mechflow is given the first token as ``bos_token_id`` exactly when
+circuit-tracer's rule fires, so both zero the same position.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ def write_inputs(work: Path, model, hf_model, tokenizer, transcoders, tokens: li
                  batch_size: int, max_n_logits: int = 10, desired_logit_prob: float = 0.95, threads: int = 1) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "hf_model" / "config.json").exists():
-        hf_model.save_pretrained(work / "hf_model")
+        # `save_pretrained` refuses a model loaded from GGUF; its weights are already dequantised floats
+        from safetensors.torch import save_file
+
+        (work / "hf_model").mkdir(parents=True, exist_ok=True)
+        config = hf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(work / "hf_model")
+        tied = getattr(config, "tie_word_embeddings", False)  # the embedding is the saved copy; lm_head re-ties
+        state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(work / "hf_model" / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(work / "hf_model")
     fields = {k: getattr(model.cfg, k) for k in TL_FIELDS}
     fields["normalization_type"] = "RMS"  # circuit-tracer loads without fold_ln (mechflow's cfg says RMSPre)
@@ -50,7 +61,9 @@ def write_inputs(work: Path, model, hf_model, tokenizer, transcoders, tokens: li
                  W_dec=tc.W_dec.float().numpy(), b_dec=tc.b_dec.float().numpy())
     in_hook, out_hook = transcoders.in_hook, transcoders.out_hook
     (work / "request.json").write_text(json.dumps({
-        "tokens": tokens, "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "threads": threads,
+        "tokens": tokens,
+        "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        "max_feature_nodes": max_feature_nodes, "batch_size": batch_size, "threads": threads,
         "max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob,
         "feature_input_hook": in_hook.split(".", 2)[2], "feature_output_hook": out_hook.split(".", 2)[2]}))
 
@@ -109,11 +122,14 @@ def run(ct_python: Path, work: Path, loaded, hf_model, hf_tokenizer, transcoders
     import time
 
     start = time.perf_counter()
+    special = set(hf_tokenizer.all_special_ids)  # circuit-tracer's zero_bos rule (setup_attribution)
     ours = attribute_prompt(loaded.model, transcoders, torch.tensor(tokens), max_feature_nodes=max_feature_nodes,
-                            batch_size=batch_size, zero_bos=False)
+                            batch_size=batch_size, zero_bos=tokens[0] in special,
+                            bos_token_id=tokens[0] if tokens[0] in special else None)
     our_seconds = time.perf_counter() - start
     result = compare(ours, theirs, loaded.model.cfg.n_layers)
-    result.update({"tokens": len(tokens), "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
+    result.update({"tokens": len(tokens), "first_token_zeroed": tokens[0] in special,
+                   "max_feature_nodes": max_feature_nodes, "batch_size": batch_size,
                    "seconds_ours": our_seconds, "seconds_circuit_tracer": ct_seconds})
     return result
 

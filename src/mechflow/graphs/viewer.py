@@ -23,6 +23,8 @@ from typing import Any
 from mechflow.contracts.graphs import NeuronpediaGraph
 from mechflow.io import atomic_write_text
 
+MAX_DRAWN_LINKS = 20_000  # SVG paths a browser draws fluently; full-size SmolLM2 graphs keep 280-430k links
+
 
 def _asset(name: str) -> str:
     return resources.files("mechflow.graphs").joinpath("viewer", name).read_text(encoding="utf-8")
@@ -34,13 +36,14 @@ def _script_safe(text: str) -> str:
 
 
 def render_viewer(graph: NeuronpediaGraph, *, features: dict[str, Any] | None = None, title: str | None = None,
-                  scores: dict[str, float] | None = None) -> str:
+                  scores: dict[str, float] | None = None, max_drawn_links: int = MAX_DRAWN_LINKS) -> str:
     """The viewer page of ``graph``. ``features`` maps ``"{layer}_{feature}"`` to
     ``{"top_contexts": [{"left": [...], "token": str, "right": [...], "activation": float}],
     "logit_effects": {"top": [{"token", "value"}], "bottom": [...]}}``; ``scores`` holds the
-    pruned graph's ``replacement`` and ``completeness``."""
+    pruned graph's ``replacement`` and ``completeness``. The page draws the ``max_drawn_links``
+    strongest links (|weight|) and says so; every link stays in the embedded JSON (hover lists)."""
     payload = {"graph": graph.model_dump(mode="json"), "features": features or {},
-               "title": title or graph.metadata.slug, "scores": scores}
+               "title": title or graph.metadata.slug, "scores": scores, "max_drawn_links": max_drawn_links}
     page = _asset("viewer.html")
     html_title = (title or graph.metadata.slug).replace("&", "&amp;").replace("<", "&lt;")
     return (page.replace("__TITLE__", html_title).replace("__CSS__", _asset("viewer.css"))

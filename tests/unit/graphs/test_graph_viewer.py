@@ -53,6 +53,12 @@ def test_chromium_draws_every_node_and_link(chromium, tmp_path, tiny_graph):
     shot = tmp_path / "graph.png"
     subprocess.run([*args, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+    capped = write_viewer(tmp_path / "capped.html", doc, features=features, scores=scores, max_drawn_links=5)
+    dom = subprocess.run([*args, "--dump-dom", capped.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    weights = sorted((abs(float(w)) for w in re.findall(r'<path class="link [a-z]+" d="[^"]+" stroke-width="([0-9.]+)"',
+                                                         dom)), reverse=True)
+    assert len(weights) == 5 and f'data-link-count="{len(doc.links)}"' in dom  # the 5 strongest drawn, all counted
+    assert "the 5 strongest drawn" in dom
     keep = os.environ.get("MECHFLOW_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,15 @@
   const svgNS = "http://www.w3.org/2000/svg";
   const nodes = graph.nodes, links = graph.links;
   const tokens = graph.metadata.prompt_tokens;
-  const nLayers = Math.max(0, ...nodes.filter(n => n.feature_type === "logit").map(n => +n.layer - 1));
+  // reduce, not Math.max(...array): spreading a full-size graph's 400k links overflows the call stack
+  const maxOf = (xs, start) => xs.reduce((m, x) => (x > m ? x : m), start);
+  const nLayers = maxOf(nodes.filter(n => n.feature_type === "logit").map(n => +n.layer - 1), 0);
+  // draw the strongest links only (a full-size pruned graph keeps 300-400k; SVG draws ~20k fluently)
+  const maxDrawn = data.max_drawn_links || links.length;
+  const drawnLinks = links.length <= maxDrawn ? links
+    : links.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, maxDrawn);
+  const incoming = {};
+  for (const l of links) (incoming[l.target] = incoming[l.target] || []).push(l);
 
   // own influence share from the cumulative scores (nodes sorted by influence, most influential first)
   const byInfluence = nodes.filter(n => n.influence !== null && n.influence !== undefined)
@@ -15,7 +23,7 @@
   const share = {};
   let prev = 0;
   for (const n of byInfluence) { share[n.node_id] = Math.max(0, n.influence - prev); prev = n.influence; }
-  const maxShare = Math.max(1e-9, ...Object.values(share));
+  const maxShare = maxOf(Object.values(share), 1e-9);
 
   function row(n) {            // 0 = embeddings, 1..nLayers = layers 0..nLayers-1, top = logits
     if (n.feature_type === "embedding") return 0;
@@ -55,6 +63,7 @@
   svg.setAttribute("id", "graph-svg");
   svg.setAttribute("data-node-count", nodes.length);
   svg.setAttribute("data-link-count", links.length);
+  svg.setAttribute("data-drawn-link-count", drawnLinks.length);
   function el(name, attrs, parent) {
     const e = document.createElementNS(svgNS, name);
     for (const k in attrs) e.setAttribute(k, attrs[k]);
@@ -82,9 +91,9 @@
       width: Math.max(...xs) - Math.min(...xs) + 18, height: Math.max(...ys) - Math.min(...ys) + 18 }, superG);
     el("title", {}, box).textContent = group[0];
   }
-  const maxW = Math.max(1e-9, ...links.map(l => Math.abs(l.weight)));
+  const maxW = maxOf(drawnLinks.map(l => Math.abs(l.weight)), 1e-9);
   const linkEls = [];
-  for (const l of links) {
+  for (const l of drawnLinks.slice().reverse()) {  // weakest first, so the strongest are drawn on top
     const a = pos[l.source], b = pos[l.target];
     if (!a || !b) continue;
     const mid = (a[1] + b[1]) / 2;
@@ -119,7 +128,9 @@
   canvas.appendChild(svg);
   document.getElementById("title").textContent = title;
   document.getElementById("meta").textContent =
-    `${nodes.length} nodes, ${links.length} links — prompt: ${graph.metadata.prompt}` +
+    `${nodes.length} nodes, ${links.length} links` +
+    (drawnLinks.length < links.length ? ` (the ${drawnLinks.length} strongest drawn)` : "") +
+    ` — prompt: ${graph.metadata.prompt}` +
     (data.scores ? ` — replacement ${data.scores.replacement.toFixed(3)}, completeness ${data.scores.completeness.toFixed(3)} (pruned)` : "");
 
   function esc(s) { return String(s).replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]); }
@@ -139,7 +150,7 @@
     if (share[n.node_id] !== undefined) html += `<tr><td>influence</td><td>${share[n.node_id].toFixed(4)} (cumulative ${n.influence.toFixed(4)})</td></tr>`;
     if (n.clerp) html += `<tr><td>label</td><td>${esc(n.clerp)}</td></tr>`;
     html += "</table>";
-    const inputs = links.filter(l => l.target === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
+    const inputs = (incoming[n.node_id] || []).slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
     if (inputs.length) html += "<h2>strongest inputs</h2><table>" + inputs.map(l => `<tr><td>${esc(l.source)}</td><td>${l.weight.toFixed(4)}</td></tr>`).join("") + "</table>";
     const info = features[n.layer + "_" + (n.node_id.split("_")[1])];
     if (n.feature_type === "cross layer transcoder" && info) {
