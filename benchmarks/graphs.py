@@ -32,6 +32,7 @@ from circuits import RssPeak  # the RSS sampler of the circuits benchmark (bench
 from mechflow.graphs.attribution import attribute_prompt
 from mechflow.graphs.influence import graph_scores, prune_graph
 from mechflow.graphs.replacement import LayerTranscoder, TranscoderSet
+from mechflow.graphs.stage import pruned_adjacency
 from mechflow.io import atomic_write_json
 from mechflow.models import load_model
 
@@ -115,8 +116,8 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
             layout, p = graph.layout, graph.logit_probabilities
             pruned = prune_graph(graph.adjacency, layout, p)
-            keep = pruned.edge_mask & pruned.node_mask[:, None] & pruned.node_mask[None, :]
-            scores = graph_scores(graph.adjacency, layout, p) + graph_scores(graph.adjacency * keep, layout, p)
+            scores = graph_scores(graph.adjacency, layout, p) + graph_scores(
+                pruned_adjacency(graph, pruned.node_mask, pruned.edge_mask), layout, p)
             n_rows = layout.n_features + layout.n_logits
             rows.append({"tokens": n, "max_feature_nodes": budget, "graph_seconds": round(seconds, 3),
                          "fwd_bwd_seconds": round(base, 4), "graph_over_fwd_bwd": round(seconds / base, 1),

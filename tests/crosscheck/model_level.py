@@ -21,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,14 @@ def compare(ours, theirs: dict[str, torch.Tensor], n_layers: int) -> dict:
     b = theirs["adjacency"][it][:, it][rows].double().flatten()
     nz = (a != 0) | (b != 0)
     diff = (a - b).abs()
+    largest = float(torch.maximum(a.abs(), b.abs()).max())
     return {
         "same_logit_tokens": bool(torch.equal(ours.logit_tokens.cpu(), theirs["logit_tokens"])),
         "features_ours": len(feats_o), "features_circuit_tracer": len(feats_t),
         "feature_jaccard": len(feats_o & feats_t) / max(1, len(feats_o | feats_t)),
         "active_features_equal": bool(torch.equal(ours.active_features.cpu(), theirs["active_features"])),
         "shared_nonzero_edges": int(nz.sum()), "max_abs_diff": float(diff.max()),
-        "max_abs_edge": float(torch.maximum(a.abs(), b.abs()).max()),
-        "relative_max_diff": float(diff.max() / torch.maximum(a.abs(), b.abs()).max()),
+        "max_abs_edge": largest, "relative_max_diff": float(diff.max()) / largest,
         "pearson": float(np.corrcoef(a[nz].numpy(), b[nz].numpy())[0, 1]),
     }
 
@@ -119,8 +120,6 @@ def run(ct_python: Path, work: Path, loaded, hf_model, hf_tokenizer, transcoders
         raise RuntimeError(f"circuit-tracer's attribute failed:\n{proc.stderr[-4000:]}")
     ct_seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
     theirs = load_file(str(work / "circuit_tracer_graph.safetensors"))
-    import time
-
     start = time.perf_counter()
     special = set(hf_tokenizer.all_special_ids)  # circuit-tracer's zero_bos rule (setup_attribution)
     ours = attribute_prompt(loaded.model, transcoders, torch.tensor(tokens), max_feature_nodes=max_feature_nodes,

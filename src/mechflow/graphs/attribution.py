@@ -202,7 +202,6 @@ class BackwardEngine:
         return out
 
 
-
 def partial_influence(feature_weights: Tensor, row_nodes: Tensor, logit_probabilities: Tensor,
                       max_iter: int = 128) -> Tensor:
     """Influence on the logits of every active feature, from the adjacency rows computed so far;

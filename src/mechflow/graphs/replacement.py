@@ -298,7 +298,6 @@ def frozen_forward(model, transcoders: TranscoderSet, state: PromptState,
     return FrozenOutput(torch.stack([seen[layer] for layer in range(L)]), final, logits)
 
 
-
 def check_tokens(tokens: Tensor, model) -> Tensor:
     tokens = torch.as_tensor(tokens).reshape(-1)
     if tokens.numel() == 0:

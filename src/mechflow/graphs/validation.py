@@ -129,7 +129,6 @@ def real_model_logits(model, transcoders: TranscoderSet, tokens: Tensor, items: 
     return torch.cat(out)
 
 
-
 def frozen_model_logits(model, transcoders: TranscoderSet, state: PromptState, items: list[Intervention]) -> Tensor:
     """``[len(items), d_vocab]`` last-position logits of the frozen replacement with each intervention."""
     rows = []
