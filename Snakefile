@@ -20,6 +20,7 @@ include: "workflow/rules/stats.smk"
 include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/report.smk"
 
 
 # Every output of every run (one run per sweep point of the overrides).

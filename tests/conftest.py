@@ -32,23 +32,36 @@ def gemma3():
     return load_configured_model("gemma3_270m")
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """A headless Chromium for browser tests: the one on PATH, else Debian's package installed with
-    apt when running as root (CI machines), else the test is skipped with the reason."""
+def debian_tool(names: tuple[str, ...], package: str) -> str:
+    """The first of `names` on PATH, else Debian's `package` installed with apt when running as root
+    (CI machines), else the calling test is skipped with the reason."""
     import shutil
     import subprocess
 
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+    for name in names:
         if shutil.which(name):
             return shutil.which(name)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("no Chromium on PATH and no root apt-get to install it (apt-get install chromium)")
+        pytest.skip(f"no {names[0]} on PATH and no root apt-get to install it (apt-get install {package})")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            pytest.skip(f"could not install Chromium ({' '.join(cmd)}: {done.stderr.strip()[-300:]})")
-    if not shutil.which("chromium"):
-        pytest.skip("apt-get install chromium did not put chromium on PATH")
-    return shutil.which("chromium")
+            pytest.skip(f"could not install {package} ({' '.join(cmd)}: {done.stderr.strip()[-300:]})")
+    if not shutil.which(names[0]):
+        pytest.skip(f"apt-get install {package} did not put {names[0]} on PATH")
+    return shutil.which(names[0])
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium for browser tests (`debian_tool`)."""
+    return debian_tool(("chromium", "chromium-browser", "google-chrome"), "chromium")
+
+
+@pytest.fixture(scope="session")
+def poppler():
+    """Directory of poppler-utils' pdftotext / pdftoppm (`debian_tool`: PATH, else apt, else skip)."""
+    from pathlib import Path
+
+    return Path(debian_tool(("pdftotext",), "poppler-utils")).parent

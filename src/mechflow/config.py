@@ -577,6 +577,7 @@ CONFIG_GROUPS: dict[str, str] = {
     "harvest": "mechflow.harvest.config:HarvestConfig",
     "model": "mechflow.models.config:ModelConfig",
     "reference": "mechflow.reference.config:ReferenceConfig",
+    "report": "mechflow.report.config:ReportConfig",
     "root": "mechflow.config:RootConfig",
     "stats": "mechflow.stats.config:StatsConfig",
     "summary": "mechflow.summary.config:SummaryConfig",

@@ -177,10 +177,14 @@ def test_graph_rules_are_opt_in_and_plan_one_job_per_layer(tmp_path):
 def test_dry_run_plans_the_recorded_job_set(scenario, tmp_path):
     """The DAG plans exactly the jobs (rule, inputs, outputs) recorded before the architecture step,
     up to the renames CHANGELOG.md lists."""
-    from planned_jobs import DATA, SCENARIOS, dry_run_jobs, renamed
+    from planned_jobs import DATA, NEW_RULES, SCENARIOS, dry_run_jobs, renamed
 
     expected = renamed(json.loads((DATA / f"planned_jobs_{scenario}.json").read_text()))
     planned = dry_run_jobs(SCENARIOS[scenario], tmp_path)
+    reports = [j for j in planned if j["rule"] == "report"]  # one per run, reading its manifest
+    manifests = sorted(i for j in expected if j["rule"] == "run_manifest" for i in j["output"])
+    assert sorted(i for j in reports for i in j["input"] if i.endswith("run_manifest.json")) == manifests
+    planned = [j for j in planned if j["rule"] not in NEW_RULES]
     missing = [j for j in expected if j not in planned]
     extra = [j for j in planned if j not in expected]
     assert not missing and not extra, f"missing jobs: {missing[:3]}\nnew jobs: {extra[:3]}"

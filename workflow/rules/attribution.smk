@@ -11,11 +11,13 @@ rule attribute:
         agreement=f"{R}/attribution/{{task}}/agreement.json",
         heads_figure=report(
             f"{R}/attribution/{{task}}/head_patching.png",
+            caption="../report/head_patching.rst",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "head patching"},
         ),
         lens_figure=report(
             f"{R}/attribution/{{task}}/logit_lens.png",
+            caption="../report/logit_lens.rst",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "logit lens"},
         ),
@@ -48,12 +50,14 @@ rule analyze:
         ablations=f"{R}/attribution/{{task}}/ablations.parquet",
         ablations_figure=report(
             f"{R}/attribution/{{task}}/ablations.png",
+            caption="../report/ablations.rst",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "ablations"},
         ),
         saliency=f"{R}/attribution/{{task}}/saliency.parquet",
         saliency_figure=report(
             f"{R}/attribution/{{task}}/saliency.png",
+            caption="../report/saliency.rst",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "token saliency"},
         ),
@@ -85,6 +89,7 @@ rule causal_trace:
         causal_tracing=f"{R}/attribution/{{task}}/causal_tracing.parquet",
         figure=report(
             f"{R}/attribution/{{task}}/causal_tracing.png",
+            caption="../report/causal_tracing.rst",
             category="Attribution",
             labels={"run": "{run}", "task": "{task}", "figure": "causal tracing"},
         ),

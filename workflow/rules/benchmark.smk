@@ -9,11 +9,13 @@ rule benchmark:
         summary=f"{R}/benchmark/{{task}}/benchmark.md",
         roc=report(
             f"{R}/benchmark/{{task}}/roc.png",
+            caption="../report/benchmark_roc.rst",
             category="Benchmark",
             labels={"run": "{run}", "task": "{task}", "figure": "ROC"},
         ),
         curves=report(
             f"{R}/benchmark/{{task}}/faithfulness_curves.png",
+            caption="../report/faithfulness_curves.rst",
             category="Benchmark",
             labels={"run": "{run}", "task": "{task}", "figure": "faithfulness"},
         ),

@@ -11,6 +11,7 @@ rule circuits:
         dot=f"{R}/circuits/{{task}}/circuit.dot",
         figure=report(
             f"{R}/circuits/{{task}}/circuit.png",
+            caption="../report/circuit.rst",
             category="Circuits",
             labels={"run": "{run}", "task": "{task}", "figure": "circuit"},
         ),

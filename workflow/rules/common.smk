@@ -1,6 +1,7 @@
 # Shared setup: compose the Hydra config (once per Snakemake process), validate it, and import the
 # input/params functions rules use. Stage logic lives in src/mechflow/, Snakemake glue in
 # mechflow.workflow (a rule file that defines functions fails `snakemake --lint`).
+from mechflow.report.figures import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
 from mechflow.workflow import PAIR_SEPARATOR, RUN_PATTERN, TASK_PATTERN, check_harvested_hooks, load_runs
 from mechflow.workflow.inputs import (
     analysis_outputs,
@@ -25,9 +26,12 @@ from mechflow.workflow.inputs import (
     layer_transcoder_dir_of,
     neuron_harvest_of,
     pair_model_cfg,
+    paper_figure_targets,
+    provider_file_of,
     reference_outputs_of,
     reference_tasks,
     run_cfg,
+    run_overrides,
     run_targets,
     sae_manifest_of,
     set_trainings_of,

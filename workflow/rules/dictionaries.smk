@@ -4,6 +4,12 @@ rule train_sae:
         harvest_index=rules.harvest.output.index,
     output:
         training=f"{R}/dictionaries/sae/training.json",
+        curves=report(
+            f"{R}/dictionaries/sae/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Dictionaries",
+            labels={"run": "{run}", "dictionary": "SAE", "figure": "training curves"},
+        ),
     log:
         f"{R}/logs/train_sae.log",
     benchmark:
@@ -54,6 +60,12 @@ rule train_transcoder:
         harvest_index=rules.harvest.output.index,
     output:
         training=f"{R}/dictionaries/transcoder/training.json",
+        curves=report(
+            f"{R}/dictionaries/transcoder/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Dictionaries",
+            labels={"run": "{run}", "dictionary": "transcoder", "figure": "training curves"},
+        ),
     log:
         f"{R}/logs/train_transcoder.log",
     benchmark:

@@ -13,7 +13,12 @@ rule features:
     output:
         features=f"{FEATURES}/features.jsonl",
         html=f"{FEATURES}/features.html",
-        histograms=f"{FEATURES}/histograms.png",
+        histograms=report(
+            f"{FEATURES}/histograms.png",
+            caption="../report/feature_histograms.rst",
+            category="Features",
+            labels={"run": "{run}", "figure": "activation histograms"},
+        ),
         attribution=f"{FEATURES}/task_attribution.parquet",
         summary=f"{FEATURES}/summary.json",
     log:
@@ -44,6 +49,7 @@ rule feature_matching:
         summary="results/cross_model/{pair}/features/feature_matching.md",
         figure=report(
             "results/cross_model/{pair}/features/feature_matching.png",
+            caption="../report/feature_matching.rst",
             category="Statistics",
             labels={"pair": "{pair}", "figure": "feature matching"},
         ),

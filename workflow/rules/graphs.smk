@@ -35,6 +35,13 @@ rule train_layer_transcoder:
         harvest_dir=harvest_group_of,
     output:
         training=f"{TSET}/layer_{{layer}}/training.json",
+        curves=report(
+            f"{TSET}/layer_{{layer}}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Transcoder set",
+            subcategory="Training curves",
+            labels={"run": "{run}", "layer": "{layer}", "figure": "training curves"},
+        ),
     log:
         f"{R}/logs/train_layer_transcoder/layer_{{layer}}.log",
     benchmark:
@@ -63,7 +70,10 @@ rule transcoder_set:
         summary=f"{TSET}/set.json",
         table=f"{TSET}/per_layer.csv",
         figure=report(
-            f"{TSET}/per_layer.png", category="Transcoder set", labels={"run": "{run}", "figure": "per layer"}
+            f"{TSET}/per_layer.png",
+            caption="../report/per_layer.rst",
+            category="Transcoder set",
+            labels={"run": "{run}", "figure": "per layer"},
         ),
         circuit_tracer=directory(f"{TSET}/circuit_tracer"),
     log:
@@ -95,12 +105,14 @@ rule attribution_graph:
         viewer=f"{GRAPHS}/p{{prompt}}/viewer.html",
         figure=report(
             f"{GRAPHS}/p{{prompt}}/graph.png",
+            caption="../report/graph.rst",
             category="Attribution graphs",
             labels={"run": "{run}", "task": "{task}", "prompt": "{prompt}", "figure": "graph"},
         ),
         validation=f"{GRAPHS}/p{{prompt}}/validation.parquet",
         validation_figure=report(
             f"{GRAPHS}/p{{prompt}}/validation.png",
+            caption="../report/graph_validation.rst",
             category="Attribution graphs",
             labels={"run": "{run}", "task": "{task}", "prompt": "{prompt}", "figure": "validation"},
         ),

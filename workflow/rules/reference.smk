@@ -38,6 +38,7 @@ rule reference:
         auc=f"{R}/reference/{{task}}/auc.json",
         roc=report(
             f"{R}/reference/{{task}}/roc.png",
+            caption="../report/reference_roc.rst",
             category="Reference",
             labels={"run": "{run}", "task": "{task}", "figure": "ROC vs exact"},
         ),

@@ -10,11 +10,13 @@ rule stats:
         summary=f"{R}/stats/{{task}}/statistics.md",
         forest=report(
             f"{R}/stats/{{task}}/forest.png",
+            caption="../report/forest.rst",
             category="Statistics",
             labels={"run": "{run}", "task": "{task}", "figure": "CIs"},
         ),
         tau_heatmap=report(
             f"{R}/stats/{{task}}/tau_heatmap.png",
+            caption="../report/tau_heatmap.rst",
             category="Statistics",
             labels={"run": "{run}", "task": "{task}", "figure": "Kendall tau"},
         ),
@@ -40,6 +42,7 @@ rule cross_model:
         fcas="results/cross_model/{pair}/{task}/fcas.json",
         fcas_null=report(
             "results/cross_model/{pair}/{task}/fcas_null.png",
+            caption="../report/fcas_null.rst",
             category="Statistics",
             labels={"pair": "{pair}", "task": "{task}", "figure": "FCAS null"},
         ),
@@ -50,6 +53,7 @@ rule cross_model:
         cka_csv="results/cross_model/{pair}/{task}/cka.csv",
         cka_figure=report(
             "results/cross_model/{pair}/{task}/cka.png",
+            caption="../report/cka.rst",
             category="Statistics",
             labels={"pair": "{pair}", "task": "{task}", "figure": "CKA"},
         ),

@@ -6,9 +6,17 @@ rule summarize:
         model_card=rules.model_card.output.model_card,
         results=summary_results_of,
     output:
-        table=report(f"{R}/summary/summary.csv", category="Summary", labels={"run": "{run}", "file": "table"}),
+        table=report(
+            f"{R}/summary/summary.csv",
+            caption="../report/summary_table.rst",
+            category="Summary",
+            labels={"run": "{run}", "file": "table"},
+        ),
         figure=report(
-            f"{R}/summary/activation_norms.png", category="Summary", labels={"run": "{run}", "file": "figure"}
+            f"{R}/summary/activation_norms.png",
+            caption="../report/activation_norms.rst",
+            category="Summary",
+            labels={"run": "{run}", "file": "figure"},
         ),
     log:
         f"{R}/logs/summarize.log",

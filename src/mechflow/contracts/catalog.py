@@ -24,6 +24,7 @@ from mechflow.contracts import (
     harvest,
     models,
     reference,
+    report,
     stats,
     tasks,
 )
@@ -129,6 +130,9 @@ DOCUMENTS: tuple[DocumentContract, ...] = (
     D("acdc", benchmark.AcdcDocument, "benchmark/{task}/acdc.json", "mechflow.benchmark.core:run_acdc"),
     D("timings", benchmark.TimingsDocument, "benchmark/{task}/timings.json",
       "mechflow.benchmark.stage:benchmark"),
+    D("provider_file", report.ProviderFile, "user file: config/report/provider.yaml (YAML; report.provider_file)",
+      "(user)", ("mechflow.report.stage:read_provider",)),
+    D("report", report.ReportDocument, "report/report.json", "mechflow.report.stage:report"),
 )
 
 T = TableContract

@@ -175,6 +175,7 @@ def circuit_outputs_of(wildcards) -> list[str]:
     for task in tasks_of(wildcards):
         out.append(f"{paths.attribution_dir(wildcards.run, task)}/node_scores.parquet")
         out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
+        out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.png")
     return out
 
 
@@ -229,7 +230,9 @@ def statistics_inputs_of(wildcards) -> dict[str, str]:
 
 
 def statistics_of(wildcards) -> list[str]:
-    return [f"{paths.stats_dir(wildcards.run, task)}/bootstrap.parquet" for task in tasks_of(wildcards)]
+    """Statistics outputs the run manifest records (and the report cites)."""
+    return [f"{paths.stats_dir(wildcards.run, task)}/{name}" for task in tasks_of(wildcards)
+            for name in ("bootstrap.parquet", "stability.json", "forest.png")]
 
 
 def cross_model_inputs_of(wildcards) -> dict[str, str]:
@@ -290,8 +293,9 @@ def summary_results_of(wildcards) -> list[str]:
 
 
 def run_targets(wildcards) -> list[str]:
-    """Every run's manifest, and the cross-model comparison of every pair of runs that differ only in the model."""
-    targets = [f"{paths.run_dir(name)}/run_manifest.json" for name in RUNS]
+    """Every run's manifest and report, and the cross-model comparison of every pair of runs that differ only in
+    the model."""
+    targets = [f"{paths.run_dir(name)}/{file}" for name in RUNS for file in ("run_manifest.json", "report/report.pdf")]
     for pair, (a, b) in model_pairs(RUNS).items():
         shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
         targets += [f"{paths.cross_model_dir(pair)}/{task}/fcas.json" for task in shared]
@@ -359,8 +363,39 @@ def graph_outputs_of(wildcards) -> list[str]:
     tasks = graph_tasks_of(wildcards.run)
     if not tasks:
         return []
-    out = [f"{paths.transcoder_set_dir(wildcards.run)}/set.json"]
+    tset = paths.transcoder_set_dir(wildcards.run)
+    out = [f"{tset}/set.json", f"{tset}/per_layer.png"]
     for task in tasks:
-        out += [f"{paths.graphs_dir(wildcards.run, task)}/graphs.md",
-                f"{paths.graphs_dir(wildcards.run, task)}/graph-metadata.json"]
+        folder = paths.graphs_dir(wildcards.run, task)
+        out += [f"{folder}/graphs.md", f"{folder}/graph-metadata.json"]
+        out += [f"{folder}/p{p}/{name}" for p in _graph_cfg(wildcards.run).prompts
+                for name in ("graph.json", "graph.png")]
     return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def provider_file_of(wildcards) -> list[str]:
+    """The run's provider file (`report.provider_file`), when set: an input, so editing it re-runs the report."""
+    from mechflow.report.stage import provider_path
+
+    path = provider_path(RUNS[wildcards.run].cfg["report"].get("provider_file"))
+    return [str(path)] if path is not None else []
+
+
+def paper_figure_targets(wildcards) -> list[str]:
+    """Input of the target rule `figures`: every run's paper figures (PNG, PDF) and tables (CSV, LaTeX)."""
+    from mechflow.report.figures import FIGURES, TABLES
+
+    out = []
+    for run in RUNS:
+        folder = paths.run_dir(run)
+        out += [f"{folder}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+        out += [f"{folder}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "tex")]
+    return out
+
+
+def run_overrides(wildcards) -> list[str]:
+    """`params` function: the Hydra overrides that made the run (for the commands that regenerate it)."""
+    return list(RUNS[wildcards.run].overrides)
