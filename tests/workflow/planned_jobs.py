@@ -49,7 +49,8 @@ ADDED_OUTPUTS = {
 
 # Jobs and inputs added by later issues (each a new stage, not a refactor): rule -> issue.
 NEW_RULES = {"report": "issue 17: the Annex IV report ends every run",
-             "paper_figures": "issue 17: the paper figures and tables the report embeds (snakemake figures)"}
+             "paper_figures": "issue 17: the paper figures and tables the report embeds (snakemake figures)",
+             "rulegraph": "issue 17: the rule graph of the report's reproducibility appendix"}
 # Files run_manifest now records because the report cites them (issue 17), by the recorded input they
 # sit beside: recorded file name -> added file names in the same folder.
 MANIFEST_ADDED_INPUTS = {"bootstrap.parquet": ("stability.json", "forest.png"), "circuit.json": ("circuit.png",)}

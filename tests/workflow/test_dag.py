@@ -93,13 +93,22 @@ def test_dag_draws_as_mermaid(tmp_path):
     assert "flowchart" in result.stdout and "harvest" in result.stdout
 
 
-@pytest.mark.slow
-def test_smoke_run_end_to_end(tmp_path):
-    """The whole default DAG on SmolLM2 with the smoke experiment's tiny sizes."""
-    overrides = "overrides=+experiment=smoke task=[ioi,greater_than]"  # two metric kinds, less CI time
+SMOKE = "overrides=+experiment=smoke task=[ioi,greater_than]"  # two metric kinds, less CI time
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """The whole default DAG on SmolLM2 with the smoke experiment's tiny sizes (once per module)."""
+    folder = tmp_path_factory.mktemp("smoke")
     # a hang guard, not a speed test: 30 min was reached while other jobs shared the 2 cores
-    result = snakemake("--cores", "2", "--config", overrides, cwd=tmp_path, timeout=2700)
+    result = snakemake("--cores", "2", "--config", SMOKE, cwd=folder, timeout=2700)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return folder
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(smoke_run):
+    tmp_path, overrides = smoke_run, SMOKE
     run = tmp_path / "results" / "smollm2_135m"
     manifest = json.loads((run / "run_manifest.json").read_text())
     assert manifest["model"]["name"] == "smollm2_135m" and len(manifest["config_hash"]) == 16
@@ -151,9 +160,79 @@ def test_smoke_run_end_to_end(tmp_path):
     assert frontend["nodes"] and frontend["metadata"]["slug"] == "ioi-p0"
     assert "ioi-p0" in (run / "graphs" / "ioi" / "graphs.md").read_text()
     assert (run / "graphs" / "ioi" / "p0" / "viewer.html").stat().st_size > 5000
-    # a second invocation has nothing to do
+    # a second invocation has nothing to do; nor has `snakemake figures` (the run drew them for its report)
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+    figures = snakemake("-n", "--cores", "2", "--config", overrides, "figures", cwd=tmp_path)
+    assert "Nothing to be done" in figures.stdout + figures.stderr
+
+
+@pytest.mark.slow
+def test_smoke_run_report(smoke_run, poppler):
+    """The run ends with report.pdf / .json / .md: the JSON validates against its schema, every number
+    names a file the run manifest records and whose sha256 is re-hashed here, the PDF's text holds every
+    section heading and every number, and the paper figures and tables exist."""
+    import re
+
+    import jsonschema
+
+    from mechflow.io import sha256_file
+
+    run = smoke_run / "results" / "smollm2_135m"
+    doc = json.loads((run / "report" / "report.json").read_text())
+    jsonschema.validate(doc, json.loads((REPO / "workflow/schemas/contracts/report.schema.json").read_text()))
+    manifest = json.loads((run / "run_manifest.json").read_text())
+    recorded = {**manifest["inputs"], **manifest["outputs"]}
+    evidence = {e["id"]: e for e in doc["evidence"]}
+    for e in doc["evidence"]:
+        assert sha256_file(smoke_run / e["path"]) == e["sha256"], e["path"]
+        assert e["in_manifest"] == (e["path"] in recorded or e["path"].endswith("run_manifest.json")), e["path"]
+    for n in doc["numbers"]:
+        assert evidence[n["evidence"]]["in_manifest"], n["id"]
+    ids = {n["id"] for n in doc["numbers"]}
+    for task in ("ioi", "greater_than"):  # what every stage measured is in it
+        assert {f"tasks.{task}.accuracy", f"circuits.{task}.faithfulness", f"circuits.{task}.faithfulness_ci.lo",
+                f"stats.{task}.clean_metric.estimate"} <= ids
+        assert any(i.startswith(f"reference.{task}.nodes.") for i in ids)
+    assert {"dictionaries.sae.fvu", "dictionaries.transcoder.l0", "dictionaries.set.fvu",
+            "graphs.ioi.p0.completeness", "model.sha256", "run.config_hash"} <= ids
+    assert doc["completeness"]["to_be_completed"] == doc["completeness"]["total"]  # the shipped template is empty
+    for lim in doc["limitations"]:
+        assert lim["threshold_key"] and lim["number"] in ids
+    text = subprocess.run([str(poppler / "pdftotext"), str(run / "report" / "report.pdf"), "-"], capture_output=True,
+                          text=True, check=True).stdout
+    flat = re.sub(r"\s+", "", text)
+    for section in doc["sections"]:
+        assert re.sub(r"\s+", "", section["heading"]) in flat, section["heading"]
+    for n in doc["numbers"]:
+        assert re.sub(r"\s+", "", n["text"]) in flat, (n["id"], n["text"])
+    assert len(doc["figures"]) >= 4  # the paper figures, embedded
+    md = (run / "report" / "report.md").read_text()
+    assert all(n["text"] in md for n in doc["numbers"])
+    from mechflow.report.figures import FIGURES, TABLES
+
+    for name in FIGURES:
+        assert (run / "figures" / f"{name}.png").stat().st_size > 5000
+        assert (run / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    for name in TABLES:
+        assert (run / "tables" / f"{name}.csv").exists() and "\\begin{tabular}" in (
+            run / "tables" / f"{name}.tex").read_text()
+
+
+@pytest.mark.slow
+def test_snakemake_report_bundles_every_figure(smoke_run):
+    """`snakemake --report` of the smoke run holds every PNG the run wrote (each a report() output with
+    a caption) and the Annex IV report.pdf."""
+    import collections
+    import zipfile
+
+    out = smoke_run / "snakemake_report.zip"
+    result = snakemake("--cores", "1", "--config", SMOKE, "--report", str(out), cwd=smoke_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    inside = collections.Counter(Path(n).name for n in zipfile.ZipFile(out).namelist())
+    written = collections.Counter(p.name for p in (smoke_run / "results").rglob("*.png"))
+    assert written and all(inside[name] >= count for name, count in written.items()), (written, inside)
+    assert inside["report.pdf"] == 1
 
 
 def test_benchmark_rule_is_opt_in(tmp_path):

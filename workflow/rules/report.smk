@@ -2,10 +2,28 @@
 # technical documentation (report.pdf / .json / .md), the last job of every run.
 
 
+rule rulegraph:
+    """The run's rule graph (DOT, from snakemake --rulegraph), drawn in the report's reproducibility appendix."""
+    input:
+        resolved_config=rules.resolve_config.output.resolved_config,
+    output:
+        rulegraph=f"{R}/report/rulegraph.dot",
+    log:
+        f"{R}/logs/rulegraph.log",
+    localrule: True
+    conda:
+        "../../envs/mechflow.yaml"
+    params:
+        overrides=run_overrides,
+    script:
+        "../scripts/rulegraph.py"
+
+
 rule paper_figures:
     """The run's paper figures (PDF + PNG, one style) and tables (CSV + LaTeX), from the report's numbers."""
     input:
         run_manifest=rules.run_manifest.output.run_manifest,
+        rulegraph=rules.rulegraph.output.rulegraph,
     output:
         png=[
             report(

@@ -7,7 +7,8 @@ figure shows exactly what the report states and each table row names its evidenc
 embeds these figures; the README's figures come from here too.
 
 Figures (`FIGURES`): task accuracy with chance; circuit faithfulness with bootstrap CIs; attribution
-methods' ROC AUC against exact patching; dictionary metrics; attribution-graph scores. A run without
+methods' ROC AUC against exact patching; dictionary metrics; attribution-graph scores; the run's
+rule graph (Snakemake's ``--rulegraph``, drawn here because Graphviz is not a Python dependency). A run without
 the data of one (no graphs, no reference tasks) gets a figure that says so, naming the setting.
 Tables (`TABLES`): the report's table blocks of the same names, plus the evidence list.
 """
@@ -30,7 +31,7 @@ from mechflow.report.render import TOKEN, resolve
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("tasks", "circuits", "reference", "dictionaries", "graphs")
+FIGURES = ("tasks", "circuits", "reference", "dictionaries", "graphs", "dag")
 TABLES = ("tasks", "circuits", "reference", "statistics", "dictionaries", "graphs", "limitations", "evidence")
 
 
@@ -180,6 +181,51 @@ def figure_graphs(doc: ReportDocument, numbers: dict, cfg: ReportConfig):
     return fig
 
 
+DOT_NODE = re.compile(r'^\s*(\d+)\[label = "([^"]+)"', re.M)
+DOT_EDGE = re.compile(r"^\s*(\d+) -> (\d+)", re.M)
+
+
+def parse_rulegraph(dot: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Nodes (id -> rule name) and edges of ``snakemake --rulegraph``'s DOT output."""
+    return dict(DOT_NODE.findall(dot)), DOT_EDGE.findall(dot)
+
+
+def figure_dag(dot: str, title: str):
+    """The rule graph, layered top (sources) to bottom (`all`); within a layer, rules sit near the mean
+    position of their inputs (one barycentre pass, fewer crossings)."""
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    nodes, edges = parse_rulegraph(dot)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(nodes)
+    graph.add_edges_from(edges)
+    layers = [sorted(layer, key=lambda n: nodes[n]) for layer in nx.topological_generations(graph)]
+    pos: dict[str, tuple[float, float]] = {}
+    for depth, layer in enumerate(layers):
+        if depth:
+            def centre(n: str) -> float:
+                preds = [pos[p][0] for p in graph.predecessors(n) if p in pos]
+                return sum(preds) / len(preds) if preds else 0.0
+
+            layer = sorted(layer, key=centre)
+        for i, n in enumerate(layer):  # wide layers alternate up and down: long names do not overlap
+            pos[n] = (i - (len(layer) - 1) / 2, -depth + (0.22 * (-1) ** i if len(layer) > 3 else 0.0))
+    width = max(len(layer) for layer in layers)
+    fig, ax = plt.subplots(figsize=(min(7.2, 1.3 * width + 1), 0.75 * len(layers) + 0.6))
+    for a, b in edges:
+        ax.annotate("", xy=pos[b], xytext=pos[a], arrowprops={"arrowstyle": "-|>", "color": "0.6", "lw": 0.6,
+                                                               "shrinkA": 9, "shrinkB": 9})
+    for n, (x, y) in pos.items():
+        ax.text(x, y, nodes[n], ha="center", va="center", fontsize=6.2,
+                bbox={"boxstyle": "round,pad=0.25", "fc": "#e8f0f8", "ec": PALETTE[0], "lw": 0.6})
+    ax.set_xlim(-width / 2 - 0.2, width / 2 - 0.3)
+    ax.set_ylim(-len(layers) + 0.6, 0.4)
+    ax.axis("off")
+    ax.set_title(title)
+    return fig
+
+
 def table_frame(doc: ReportDocument, name: str) -> pl.DataFrame:
     """The report's table block `name` (or the evidence list) as strings, with each row's evidence ids."""
     numbers = {n.id: n for n in doc.numbers}
@@ -210,8 +256,8 @@ def latex_escape(s: str) -> str:
     return re.sub(r"([&%$#_{}])", r"\\\1", s).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
 
 
-def paper_figures(cfg: ReportConfig, *, run_manifest: Path, png: list[Path], pdf: list[Path], tables: list[Path],
-                  run: str) -> dict[str, int]:
+def paper_figures(cfg: ReportConfig, *, run_manifest: Path, rulegraph: Path, png: list[Path], pdf: list[Path],
+                  tables: list[Path], run: str) -> dict[str, int]:
     """Write every paper figure (PNG + PDF) and table (CSV + LaTeX) of `run` (see the module docstring)."""
     from mechflow.report.stage import build_report
 
@@ -225,7 +271,11 @@ def paper_figures(cfg: ReportConfig, *, run_manifest: Path, png: list[Path], pdf
 
     with style():
         for name in FIGURES:
-            fig = draw[name](doc, numbers, cfg)
+            if name == "dag":
+                fig = figure_dag(Path(rulegraph).read_text(), f"{doc.model}: the rules of this run (snakemake "
+                                 "--rulegraph)")
+            else:
+                fig = draw[name](doc, numbers, cfg)
             save_figure(fig, by_stem[name])
             save_figure(fig, pdf_by_stem[name])
             plt.close(fig)

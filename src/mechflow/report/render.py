@@ -81,6 +81,9 @@ def render_markdown(doc: ReportDocument, path: Path) -> Path:
             f"- run: {rep.started_at} to {rep.finished_at}", "", "Commands that regenerate this report:", "", "```"]
     out += rep.commands + ["```", "", "| package | version |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in sorted(rep.packages.items())]
+    if "figures.dag" in figures:
+        out += ["", "### The pipeline of this run", ""] + _md_block(Block(kind="figure", figure="figures.dag"), numbers,
+                                                                    figures, fields, r)
     atomic_write_text(path, "\n".join(out) + "\n")
     return Path(path)
 
@@ -144,9 +147,11 @@ def render_pdf(doc: ReportDocument, path: Path, resolved_config: str, cfg) -> Pa
         "title": ParagraphStyle("ReportTitle", parent=base["Title"], fontSize=20, leading=25, spaceAfter=14),
         "sub": ParagraphStyle("Sub", parent=base["Normal"], fontSize=12, leading=16, alignment=TA_CENTER,
                               spaceAfter=6),
-        "H1": ParagraphStyle("H1", parent=base["Heading1"], fontSize=15, leading=19, spaceBefore=6, spaceAfter=8),
+        "H1": ParagraphStyle("H1", parent=base["Heading1"], fontSize=15, leading=19, spaceBefore=6, spaceAfter=8,
+                             keepWithNext=1),
         "toctitle": ParagraphStyle("TocTitle", parent=base["Heading1"], fontSize=15, leading=19, spaceAfter=8),
-        "H2": ParagraphStyle("H2", parent=base["Heading2"], fontSize=12, leading=15, spaceBefore=10, spaceAfter=4),
+        "H2": ParagraphStyle("H2", parent=base["Heading2"], fontSize=12, leading=15, spaceBefore=10, spaceAfter=4,
+                             keepWithNext=1),
         "body": ParagraphStyle("Body", parent=base["BodyText"], fontSize=9.5, leading=12.5, spaceAfter=5),
         "legal": ParagraphStyle("Legal", parent=base["BodyText"], fontName="Times-Italic", fontSize=9.5, leading=12,
                                 leftIndent=10, textColor=colors.HexColor("#333333"), spaceAfter=4),
@@ -300,6 +305,8 @@ def render_pdf(doc: ReportDocument, path: Path, resolved_config: str, cfg) -> Pa
     story += [Preformatted(c, st["mono"], maxLineLength=125) for c in rep.commands]
     story += [Spacer(1, 6), table(["package", "version"], [[k, escape(v)] for k, v in sorted(rep.packages.items())],
                                   [6, 6], raw=True)]
+    if "figures.dag" in figures:
+        story += [P("The pipeline of this run", "H2"), *figure("figures.dag")]
     if resolved_config:
         story += [PageBreak(), P("Resolved configuration of the run", "H2"),
                   Preformatted(resolved_config, st["mono"], maxLineLength=125)]

@@ -152,6 +152,9 @@ def build_report(cfg: ReportConfig, *, run_manifest: Path, provider: ProviderFil
             subpoints.append(SubPoint(id=point.id, legal_text=point.text, filled_by=" and ".join(parts), blocks=blocks))
         sections.append(Section(number=sec.number, heading=f"{sec.number}. {sec.heading}", subpoints=subpoints))
     collector.stage_figures("*.png")  # every figure of the stages: evidence (Appendix A), not embedded
+    if paper_figures and "dag" in paper_figures:  # drawn in the reproducibility appendix
+        ledger.figure("figures.dag", paper_figures["dag"], "The rules of this run and how their files feed each "
+                      "other (snakemake --rulegraph).")
     limitations = _limitations_block(collector, ledger)
     for section in sections:
         for point in section.subpoints:

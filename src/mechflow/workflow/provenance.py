@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 import platform
 import subprocess
@@ -19,6 +20,7 @@ from mechflow.config import REPO_ROOT, config_hash
 from mechflow.contracts.documents import read_document, write_document
 from mechflow.contracts.harvest import HarvestIndex
 from mechflow.contracts.models import ModelCard, RunManifest
+from mechflow.errors import MechflowError
 from mechflow.io import atomic_write_json, atomic_write_text, sha256_file
 from mechflow.workflow.runs import RUNS
 
@@ -119,3 +121,18 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         run_manifest=run_manifest,
         run=run,
     )
+
+
+def write_rulegraph(*, rulegraph: Path, overrides: list[str]) -> None:
+    """Write the run's rule graph (Graphviz DOT, from ``snakemake --rulegraph``) for the report.
+
+    Snakemake computes the graph; it is asked in a subprocess (``--nolock``: the calling run holds
+    the lock) with the run's own overrides, so the graph is the DAG of this run. Drawn without
+    Graphviz by `mechflow.report.figures.figure_dag`.
+    """
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO_ROOT / "Snakefile"), "--rulegraph", "--nolock",
+           "--config", f"overrides={json.dumps(list(overrides))}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or "digraph" not in done.stdout:
+        raise MechflowError(f"snakemake --rulegraph failed ({' '.join(cmd)}): {done.stderr.strip()[-1000:]}")
+    atomic_write_text(rulegraph, done.stdout[done.stdout.index("digraph"):])

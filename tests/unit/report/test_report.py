@@ -174,3 +174,49 @@ def test_shipped_provider_template_states_nothing():
                                          (True, "yes"), ("above chance", "above chance"), (1234.5678, "1235")])
 def test_format_value(value, text):
     assert format_value(value) == text
+
+
+RULEGRAPH = """digraph snakemake_dag {
+    graph[bgcolor=white, margin=0];
+	0[label = "all", color = "0.00 0.6 0.85", style="rounded"];
+	1[label = "run_manifest", color = "0.52 0.6 0.85", style="rounded"];
+	2[label = "evaluate_task", color = "0.21 0.6 0.85", style="rounded"];
+	3[label = "prepare_task", color = "0.44 0.6 0.85", style="rounded"];
+	1 -> 0
+	2 -> 1
+	3 -> 2
+	3 -> 1
+}
+"""
+
+
+def test_paper_figures_and_tables(run, poppler):
+    """`snakemake figures`' stage function on the small run: every figure as PNG and PDF, every table as
+    CSV and LaTeX, each row naming its evidence file; the report then embeds the figures."""
+    from mechflow.report.figures import FIGURES, TABLES, paper_figures, parse_rulegraph
+
+    assert parse_rulegraph(RULEGRAPH) == ({"0": "all", "1": "run_manifest", "2": "evaluate_task",
+                                           "3": "prepare_task"}, [("1", "0"), ("2", "1"), ("3", "2"), ("3", "1")])
+    Path("rulegraph.dot").write_text(RULEGRAPH)
+    png = [RUN / f"figures/{n}.png" for n in FIGURES]
+    pdf = [RUN / f"figures/{n}.pdf" for n in FIGURES]
+    tables = [RUN / f"tables/{n}.{ext}" for n in TABLES for ext in ("csv", "tex")]
+    paper_figures(ReportConfig(), run_manifest=RUN / "run_manifest.json", rulegraph=Path("rulegraph.dot"), png=png,
+                  pdf=pdf, tables=tables, run="r")
+    assert all(p.stat().st_size > 3000 for p in png) and all(p.read_bytes().startswith(b"%PDF") for p in pdf)
+    first = [p.read_bytes() for p in png + pdf]
+    paper_figures(ReportConfig(), run_manifest=RUN / "run_manifest.json", rulegraph=Path("rulegraph.dot"), png=png,
+                  pdf=pdf, tables=tables, run="r")
+    assert [p.read_bytes() for p in png + pdf] == first  # regenerated from the same data: the same bytes
+    tasks = (RUN / "tables/tasks.csv").read_text().splitlines()
+    assert tasks[0] == "task,prompts,accuracy,chance,mean metric,p-value,verdict,evidence"
+    assert tasks[2].startswith("ioi,12,0.9167,0.5,1.25,0.0123,above chance,results/r/tasks/ioi/baseline.json")
+    tex = (RUN / "tables/tasks.tex").read_text()
+    assert "greater\\_than" in tex and "\\toprule" in tex and "\\caption{tiny: tasks (run r;" in tex
+    assert (RUN / "tables/circuits.csv").read_text().strip() == "note\nnot computed in this run"
+    report(ReportConfig.from_dict({"provider_file": None}), run_manifest=RUN / "run_manifest.json", run="r",
+           resolved_config=RUN / "config.resolved.yaml", paper_figures=png, **_outputs())
+    doc = json.loads((RUN / "report/report.json").read_text())
+    assert {f["id"] for f in doc["figures"]} == {"figures.tasks", "figures.dag"}  # the others have no data here
+    text = _pdf_text(poppler, RUN / "report/report.pdf")
+    assert "Figure 1." in text and "The pipeline of this run" in text
