@@ -100,6 +100,13 @@ def renamed(jobs: list[dict]) -> list[dict]:
         outputs = [renamed_path(p) for p in j["output"]]
         out.append(later_additions({"rule": rule, "input": sorted(renamed_path(p) for p in j["input"]),
                                     "output": sorted(outputs + added_outputs(rule, outputs))}))
+    # issue 17: a run's manifest records the FCAS / CKA of the model pairs it belongs to (its report cites them)
+    compared = [p for j in out if j["rule"] == "cross_model" for p in j["output"]
+                if p.endswith(("fcas.json", "cka.json"))]
+    for j in out:
+        if j["rule"] == "run_manifest":
+            run = j["output"][0].split("/")[1]
+            j["input"] = sorted(j["input"] + [p for p in compared if run in p.split("/")[2].split("__vs__")])
     return sorted(out, key=lambda j: (j["rule"], j["output"], j["input"]))
 
 

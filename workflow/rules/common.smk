@@ -12,6 +12,7 @@ from mechflow.workflow.inputs import (
     circuit_outputs_of,
     circuit_scores_of,
     cross_model_inputs_of,
+    cross_model_outputs_of,
     datasets_of,
     dictionary_dir_of,
     dictionary_metrics_of,

@@ -51,6 +51,7 @@ rule run_manifest:
         reference_outputs=reference_outputs_of,
         analysis_outputs=analysis_outputs_of,
         graph_outputs=graph_outputs_of,
+        cross_model_outputs=cross_model_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     log:

@@ -2,9 +2,9 @@
 
 ``report.json`` carries every number of ``report.pdf`` / ``report.md`` with its evidence (the result
 file's path and sha256, the field it was read from). Where a field means what a field of the
-CycloneDX 1.6 ML-BOM ``modelCard`` or of Hugging Face's ``model-index`` metadata means, its
-description says so (``cyclonedx:`` / ``hf:`` names); ``report.json`` also carries the measured
-metrics as a CycloneDX ``modelCard.quantitativeAnalysis.performanceMetrics`` fragment.
+CycloneDX 1.6 ML-BOM ``modelCard`` means, its description says so (``cyclonedx:``); ``report.json``
+also carries the measured metrics as a CycloneDX ``modelCard`` fragment (``cyclonedx_model_card``).
+Hugging Face ``model-index`` has no counterpart here: its results need Hub-registered datasets.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ class Evidence(Document):
 
 
 class Number(Document):
-    """A measured number and where it comes from. cyclonedx: a ``performanceMetrics`` entry (type, value)."""
+    """A measured number and where it comes from. cyclonedx: a ``performanceMetrics`` entry (type = id, value =
+    text, slice = label)."""
 
     id: str = Field(description="stable key, e.g. circuits.ioi.faithfulness")
     label: str = Field(description="what it is, in words")
@@ -174,7 +175,7 @@ class ReportDocument(VersionedDocument):
     run: str
     title: str
     nature: str = Field(description="what the document is and is not (printed on the title page)")
-    model: str = Field(description="the model studied. hf: model-index name; cyclonedx: component name")
+    model: str = Field(description="the model studied (mechflow's model name, config/model/<name>.yaml)")
     model_sha256: str | None
     config_hash: str
     generated_from: str = Field(description="run_manifest.json the report was checked against")

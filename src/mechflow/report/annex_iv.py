@@ -100,7 +100,8 @@ POINTS: tuple[Section, ...] = (
                       "as well as potentially discriminatory impacts; test logs and all test reports dated and signed "
                       "by the responsible persons, including with regard to pre-determined changes as referred to "
                       "under point (f);", ("test_sign_off",),
-                      ("tasks", "circuits", "reference", "stats", "benchmark", "audit", "test_log")),
+                      ("tasks", "circuits", "reference", "stats", "cross_model", "benchmark", "audit",
+                       "test_log")),
                 Point("2(h)", "cybersecurity measures put in place;", ("cybersecurity_measures",)),
             )),
     Section(3, "Monitoring, functioning and control of the AI system",

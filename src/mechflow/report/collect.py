@@ -24,7 +24,7 @@ from mechflow.contracts.graphs import GraphSummary
 from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.contracts.reference import AucDocument
 from mechflow.contracts.report import Block, Limitation
-from mechflow.contracts.stats import StabilityDocument
+from mechflow.contracts.stats import CkaDocument, FcasDocument, StabilityDocument
 from mechflow.contracts.tasks import TaskBaseline
 from mechflow.report.config import ReportConfig
 from mechflow.report.evidence import Ledger
@@ -403,28 +403,58 @@ class Collector:
                 Block(kind="table", id="statistics", title="Statistics", columns=["task", "quantity", "estimate", "CI"],
                       rows=rows)]
 
+    BENCHMARK_COLUMNS = (("seconds", "seconds"), ("n_edges_in_circuit", "circuit edges"),
+                         ("faithfulness", "faithfulness"), ("cpr", "CPR"), ("roc_auc", "edge ROC AUC"))
+
+    def block_cross_model(self) -> list[Block]:
+        fcas = [f for f in self.files if fnmatch.fnmatch(f, "results/cross_model/*/*/fcas.json")]
+        if not fcas:
+            return [text("Cross-model comparisons (FCAS, CKA) run when the run is part of a model sweep; this "
+                         "run is not.")]
+        rows = []
+        for path in fcas:
+            pair, task = Path(path).parent.parent.name, Path(path).parent.name
+            doc = read_document(path, FcasDocument, fix=FIX)
+            base = f"cross_model.{pair}.{task}"
+            cells = [f"{doc.model_a} vs {doc.model_b}", task,
+                     N(self.num(f"{base}.fcas", f"{pair} {task}: FCAS (top {doc.k})", doc.score, path, "score")),
+                     N(self.num(f"{base}.fcas_p", f"{pair} {task}: FCAS p-value ({doc.null_kind} null, "
+                                f"{doc.n_permutations} permutations)", doc.p_value, path, "p_value"))]
+            cka = str(Path(path).with_name("cka.json"))
+            if cka in self.files:
+                c = read_document(cka, CkaDocument, fix=FIX)
+                cells.append(N(self.num(f"{base}.cka", f"{pair} {task}: mean depth-matched CKA ({c.hook})",
+                                        c.mean_depth_matched_cka, cka, "mean_depth_matched_cka")))
+                cells.append(N(self.num(f"{base}.cka_shuffled", f"{pair} {task}: mean CKA, shuffled prompts",
+                                        c.mean_shuffled_cka, cka, "mean_shuffled_cka")))
+            else:
+                cells += ["n/a", "n/a"]
+            rows.append(cells)
+        return [text("The same tasks on another model of the sweep: FCAS aligns the two models' top components by "
+                     "relative depth against a permutation null; CKA compares their residual streams."),
+                Block(kind="table", id="cross_model", title="Cross-model comparisons",
+                      columns=["models", "task", "FCAS", "p-value", "CKA", "CKA (shuffled)"], rows=rows)]
+
     def block_benchmark(self) -> list[Block]:
         tables = self.recorded("benchmark/*/table.csv")
         if not tables:
             return [text("The circuit-discovery benchmark against ACDC was not run in this run "
                          "(benchmark.enabled=false).")]
         rows = []
-        for path in tables:
+        for path in tables:  # written by mechflow.benchmark.report.write_outputs (columns: its COLUMNS)
             task = Path(path).parent.name
-            frame = pl.read_csv(path)
-            for i, row in enumerate(frame.iter_rows(named=True)):
-                method = str(row.get("method", i))
+            for row in pl.read_csv(path, infer_schema_length=None).iter_rows(named=True):
+                method = str(row["method"])
                 cells = [task, method]
-                for col in ("roc_auc", "n_edges", "faithfulness"):
-                    if col in row:
-                        cells.append(N(self.num(f"benchmark.{task}.{method}.{col}", f"{task}: {method} {col}",
-                                                row[col], path, f"row method == {method!r}, {col}")))
-                    else:
-                        cells.append("")
+                for col, label in self.BENCHMARK_COLUMNS:
+                    cells.append(N(self.num(f"benchmark.{task}.{method}.{col}", f"{task}: {method} {label}",
+                                            row.get(col), path, f"row method == {method!r}, {col}")))
                 rows.append(cells)
-        return [text("Circuit discovery benchmarked against ACDC (same task, same metric)."),
+        return [text("Circuit discovery benchmarked against ACDC on the same task, metric and edge restriction "
+                     "(time, circuit size at the faithfulness target, exact faithfulness, CPR, and ROC AUC of "
+                     "each method's edge ranking against the exact reference)."),
                 Block(kind="table", id="benchmark", title="ACDC benchmark",
-                      columns=["task", "method", "ROC AUC", "edges", "faithfulness"], rows=rows)]
+                      columns=["task", "method"] + [label for _, label in self.BENCHMARK_COLUMNS], rows=rows)]
 
     def block_audit(self) -> list[Block]:
         return [text("No black-box behavioural audit (e.g. of potentially discriminatory impacts through an API) "

@@ -32,7 +32,8 @@ from mechflow.report.render import TOKEN, resolve
 log = logging.getLogger(__name__)
 
 FIGURES = ("tasks", "circuits", "reference", "dictionaries", "graphs", "dag")
-TABLES = ("tasks", "circuits", "reference", "statistics", "dictionaries", "graphs", "limitations", "evidence")
+TABLES = ("tasks", "circuits", "reference", "statistics", "cross_model", "benchmark", "dictionaries", "graphs",
+          "limitations", "evidence")
 
 
 def _value(doc_numbers: dict, id: str) -> Any:

@@ -118,14 +118,16 @@ def _limitations_block(collector: Collector, ledger: Ledger) -> Block:
 
 
 def _cyclonedx(doc_numbers: dict, collector: Collector, card_name: str, architecture: str, ledger: Ledger) -> dict:
-    """A CycloneDX 1.6 ``modelCard`` fragment carrying the same numbers (numeric ones as performance metrics)."""
+    """A CycloneDX 1.6 ``modelCard`` fragment carrying the same numbers: each numeric number is a
+    ``performanceMetrics`` entry whose ``type`` is the number's id in report.json (where its evidence
+    is: CycloneDX has no field for a source file), ``value`` its printed value and ``slice`` its label.
+    The training approach is left out: it is the provider's to state."""
     metrics = []
     for n in doc_numbers.values():
         if isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
-            metrics.append({"type": n.id, "value": n.text, "slice": n.label,
-                            "mechflow:evidence": ledger.evidence_by_id()[n.evidence].path})
+            metrics.append({"type": n.id, "value": n.text, "slice": n.label})
     return {"bom-ref": f"model-card:{card_name}",
-            "modelParameters": {"architectureFamily": architecture, "approach": {"type": "self-supervised"}},
+            "modelParameters": {"architectureFamily": architecture},
             "quantitativeAnalysis": {"performanceMetrics": metrics},
             "considerations": {"technicalLimitations": [resolve(lim.text, ledger.numbers, cite=False)
                                                         for lim in collector.limitations]}}

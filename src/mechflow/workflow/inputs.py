@@ -292,6 +292,17 @@ def summary_results_of(wildcards) -> list[str]:
     return out
 
 
+def cross_model_outputs_of(wildcards) -> list[str]:
+    """FCAS and CKA of every model pair the run belongs to (recorded by its manifest, cited by its report)."""
+    out = []
+    for pair, (a, b) in model_pairs(RUNS).items():
+        if wildcards.run in (a, b):
+            shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
+            out += [f"{paths.cross_model_dir(pair)}/{task}/{name}" for task in shared
+                    for name in ("fcas.json", "cka.json")]
+    return out
+
+
 def run_targets(wildcards) -> list[str]:
     """Every run's manifest and report, and the cross-model comparison of every pair of runs that differ only in
     the model."""

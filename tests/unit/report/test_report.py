@@ -220,3 +220,42 @@ def test_paper_figures_and_tables(run, poppler):
     assert {f["id"] for f in doc["figures"]} == {"figures.tasks", "figures.dag"}  # the others have no data here
     text = _pdf_text(poppler, RUN / "report/report.pdf")
     assert "Figure 1." in text and "The pipeline of this run" in text
+
+
+def test_cross_model_and_benchmark_rows(run):
+    """A sweep run's manifest records its pair's FCAS / CKA and the benchmark table: the report cites them."""
+    import csv
+
+    from mechflow.benchmark.report import COLUMNS
+    from mechflow.contracts.stats import CkaDocument, FcasDocument
+
+    pair = Path("results/cross_model/r__vs__s/ioi")
+    fcas = write_document(pair / "fcas.json", FcasDocument, {
+        "definition": "d", "attribution": "exact", "model_a": "r", "model_b": "s", "n_layers_a": 2, "n_layers_b": 3,
+        "labels": "l", "k": 5, "score": 0.4321, "pairs": [], "null_kind": "shuffle_depth", "n_permutations": 99,
+        "seed": 0, "p_value": 0.03, "p_value_randomized": 0.04, "z": 2.1, "null_mean": 0.2, "null_std": 0.1,
+        "null_quantiles": {}})
+    cka = write_document(pair / "cka.json", CkaDocument, {
+        "model_a": "r", "model_b": "s", "hook": "resid_post", "position": "last", "n_prompts": 8, "n_prompts_a": 8,
+        "n_prompts_b": 8, "n_shared": 8, "prompts": "p", "estimators": "e", "mean_depth_matched_cka": 0.6543,
+        "mean_depth_matched_cka_debiased": None, "by_layer_a": [], "mean_shuffled_cka": 0.1234,
+        "mean_shuffled_cka_debiased": None, "n_shuffles": 4})
+    table = RUN / "benchmark/ioi/table.csv"
+    table.parent.mkdir(parents=True)
+    with table.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerow(["eap_ig", "1.5", "10", "10", "42", "0.81", "0.9", "0.1", "0.97"])
+        w.writerow(["acdc", "120", "900", "0", "57", "0.8", "0.85", "0.15", ""])
+    outputs = [RUN / "config.resolved.yaml", RUN / "model_card.json", RUN / "tasks/ioi/baseline.json",
+               RUN / "tasks/greater_than/baseline.json", fcas, cka, table]
+    write_run_manifest({"seed": 0}, resolved_config=RUN / "config.resolved.yaml", inputs=[], outputs=outputs,
+                       model_card=RUN / "model_card.json", run_manifest=RUN / "run_manifest.json", run="r")
+    _report(ReportConfig.from_dict({"provider_file": None}))
+    numbers = {n["id"]: n for n in json.loads((RUN / "report/report.json").read_text())["numbers"]}
+    assert numbers["cross_model.r__vs__s.ioi.fcas"]["value"] == 0.4321
+    assert numbers["cross_model.r__vs__s.ioi.cka"]["text"] == "0.6543"
+    assert numbers["benchmark.ioi.eap_ig.n_edges_in_circuit"]["value"] == 42
+    assert numbers["benchmark.ioi.acdc.roc_auc"]["text"] == "n/a"  # ACDC has no edge ranking: empty cell
+    md = (RUN / "report/report.md").read_text()
+    assert "Cross-model comparisons" in md and "ACDC benchmark" in md
