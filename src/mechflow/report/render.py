@@ -9,6 +9,7 @@ to its anchor.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +65,7 @@ def render_markdown(doc: ReportDocument, path: Path) -> Path:
         for point in section.subpoints:
             out += [f"### {point.id}", "", f"> *{point.legal_text}*", "", f"*Filled by: {point.filled_by}.*", ""]
             for block in point.blocks:
-                out += _md_block(block, numbers, figures, fields, r)
+                out += _md_block(block, numbers, figures, fields, r, Path(path).parent)
     out += ["## Appendix A. Evidence files", "", "| id | file | sha256 | stage | in run manifest |",
             "|---|---|---|---|---|"]
     out += [f"| <a id=\"{e.id.lower()}\"></a>{e.id} | `{e.path}` | `{e.sha256}` | {e.stage} | "
@@ -83,12 +84,13 @@ def render_markdown(doc: ReportDocument, path: Path) -> Path:
     out += [f"| {k} | {v} |" for k, v in sorted(rep.packages.items())]
     if "figures.dag" in figures:
         out += ["", "### The pipeline of this run", ""] + _md_block(Block(kind="figure", figure="figures.dag"), numbers,
-                                                                    figures, fields, r)
+                                                                    figures, fields, r, Path(path).parent)
     atomic_write_text(path, "\n".join(out) + "\n")
     return Path(path)
 
 
-def _md_block(block: Block, numbers, figures, fields: Mapping[str, ProviderField], r) -> list[str]:
+def _md_block(block: Block, numbers, figures, fields: Mapping[str, ProviderField], r, here: Path) -> list[str]:
+    """Markdown lines of one block (`here`: the folder of report.md, for relative figure links)."""
     if block.kind == "provider":
         f = fields[block.provider_key]
         if f.value is None:
@@ -109,7 +111,7 @@ def _md_block(block: Block, numbers, figures, fields: Mapping[str, ProviderField
         return lines + [""]
     if block.kind == "figure":
         f = figures[block.figure]
-        return [f"![{f.caption}]({Path(f.path).name})", "", f"*{f.caption}* (`{f.path}`, [{f.evidence}]"
+        return [f"![{f.caption}]({os.path.relpath(f.path, here)})", "", f"*{f.caption}* (`{f.path}`, [{f.evidence}]"
                 f"(#{f.evidence.lower()}))", ""]
     raise ValueError(f"unknown block kind {block.kind}")
 

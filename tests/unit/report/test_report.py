@@ -220,6 +220,7 @@ def test_paper_figures_and_tables(run, poppler):
     assert {f["id"] for f in doc["figures"]} == {"figures.tasks", "figures.dag"}  # the others have no data here
     text = _pdf_text(poppler, RUN / "report/report.pdf")
     assert "Figure 1." in text and "The pipeline of this run" in text
+    assert "](../figures/tasks.png)" in (RUN / "report/report.md").read_text()  # links resolve from report/
 
 
 def test_cross_model_and_benchmark_rows(run):
