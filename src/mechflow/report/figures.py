@@ -66,7 +66,7 @@ def figure_tasks(doc: ReportDocument, numbers: dict, cfg: ReportConfig):
                label="chance")
     for yi, t, a in zip(y, tasks, acc):
         verdict = str(_value(numbers, f"tasks.{t}.verdict")).split(":")[0].split(" (")[0]
-        ax.text(1.02, yi, f"{a if a is None else round(a, 3)}  {verdict}", va="center", fontsize=7.5,
+        ax.text(1.02, yi, f"{'n/a' if a is None else round(a, 3)}  {verdict}", va="center", fontsize=7.5,
                 transform=ax.get_yaxis_transform())
     ax.set_yticks(y, tasks)
     ax.set_xlim(0, 1)

@@ -134,6 +134,9 @@ def test_report_of_a_run(run, poppler):
 
 def test_report_pages_render(run, poppler, tmp_path):
     _report(ReportConfig.from_dict({"provider_file": None}))
+    first = {k: p.read_bytes() for k, p in _outputs().items()}
+    _report(ReportConfig.from_dict({"provider_file": None}))
+    assert {k: p.read_bytes() for k, p in _outputs().items()} == first  # same run, same bytes (PDF included)
     pages = int(re.search(r"Pages:\s+(\d+)", subprocess.run(
         [str(poppler / "pdfinfo"), str(RUN / "report/report.pdf")], capture_output=True, text=True,
         check=True).stdout).group(1))
