@@ -10,6 +10,12 @@ from mechflow.io import atomic_path
 
 COLORS = {"cross layer transcoder": "#4e79a7", "mlp reconstruction error": "#bab0ac", "embedding": "#59a14f",
           "logit": "#f28e2b"}
+# Neuronpedia's feature_type names (circuit-tracer calls every transcoder "cross layer transcoder") -> legend
+LABELS = {"cross layer transcoder": "transcoder feature", "mlp reconstruction error": "error node (MLP)",
+          "embedding": "token embedding", "logit": "logit"}
+# Links drawn in the static PNG: a full-size pruned graph has ~10^5 links, a hairball at any alpha; the
+# strongest ones show the structure (the viewer draws more: MAX_DRAWN_LINKS in mechflow.graphs.viewer).
+MAX_STATIC_LINKS = 1500
 
 
 def _plt():
@@ -49,14 +55,17 @@ def layout_positions(doc: NeuronpediaGraph) -> dict[str, tuple[float, float]]:
     return pos
 
 
-def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "") -> Path:
+def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "", max_links: int = MAX_STATIC_LINKS) -> Path:
+    """The pruned graph in the viewer's layout; only the `max_links` strongest links (|weight|) are drawn,
+    strongest on top, and the title says how many of how many."""
     plt = _plt()
     pos = layout_positions(doc)
     n_pos = len(doc.metadata.prompt_tokens)
     n_rows = max(y for _, y in pos.values()) + 1
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * n_pos), max(4, 0.28 * n_rows + 2)))
-    wmax = max((abs(link.weight) for link in doc.links), default=1.0) or 1.0
-    for link in doc.links:
+    drawn = sorted(doc.links, key=lambda link: abs(link.weight))[-max_links:] if max_links else []
+    wmax = max((abs(link.weight) for link in drawn), default=1.0) or 1.0
+    for link in drawn:
         (x0, y0), (x1, y1) = pos[link.source], pos[link.target]
         ax.plot([x0, x1], [y0, y1], color="#1f77b4" if link.weight >= 0 else "#d62728",
                 alpha=0.15 + 0.6 * abs(link.weight) / wmax, linewidth=0.3 + 2 * abs(link.weight) / wmax, zorder=1)
@@ -65,12 +74,12 @@ def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "") -> Path:
         if pts:
             marker = {"cross layer transcoder": "o", "mlp reconstruction error": "s"}.get(kind, "D")
             ax.scatter(*zip(*pts, strict=True), s=22, c=color, marker=marker, edgecolors="#333", linewidths=0.4,
-                       zorder=2, label=kind)
+                       zorder=2, label=LABELS[kind])
     for n in doc.nodes:
         if n.feature_type == "logit":
             x, y = pos[n.node_id]
             ax.annotate(n.clerp.replace("Output ", ""), (x, y), textcoords="offset points", xytext=(0, 6),
-                        ha="left", fontsize=6, rotation=30)
+                        ha="left", fontsize=6, rotation=60)
     ax.set_xticks(range(n_pos))
     ax.set_xticklabels(doc.metadata.prompt_tokens, rotation=45, ha="right", fontsize=7)
     ticks = [0, *range(1, n_rows - 1, 5), n_rows - 1]
@@ -78,7 +87,9 @@ def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "") -> Path:
     ax.set_yticklabels(["emb", *(f"L{t - 1}" for t in ticks[1:-1]), "logits"])
     ax.set_ylabel("layer")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or doc.metadata.slug, fontsize=9)
+    shown = f"{len(drawn)} strongest of {len(doc.links)} links" if len(drawn) < len(doc.links) else \
+        f"{len(doc.links)} links"
+    ax.set_title(f"{title or doc.metadata.slug} ({shown})", fontsize=9, pad=48)  # room for the logit labels
     _save(fig, path)
     plt.close(fig)
     return Path(path)

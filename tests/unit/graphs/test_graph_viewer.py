@@ -84,3 +84,36 @@ def test_an_edited_supernodes_file_re_renders_the_viewer(tiny_graph, tmp_path):
     edited.write_text(json.dumps({"slug": "tiny-0", "min_cosine": 0.7, "supernodes": [["x", "9_9_9"]]}))
     with pytest.raises(DataError, match="9_9_9"):
         main([str(graph), "--supernodes", str(edited), "--out", str(tmp_path / "v2.html")])
+
+
+def test_static_figure_draws_the_strongest_links(tiny_graph, tmp_path):
+    """graph.png draws at most `max_links` links, the strongest, and its title says how many of how many."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    import matplotlib.axes
+
+    from mechflow.graphs.figures import plot_graph
+
+    doc, _, _ = tiny_document(tiny_graph)
+    k = max(1, len(doc.links) // 3)
+    drawn, titles = [], []
+    real_plot, real_title = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_title
+
+    def plot(self, *args, **kwargs):
+        drawn.append(kwargs.get("linewidth"))
+        return real_plot(self, *args, **kwargs)
+
+    def set_title(self, label, *args, **kwargs):
+        titles.append(label)
+        return real_title(self, label, *args, **kwargs)
+
+    with mock.patch.object(matplotlib.axes.Axes, "plot", plot), \
+            mock.patch.object(matplotlib.axes.Axes, "set_title", set_title):
+        plot_graph(doc, tmp_path / "graph.png", title="tiny", max_links=k)
+    assert len(drawn) == k < len(doc.links)
+    assert titles == [f"tiny ({k} strongest of {len(doc.links)} links)"]
+    assert max(drawn) == 2.3  # the strongest link is among those drawn (width 0.3 + 2 |w| / max |w|)
+    assert (tmp_path / "graph.png").stat().st_size > 1000
