@@ -33,12 +33,16 @@ def style() -> Iterator[None]:
         yield
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write `fig` to `path` (format from the suffix: .png, .pdf, .svg) atomically and reproducibly."""
+def save_figure(fig, path: str | Path, *, dpi: float | None = None, bbox_inches: str | None = None) -> Path:
+    """Write `fig` to `path` (format from the suffix: .png, .pdf, .svg; default png) atomically and
+    reproducibly (no software version or date in the file). `dpi` / `bbox_inches`: matplotlib's
+    (None: the rc values, which `style()` sets for the paper figures). Every figure of mechflow is
+    saved here."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
+    fmt = path.suffix.lstrip(".").lower() or "png"
     metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Creator": None, "Producer": None},
                 "svg": {"Date": None, "Creator": None}}.get(fmt)
+    kwargs = {k: v for k, v in (("dpi", dpi), ("bbox_inches", bbox_inches)) if v is not None}
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, metadata=metadata)
+        fig.savefig(tmp, format=fmt, metadata=metadata, **kwargs)
     return path

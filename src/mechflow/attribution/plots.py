@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from mechflow.io import atomic_path
+from mechflow.plotting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -15,6 +15,7 @@ from mechflow.contracts.parquet import check_schema, schema_mismatches
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path
 from mechflow.models.config import ModelConfig
+from mechflow.plotting import save_figure as _save_figure
 
 
 def write_table(frame: pl.DataFrame, path: Path, contract: pa.Schema) -> None:
@@ -46,10 +47,10 @@ def resolve_model(model_cfg: ModelConfig | Mapping[str, Any], loaded_model: Any)
 
 
 def save_figure(fig, path: Path) -> None:
+    """The attribution stages' figures: 120 dpi, tight, closed after saving."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -19,7 +19,8 @@ from mechflow.benchmark.restriction import EdgeRestriction
 from mechflow.benchmark.roc import roc_curve
 from mechflow.contracts.benchmark import TimingsDocument
 from mechflow.contracts.documents import write_document
-from mechflow.io import atomic_path, atomic_write_text, outputs_in
+from mechflow.io import atomic_write_text, outputs_in
+from mechflow.plotting import save_figure
 
 TABLE_CSV, TABLE_TEX, TIMINGS_JSON = "table.csv", "table.tex", "timings.json"
 ROC_PNG, CURVES_PNG, BENCHMARK_MD = "roc.png", "faithfulness_curves.png", "benchmark.md"
@@ -98,8 +99,7 @@ def _plots(out: Mapping[str, Path], curves: dict, scores: dict, positives: Tenso
 
 
 def _savefig(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _markdown(doc: dict, rows: list[dict]) -> str:

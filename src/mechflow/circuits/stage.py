@@ -47,6 +47,7 @@ from mechflow.contracts.parquet import (
     edge_scores_schema,
 )
 from mechflow.io import atomic_path, atomic_write_text, sha256_file
+from mechflow.plotting import save_figure
 from mechflow.tasks import TaskDataset, select_batch
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,7 @@ def draw_circuit(edges: list[tuple[str, str, float]], n_layers: int, path: Path,
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 
@@ -202,8 +202,7 @@ def draw_nodes(nodes: list[tuple[str, float]], n_layers: int, n_heads: int, path
     ax.set_ylabel("layer (input at -1)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 

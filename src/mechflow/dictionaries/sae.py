@@ -47,6 +47,7 @@ from mechflow.dictionaries.metrics import reconstruction_metrics
 from mechflow.dictionaries.thresholds import quantile_thresholds, threshold_param_groups
 from mechflow.errors import ConfigError, ModelLoadError
 from mechflow.io import canonical_hash, sha256_file
+from mechflow.plotting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
     axes.flat[0].set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

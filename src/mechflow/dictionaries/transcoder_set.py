@@ -39,7 +39,8 @@ from mechflow.dictionaries.transcoder import (
     train_transcoder,
 )
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path, atomic_write_text
+from mechflow.io import atomic_write_text
+from mechflow.plotting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,5 @@ def _plot(rows: list[dict], path: Path, whole: dict) -> None:
         fig.suptitle(f"every MLP replaced: CE +{whole['ce_increase']:.3f} nats, "
                      f"CE recovered vs mean ablation {whole['ce_recovered_mean']:.3f}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -22,7 +22,8 @@ from mechflow.features.matching import normalize_token
 from mechflow.features.matching_steps import ActivationStep, LogitStep
 from mechflow.features.profile_match import THRESHOLD_QUANTILE, pair_correlation, profile_document
 from mechflow.features.texts import ModelSide
-from mechflow.io import atomic_path, atomic_write_text
+from mechflow.io import atomic_write_text
+from mechflow.plotting import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ def _plot(doc: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"SAE features: {doc['model_a']} {doc['hook_a']} vs {doc['model_b']} {doc['hook_b']}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 

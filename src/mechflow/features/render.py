@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mechflow.features.stats import HIST_LOG10_HI, HIST_LOG10_LO, N_HIST_BINS, FeatureStats
-from mechflow.io import atomic_path
+from mechflow.plotting import save_figure
 
 
 def plot_histograms(stats: FeatureStats, features: Sequence[int], path: Path, title: str) -> None:
@@ -59,8 +59,7 @@ def plot_histograms(stats: FeatureStats, features: Sequence[int], path: Path, ti
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mechflow.contracts.graphs import NeuronpediaGraph
-from mechflow.io import atomic_path
+from mechflow.plotting import save_figure
 
 COLORS = {"cross layer transcoder": "#4e79a7", "mlp reconstruction error": "#bab0ac", "embedding": "#59a14f",
           "logit": "#f28e2b"}
@@ -28,8 +28,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png", bbox_inches="tight")
+    save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def layout_positions(doc: NeuronpediaGraph) -> dict[str, tuple[float, float]]:

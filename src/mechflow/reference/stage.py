@@ -36,7 +36,8 @@ from mechflow.contracts.documents import write_document
 from mechflow.contracts.reference import AucDocument
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import DataError
-from mechflow.io import atomic_path, atomic_write_text, canonical_hash
+from mechflow.io import atomic_write_text, canonical_hash
+from mechflow.plotting import save_figure
 from mechflow.reference.auc import VARIANTS, method_report, positives
 from mechflow.reference.config import ReferenceConfig
 from mechflow.reference.edges import prompts_hash, read_edge_reference
@@ -212,8 +213,7 @@ def _plot(roc: Path, nodes: dict, edges: dict | None, skipped: str | None, title
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(roc) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, roc, dpi=120)
     plt.close(fig)
 
 

@@ -68,6 +68,8 @@ class Collector:
         return sorted(Path(p).parent.name for p in self.recorded("tasks/*/baseline.json"))
 
     def num(self, id: str, label: str, value: Any, path: str, field: str) -> str:
+        """Record a number once (a second mention of the same id, e.g. a task's prompt count in 2(d) and
+        2(g), reuses the first entry) and return its id."""
         if id not in self.ledger.numbers:
             self.ledger.number(id, label, value, path, field)
         return id
@@ -137,11 +139,14 @@ class Collector:
 
     def block_pretrained(self) -> list[Block]:
         card, _ = self._card()
-        return [text(f"The model is a pre-trained model ({N('model.name')}, weights {N('model.source')}). mechflow "
-                     "loads it unmodified into TransformerLens (the weight file's sha256 is recorded above) and "
-                     "studies it; it does not train or fine-tune the model. The dictionaries (sparse autoencoders, "
-                     "transcoders) below are trained by mechflow on the model's activations, as instruments of the "
-                     f"study, and are not part of the model ({card.architecture}).")]
+        weights = ("a quantised GGUF file, dequantised to " + card.dtype) if card.source.endswith(".gguf") else \
+            f"{card.dtype} weights"
+        return [text(f"The model is a pre-trained model ({N('model.name')}, {card.architecture}; weights file "
+                     f"{N('model.source')}, {weights}). mechflow studies it as released: it loads the weights into "
+                     "TransformerLens with the layer-norm scales folded into the next weights, which leaves the "
+                     "logits equal to the Hugging Face implementation's (a mechflow test), and does not train or "
+                     "fine-tune it. The sparse dictionaries (SAEs, transcoders) below are trained by mechflow on "
+                     "the model's activations as instruments of the study; they are not part of the model.")]
 
     def block_study_method(self) -> list[Block]:
         stages = sorted({Path(f).relative_to(self.run_dir).parts[0] for f in self.files
@@ -280,8 +285,8 @@ class Collector:
         for task in self.tasks():
             path = f"{self.run_dir}/tasks/{task}/baseline.json"
             d = load_document(path, TaskBaseline, fix=FIX)
-            cells = [task, N(f"tasks.{task}.n_prompts") if f"tasks.{task}.n_prompts" in self.ledger.numbers
-                     else N(self.num(f"tasks.{task}.n_prompts", f"{task}: prompts", d["n_prompts"], path, "n_prompts"))]
+            cells = [task, N(self.num(f"tasks.{task}.n_prompts", f"{task}: prompts", d["n_prompts"], path,
+                                      "n_prompts"))]
             for key, label in (("accuracy", "accuracy"), ("chance_accuracy", "chance accuracy"),
                                ("clean_metric_mean", f"mean {d['metric']}"), ("p_value_accuracy",
                                                                               "p-value (accuracy vs chance)")):

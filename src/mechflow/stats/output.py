@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from mechflow.contracts.parquet import CKA_SCHEMA, check_schema
 from mechflow.errors import DataError
 from mechflow.io import atomic_path, atomic_write_json
+from mechflow.plotting import save_figure
 from mechflow.stats.bootstrap import BootstrapResult
 from mechflow.stats.cka import DepthCKA
 from mechflow.stats.fcas import FCASResult, ModelComponents
@@ -73,8 +74,7 @@ def write_table_files(df: pl.DataFrame, *, parquet: str | Path, csv: str | Path,
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150, bbox_inches="tight")
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
     return path
 
 

@@ -15,7 +15,7 @@ import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mechflow.io import atomic_path
+from mechflow.plotting import save_figure
 from mechflow.stats.cka import DepthCKA
 from mechflow.stats.output import matrix_heatmap
 
@@ -54,8 +54,7 @@ def top_components(table: pl.DataFrame, methods: Sequence[str], k: int) -> list[
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
     return path
 
 

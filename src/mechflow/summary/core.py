@@ -27,6 +27,7 @@ from mechflow.contracts.harvest import HarvestIndex, HarvestManifest  # noqa: E4
 from mechflow.contracts.models import ModelCard  # noqa: E402
 from mechflow.contracts.tasks import TaskBaseline  # noqa: E402
 from mechflow.io import atomic_path  # noqa: E402
+from mechflow.plotting import save_figure
 from mechflow.summary.config import SummaryConfig
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,7 @@ def summarize(cfg: SummaryConfig | Mapping[str, Any], *, baselines: list[Path], 
         ax.set_ylabel(f"count (first {len(norms)} rows)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(figure) as tmp:
-        fig.savefig(tmp, dpi=scfg.figure_dpi, format="png")
+    save_figure(fig, figure, dpi=scfg.figure_dpi)
     plt.close(fig)
 
     rows.extend(_result_rows(list(results)))
