@@ -56,7 +56,10 @@ def render_markdown(doc: ReportDocument, path: Path) -> Path:
            "## Completeness of the provider's part", "",
            f"{doc.completeness['provided']} of {doc.completeness['total']} provider fields provided, "
            f"{doc.completeness['to_be_completed']} to be completed by the provider "
-           "(provider file: `report.provider_file`).", "", "| field | provider file key | Annex IV | status |",
+           "(provider file: `report.provider_file`).", "",
+           f"**Measurements:** {len(doc.numbers)} numbers read from {len(doc.evidence)} files of the run (Appendix A, "
+           f"B); {len(doc.limitations)} findings cross a threshold of the report config and are listed as limitations "
+           "in point 3.", "", "| field | provider file key | Annex IV | status |",
            "|---|---|---|---|"]
     out += [f"| {f.label} | `{f.key}` | {', '.join(f.subpoints)} | {f.status} |" for f in doc.provider_fields]
     out += ["", f"Legal basis: {annex_iv.REGULATION}. {annex_iv.ANNEX_INTRO}", ""]
@@ -267,6 +270,9 @@ def render_pdf(doc: ReportDocument, path: Path, resolved_config: str, cfg) -> Pa
                      f"{doc.completeness['total']} provider fields provided; {doc.completeness['to_be_completed']} "
                      f"to be completed by the provider (provider file: <font face='Courier'>report.provider_file"
                      "</font>)."),
+                   P(f"<b>Measurements:</b> {len(doc.numbers)} numbers read from {len(doc.evidence)} files of the "
+                     f"run (Appendix A, B); {len(doc.limitations)} findings cross a threshold of the report config "
+                     "and are listed as limitations in point 3."),
                    table(["provider field", "key", "Annex IV", "status"],
                          [[escape(f.label), escape(f.key), ", ".join(f.subpoints), f.status]
                           for f in doc.provider_fields], [8, 5, 2, 4], raw=True),
