@@ -313,8 +313,8 @@ def render_pdf(doc: ReportDocument, path: Path, resolved_config: str, cfg) -> Pa
     story += [Preformatted(c, st["mono"], maxLineLength=125) for c in rep.commands]
     story += [Spacer(1, 6), table(["package", "version"], [[k, escape(v)] for k, v in sorted(rep.packages.items())],
                                   [6, 6], raw=True)]
-    if "figures.dag" in figures:
-        story += [P("The pipeline of this run", "H2"), *figure("figures.dag")]
+    if "figures.dag" in figures:  # heading and figure on one page
+        story += [KeepTogether([P("The pipeline of this run", "H2"), *figure("figures.dag")])]
     if resolved_config:
         story += [PageBreak(), P("Resolved configuration of the run", "H2"),
                   Preformatted(resolved_config, st["mono"], maxLineLength=125)]
