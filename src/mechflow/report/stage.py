@@ -111,10 +111,11 @@ def provider_fields(provider: ProviderFile) -> list[ProviderField]:
 def _limitations_block(collector: Collector, ledger: Ledger) -> Block:
     if not collector.limitations:
         return Block(kind="text", text="No measured finding crossed a threshold of the report config.")
-    rows = [[lim.text, f"{lim.threshold_key} = {lim.threshold}", ledger.numbers[lim.number].evidence]
+    files = {e.id: e.path for e in ledger.evidence.values()}
+    rows = [[lim.text, f"{lim.threshold_key} = {lim.threshold}", files[ledger.numbers[lim.number].evidence]]
             for lim in collector.limitations]
     return Block(kind="table", id="limitations", title="Limitations found in the measurements",
-                 columns=["finding", "threshold", "evidence"], rows=rows)
+                 columns=["finding", "threshold", "file"], rows=rows)
 
 
 def _cyclonedx(doc_numbers: dict, collector: Collector, card_name: str, architecture: str, ledger: Ledger) -> dict:
