@@ -243,8 +243,9 @@ def table_frame(doc: ReportDocument, name: str) -> pl.DataFrame:
                 for row in block.rows]
     columns = list(block.columns)
     data = {col: [r[k] for r in rows] for k, col in enumerate(columns)}
-    return pl.DataFrame({**data, "evidence": evidence} if "evidence" not in columns else data,
-                        schema={c: pl.Utf8 for c in (columns + ([] if "evidence" in columns else ["evidence"]))})
+    if not {"evidence", "file"} & set(columns):  # a block that names its files already keeps its columns
+        data["evidence"] = evidence
+    return pl.DataFrame(data, schema={c: pl.Utf8 for c in data})
 
 
 def to_latex(frame: pl.DataFrame, caption: str) -> str:
