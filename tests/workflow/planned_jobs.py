@@ -53,7 +53,11 @@ NEW_RULES = {"report": "issue 17: the Annex IV report ends every run",
              "rulegraph": "issue 17: the rule graph of the report's reproducibility appendix"}
 # Files run_manifest now records because the report cites them (issue 17), by the recorded input they
 # sit beside: recorded file name -> added file names in the same folder.
-MANIFEST_ADDED_INPUTS = {"bootstrap.parquet": ("stability.json", "forest.png"), "circuit.json": ("circuit.png",)}
+MANIFEST_ADDED_INPUTS = {"bootstrap.parquet": ("stability.json", "forest.png", "tau_heatmap.png"),
+                         "circuit.json": ("circuit.png",),
+                         "node_scores.parquet": ("head_patching.png", "logit_lens.png"),
+                         "sae_metrics.json": ("sae/training_curves.png",),
+                         "transcoder_metrics.json": ("transcoder/training_curves.png",)}
 
 
 def later_additions(job: dict) -> dict:
@@ -102,7 +106,7 @@ def renamed(jobs: list[dict]) -> list[dict]:
                                     "output": sorted(outputs + added_outputs(rule, outputs))}))
     # issue 17: a run's manifest records the FCAS / CKA of the model pairs it belongs to (its report cites them)
     compared = [p for j in out if j["rule"] == "cross_model" for p in j["output"]
-                if p.endswith(("fcas.json", "cka.json"))]
+                if p.endswith(("fcas.json", "fcas_null.png", "cka.json", "cka.png"))]
     for j in out:
         if j["rule"] == "run_manifest":
             run = j["output"][0].split("/")[1]

@@ -15,6 +15,7 @@ from mechflow.workflow.inputs import (
     cross_model_outputs_of,
     datasets_of,
     dictionary_dir_of,
+    dictionary_figures_of,
     dictionary_metrics_of,
     edge_reference_cfg_of,
     feature_datasets_of,

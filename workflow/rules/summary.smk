@@ -44,6 +44,7 @@ rule run_manifest:
         table=rules.summarize.output.table,
         figure=rules.summarize.output.figure,
         dictionary_metrics=dictionary_metrics_of,
+        dictionary_figures=dictionary_figures_of,
         circuit_outputs=circuit_outputs_of,
         statistics=statistics_of,
         benchmarks=benchmarks_of,

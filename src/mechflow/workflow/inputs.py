@@ -110,6 +110,11 @@ def dictionary_dir_of(kind: str) -> Callable[[Any], Path]:
     return params
 
 
+def dictionary_figures_of(wildcards) -> list[str]:
+    """The training curves of the run's SAE and transcoder (recorded by the run manifest)."""
+    return [f"{paths.dictionaries_dir(wildcards.run)}/{kind}/training_curves.png" for kind in ("sae", "transcoder")]
+
+
 def dictionary_metrics_of(wildcards) -> list[str]:
     return [f"{paths.dictionaries_dir(wildcards.run)}/sae_metrics.json",
             f"{paths.dictionaries_dir(wildcards.run)}/transcoder_metrics.json"]
@@ -173,7 +178,8 @@ def circuit_outputs_of(wildcards) -> list[str]:
     """Attribution outputs and the circuit (edges or nodes, `circuits.unit`) of every task."""
     out = []
     for task in tasks_of(wildcards):
-        out.append(f"{paths.attribution_dir(wildcards.run, task)}/node_scores.parquet")
+        out += [f"{paths.attribution_dir(wildcards.run, task)}/{name}"
+                for name in ("node_scores.parquet", "head_patching.png", "logit_lens.png")]
         out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.json")
         out.append(f"{paths.circuits_dir(wildcards.run, task)}/circuit.png")
     return out
@@ -232,7 +238,7 @@ def statistics_inputs_of(wildcards) -> dict[str, str]:
 def statistics_of(wildcards) -> list[str]:
     """Statistics outputs the run manifest records (and the report cites)."""
     return [f"{paths.stats_dir(wildcards.run, task)}/{name}" for task in tasks_of(wildcards)
-            for name in ("bootstrap.parquet", "stability.json", "forest.png")]
+            for name in ("bootstrap.parquet", "stability.json", "forest.png", "tau_heatmap.png")]
 
 
 def cross_model_inputs_of(wildcards) -> dict[str, str]:
@@ -293,13 +299,14 @@ def summary_results_of(wildcards) -> list[str]:
 
 
 def cross_model_outputs_of(wildcards) -> list[str]:
-    """FCAS and CKA of every model pair the run belongs to (recorded by its manifest, cited by its report)."""
+    """FCAS and CKA (with their figures) of every model pair the run belongs to (recorded by its manifest,
+    cited by its report)."""
     out = []
     for pair, (a, b) in model_pairs(RUNS).items():
         if wildcards.run in (a, b):
             shared = sorted(set(RUNS[a].cfg["task"]) & set(RUNS[b].cfg["task"]))
             out += [f"{paths.cross_model_dir(pair)}/{task}/{name}" for task in shared
-                    for name in ("fcas.json", "cka.json")]
+                    for name in ("fcas.json", "fcas_null.png", "cka.json", "cka.png")]
     return out
 
 
@@ -376,6 +383,7 @@ def graph_outputs_of(wildcards) -> list[str]:
         return []
     tset = paths.transcoder_set_dir(wildcards.run)
     out = [f"{tset}/set.json", f"{tset}/per_layer.png"]
+    out += [f"{tset}/layer_{layer}/training_curves.png" for layer in set_layers_of(wildcards.run)]
     for task in tasks:
         folder = paths.graphs_dir(wildcards.run, task)
         out += [f"{folder}/graphs.md", f"{folder}/graph-metadata.json"]

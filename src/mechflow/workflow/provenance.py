@@ -103,7 +103,7 @@ def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
 
 def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, datasets: list[Path],
               baselines: list[Path], tokens: Path, harvest_index: Path, table: Path, figure: Path,
-              run_manifest: Path, run: str, dictionary_metrics: list[Path] = (),
+              run_manifest: Path, run: str, dictionary_metrics: list[Path] = (), dictionary_figures: list[Path] = (),
               circuit_outputs: list[Path] = (), statistics: list[Path] = (),
               benchmarks: list[Path] = (), feature_outputs: list[Path] = (), analysis_outputs: list[Path] = (),
               reference_outputs: list[Path] = (), graph_outputs: list[Path] = (),
@@ -117,7 +117,7 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         resolved_config=resolved_config,
         inputs=[*datasets, tokens],
         outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
-                 *dictionary_metrics, *circuit_outputs, *statistics, *benchmarks, *feature_outputs,
+                 *dictionary_metrics, *dictionary_figures, *circuit_outputs, *statistics, *benchmarks, *feature_outputs,
                  *analysis_outputs, *reference_outputs, *graph_outputs, *cross_model_outputs],
         model_card=model_card,
         run_manifest=run_manifest,
