@@ -163,7 +163,8 @@ def test_smoke_run_end_to_end(smoke_run):
     # a second invocation has nothing to do; nor has `snakemake figures` (the run drew them for its report)
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
-    figures = snakemake("-n", "--cores", "2", "--config", overrides, "figures", cwd=tmp_path)
+    figures = snakemake("-n", "figures", "--cores", "2", "--config", overrides, cwd=tmp_path)  # target first:
+    # --config takes every word after it
     assert "Nothing to be done" in figures.stdout + figures.stderr
 
 

@@ -189,7 +189,7 @@ def regenerate_commands(run: str, overrides: list[str]) -> list[str]:
     quoted = ",".join(f'"{o}"' for o in overrides)
     config = f" --config 'overrides=[{quoted}]'" if overrides else ""
     return [f"snakemake --cores 2 --workflow-profile workflow/profiles/default{config} results/{run}/report/report.pdf",
-            f"snakemake --cores 2{config} figures",
+            f"snakemake figures --cores 2{config}",  # targets before --config, which takes every word after it
             f"snakemake --cores 2{config} --report results/{run}/snakemake_report.zip"]
 
 
