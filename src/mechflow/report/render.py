@@ -35,6 +35,14 @@ def resolve(s: str, numbers: Mapping[str, Number], *, cite: bool = True, link=No
     return TOKEN.sub(sub, s)
 
 
+def _measurements(doc: ReportDocument) -> str:
+    sources = len({n.evidence for n in doc.numbers})
+    return (f"{len(doc.numbers)} numbers read from {sources} files of the run (Appendix B); Appendix A lists "
+            f"{len(doc.evidence)} evidence files (those and the run's figures, with sha256); "
+            f"{len(doc.limitations)} findings cross a threshold of the report config and are listed as limitations "
+            "in point 3.")
+
+
 # ---------------------------------------------------------------------------------------------- Markdown
 
 
@@ -57,9 +65,7 @@ def render_markdown(doc: ReportDocument, path: Path) -> Path:
            f"{doc.completeness['provided']} of {doc.completeness['total']} provider fields provided, "
            f"{doc.completeness['to_be_completed']} to be completed by the provider "
            "(provider file: `report.provider_file`).", "",
-           f"**Measurements:** {len(doc.numbers)} numbers read from {len(doc.evidence)} files of the run (Appendix A, "
-           f"B); {len(doc.limitations)} findings cross a threshold of the report config and are listed as limitations "
-           "in point 3.", "", "| field | provider file key | Annex IV | status |",
+           f"**Measurements:** {_measurements(doc)}", "", "| field | provider file key | Annex IV | status |",
            "|---|---|---|---|"]
     out += [f"| {f.label} | `{f.key}` | {', '.join(f.subpoints)} | {f.status} |" for f in doc.provider_fields]
     out += ["", f"Legal basis: {annex_iv.REGULATION}. {annex_iv.ANNEX_INTRO}", ""]
@@ -270,9 +276,7 @@ def render_pdf(doc: ReportDocument, path: Path, resolved_config: str, cfg) -> Pa
                      f"{doc.completeness['total']} provider fields provided; {doc.completeness['to_be_completed']} "
                      f"to be completed by the provider (provider file: <font face='Courier'>report.provider_file"
                      "</font>)."),
-                   P(f"<b>Measurements:</b> {len(doc.numbers)} numbers read from {len(doc.evidence)} files of the "
-                     f"run (Appendix A, B); {len(doc.limitations)} findings cross a threshold of the report config "
-                     "and are listed as limitations in point 3."),
+                   P(f"<b>Measurements:</b> {_measurements(doc)}"),
                    table(["provider field", "key", "Annex IV", "status"],
                          [[escape(f.label), escape(f.key), ", ".join(f.subpoints), f.status]
                           for f in doc.provider_fields], [8, 5, 2, 4], raw=True),
