@@ -77,16 +77,19 @@ class Collector:
     def limit(self, number: str, key: str, threshold: Any, message: str) -> None:
         self.limitations.append(Limitation(number=number, threshold_key=key, threshold=threshold, text=message))
 
-    def below(self, number: str, key: str, what: str) -> None:
-        """A limitation when the number is below the threshold ``report.<key>``."""
+    def check(self, number: str, key: str, what: str) -> None:
+        """A limitation when the number crosses the threshold ``report.<key>``: below a ``*_min``, above
+        a ``*_max``."""
         value, threshold = self.ledger.numbers[number].value, getattr(self.cfg, key)
-        if isinstance(value, (int, float)) and value < threshold:
-            self.limit(number, f"report.{key}", threshold, f"{what} is {N(number)}, below report.{key} = {threshold}")
-
-    def above(self, number: str, key: str, what: str) -> None:
-        value, threshold = self.ledger.numbers[number].value, getattr(self.cfg, key)
-        if isinstance(value, (int, float)) and value > threshold:
-            self.limit(number, f"report.{key}", threshold, f"{what} is {N(number)}, above report.{key} = {threshold}")
+        if not isinstance(value, (int, float)):
+            return
+        if key.endswith("_min") and value < threshold:
+            side = "below"
+        elif key.endswith("_max") and value > threshold:
+            side = "above"
+        else:
+            return
+        self.limit(number, f"report.{key}", threshold, f"{what} is {N(number)}, {side} report.{key} = {threshold}")
 
     def paper(self, name: str, caption: str) -> list[Block]:
         """The paper figure `name` (figures/<name>.png, drawn by `snakemake figures` from these numbers)."""
@@ -200,22 +203,22 @@ class Collector:
                      "attribution graphs that explain single outputs. Their quality numbers follow; low-quality "
                      "instruments are listed as limitations in point 3.")]
 
-    DICTIONARY_COLUMNS = (("fvu", "fvu_max", "above", "FVU"), ("l0", "l0_max", "above", "mean L0"),
-                          ("dead_fraction", "dead_fraction_max", "above", "dead fraction"),
-                          ("ce_increase", None, None, "CE increase (nats)"),
-                          ("ce_recovered_mean", "ce_recovered_min", "below", "CE recovered"))
+    DICTIONARY_COLUMNS = (("fvu", "fvu_max", "FVU"), ("l0", "l0_max", "mean L0"),
+                          ("dead_fraction", "dead_fraction_max", "dead fraction"),
+                          ("ce_increase", None, "CE increase (nats)"),
+                          ("ce_recovered_mean", "ce_recovered_min", "CE recovered"))
 
     def _dictionary_row(self, name: str, label: str, where: str, values: dict[str, Any], path: str,
                         fields: dict[str, str]) -> list[str]:
         cells = [label, where]
-        for key, cfg_key, side, what in self.DICTIONARY_COLUMNS:
+        for key, cfg_key, what in self.DICTIONARY_COLUMNS:
             if values.get(key) is None:
                 cells.append("n/a")
                 continue
             nid = self.num(f"dictionaries.{name}.{key}", f"{label}: {what}", values[key], path, fields.get(key, key))
             cells.append(N(nid))
             if cfg_key:
-                (self.above if side == "above" else self.below)(nid, cfg_key, f"{label} ({where}): {what}")
+                self.check(nid, cfg_key, f"{label} ({where}): {what}")
         return cells
 
     def block_dictionaries(self) -> list[Block]:
@@ -267,8 +270,8 @@ class Collector:
                      "completeness (pruned)")):
                 cells.append(N(self.num(f"{base}.{key}", f"{g.slug}: {label}", value, path, field)))
             rows.append(cells)
-            self.below(f"{base}.replacement", "graph_replacement_min", f"attribution graph {g.slug}: replacement score")
-            self.below(f"{base}.completeness", "graph_completeness_min",
+            self.check(f"{base}.replacement", "graph_replacement_min", f"attribution graph {g.slug}: replacement score")
+            self.check(f"{base}.completeness", "graph_completeness_min",
                        f"attribution graph {g.slug}: completeness score")
         return [text("Attribution graphs (circuit tracing with per-layer transcoders): the features, error nodes "
                      "and tokens that explain one output. Replacement and completeness measure how much of the "
@@ -336,9 +339,9 @@ class Collector:
             for key in ("cpr", "cmd"):
                 cells.append(N(self.num(f"{base}.{key}", f"{task}: {key.upper()}", getattr(c, key), path, key)))
             rows.append(cells)
-            self.below(faith, "faithfulness_min", f"circuit of {task}: faithfulness")
+            self.check(faith, "faithfulness_min", f"circuit of {task}: faithfulness")
             if ci:
-                self.below(ci[1], "faithfulness_min", f"circuit of {task}: faithfulness CI lower bound")
+                self.check(ci[1], "faithfulness_min", f"circuit of {task}: faithfulness CI lower bound")
         if not rows:
             return []
         return [text("Circuits: the smallest set of model components (edges or nodes) whose exact activation "
@@ -363,7 +366,7 @@ class Collector:
                     nid = self.num(f"reference.{task}.nodes.{method}.{variant}", f"{task}: {method} node ROC AUC "
                                    f"({variant})", auc, path, f"nodes.methods.{method}.roc_auc.{variant}")
                     rows.append([task, "nodes", method, variant, N(nid)])
-                    self.below(nid, "reference_auc_min", f"{task}: {method} node attribution vs exact patching "
+                    self.check(nid, "reference_auc_min", f"{task}: {method} node attribution vs exact patching "
                                f"({variant} positives), ROC AUC")
             for set_name, edge_set in sorted((doc.edges.sets or {}).items()):
                 for method, report in sorted(edge_set.methods.items()):
@@ -372,7 +375,7 @@ class Collector:
                                        f"{task}: {method} edge ROC AUC ({set_name}, {variant})", auc, path,
                                        f"edges.sets.{set_name}.methods.{method}.roc_auc.{variant}")
                         rows.append([task, f"edges ({set_name})", method, variant, N(nid)])
-                        self.below(nid, "reference_auc_min", f"{task}: {method} edge attribution ({set_name}, "
+                        self.check(nid, "reference_auc_min", f"{task}: {method} edge attribution ({set_name}, "
                                    f"{variant} positives), ROC AUC")
         if not rows:
             return []

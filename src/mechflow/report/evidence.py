@@ -86,6 +86,3 @@ class Ledger:
         self.figures[id] = Figure(id=id, path=str(path), caption=caption,
                                   evidence=self.cite(path, require_recorded=False))
         return id
-
-    def evidence_by_id(self) -> dict[str, Evidence]:
-        return {e.id: e for e in self.evidence.values()}

@@ -266,18 +266,16 @@ def paper_figures(cfg: ReportConfig, *, run_manifest: Path, rulegraph: Path, png
     doc = build_report(cfg, run_manifest=run_manifest, provider=ProviderFile(), run=run, commands=[])
     numbers = {n.id: n for n in doc.numbers}
     draw = {"tasks": figure_tasks, "circuits": figure_circuits, "reference": figure_reference,
-            "dictionaries": figure_dictionaries, "graphs": figure_graphs}
+            "dictionaries": figure_dictionaries, "graphs": figure_graphs,
+            "dag": lambda doc, numbers, cfg: figure_dag(Path(rulegraph).read_text(), f"{doc.model}: the rules of "
+                                                        "this run (snakemake --rulegraph)")}
     by_stem = {Path(p).stem: Path(p) for p in png}
     pdf_by_stem = {Path(p).stem: Path(p) for p in pdf}
     import matplotlib.pyplot as plt
 
     with style():
         for name in FIGURES:
-            if name == "dag":
-                fig = figure_dag(Path(rulegraph).read_text(), f"{doc.model}: the rules of this run (snakemake "
-                                 "--rulegraph)")
-            else:
-                fig = draw[name](doc, numbers, cfg)
+            fig = draw[name](doc, numbers, cfg)
             save_figure(fig, by_stem[name])
             save_figure(fig, pdf_by_stem[name])
             plt.close(fig)

@@ -28,6 +28,8 @@ from mechflow.contracts.documents import read_document, write_document
 from mechflow.contracts.models import RunManifest
 from mechflow.contracts.report import (
     Block,
+    Limitation,
+    Number,
     ProviderField,
     ProviderFile,
     ReportDocument,
@@ -118,20 +120,19 @@ def _limitations_block(collector: Collector, ledger: Ledger) -> Block:
                  columns=["finding", "threshold", "file"], rows=rows)
 
 
-def _cyclonedx(doc_numbers: dict, collector: Collector, card_name: str, architecture: str, ledger: Ledger) -> dict:
+def _cyclonedx(numbers: dict[str, Number], limitations: list[Limitation], card_name: str, architecture: str) -> dict:
     """A CycloneDX 1.6 ``modelCard`` fragment carrying the same numbers: each numeric number is a
     ``performanceMetrics`` entry whose ``type`` is the number's id in report.json (where its evidence
     is: CycloneDX has no field for a source file), ``value`` its printed value and ``slice`` its label.
     The training approach is left out: it is the provider's to state."""
     metrics = []
-    for n in doc_numbers.values():
+    for n in numbers.values():
         if isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
             metrics.append({"type": n.id, "value": n.text, "slice": n.label})
     return {"bom-ref": f"model-card:{card_name}",
             "modelParameters": {"architectureFamily": architecture},
             "quantitativeAnalysis": {"performanceMetrics": metrics},
-            "considerations": {"technicalLimitations": [resolve(lim.text, ledger.numbers, cite=False)
-                                                        for lim in collector.limitations]}}
+            "considerations": {"technicalLimitations": [resolve(lim.text, numbers, cite=False) for lim in limitations]}}
 
 
 def build_report(cfg: ReportConfig, *, run_manifest: Path, provider: ProviderFile, run: str,
@@ -180,8 +181,8 @@ def build_report(cfg: ReportConfig, *, run_manifest: Path, provider: ProviderFil
             model_sha256=card.source_sha256 if card else None,
             resolved_config=str(manifest_path.parent / "config.resolved.yaml"), commands=commands,
             started_at=manifest.started_at, finished_at=manifest.finished_at),
-        cyclonedx_model_card=_cyclonedx(ledger.numbers, collector, card.name if card else run,
-                                        card.architecture if card else "", ledger),
+        cyclonedx_model_card=_cyclonedx(ledger.numbers, collector.limitations, card.name if card else run,
+                                        card.architecture if card else ""),
     )
 
 

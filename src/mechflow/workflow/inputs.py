@@ -384,11 +384,11 @@ def graph_outputs_of(wildcards) -> list[str]:
     tset = paths.transcoder_set_dir(wildcards.run)
     out = [f"{tset}/set.json", f"{tset}/per_layer.png"]
     out += [f"{tset}/layer_{layer}/training_curves.png" for layer in set_layers_of(wildcards.run)]
+    prompts = _graph_cfg(wildcards.run).prompts
     for task in tasks:
         folder = paths.graphs_dir(wildcards.run, task)
         out += [f"{folder}/graphs.md", f"{folder}/graph-metadata.json"]
-        out += [f"{folder}/p{p}/{name}" for p in _graph_cfg(wildcards.run).prompts
-                for name in ("graph.json", "graph.png")]
+        out += [f"{folder}/p{p}/{name}" for p in prompts for name in ("graph.json", "graph.png")]
     return out
 
 
