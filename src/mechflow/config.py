@@ -580,6 +580,7 @@ CONFIG_GROUPS: dict[str, str] = {
     "report": "mechflow.report.config:ReportConfig",
     "root": "mechflow.config:RootConfig",
     "stats": "mechflow.stats.config:StatsConfig",
+    "steer": "mechflow.steer.config:SteerConfig",
     "summary": "mechflow.summary.config:SummaryConfig",
     "task": "mechflow.tasks.config:TaskConfig",
 }

@@ -53,6 +53,7 @@ rule run_manifest:
         analysis_outputs=analysis_outputs_of,
         graph_outputs=graph_outputs_of,
         cross_model_outputs=cross_model_outputs_of,
+        steer_outputs=steer_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     log:

@@ -26,6 +26,7 @@ from mechflow.contracts import (
     reference,
     report,
     stats,
+    steer,
     tasks,
 )
 from mechflow.contracts import parquet as pq_contracts
@@ -119,6 +120,11 @@ DOCUMENTS: tuple[DocumentContract, ...] = (
       ("mechflow.dictionaries.transcoder_set:transcoder_set",)),
     D("transcoder_set", dictionaries.TranscoderSetDocument, "dictionaries/transcoder_set/set.json",
       "mechflow.dictionaries.transcoder_set:transcoder_set", ("mechflow.graphs.stage:attribution_graph",)),
+    D("steer_record", steer.InterventionRecord, "steer/{task}/interventions.jsonl (one per line)",
+      "mechflow.steer.stage:write_jsonl"),
+    D("steer_activation", steer.ActivationRecord, "steer/{task}/activations.jsonl (one per line)",
+      "mechflow.steer.stage:write_jsonl"),
+    D("steer_summary", steer.SteerSummary, "steer/{task}/summary.json", "mechflow.steer.stage:steer"),
     D("graph_summary", graphs.GraphSummary, "graphs/{task}/p{prompt}/graph.json",
       "mechflow.graphs.stage:attribution_graph", ("mechflow.graphs.stage:graphs_summary",)),
     D("neuronpedia_graph", graphs.NeuronpediaGraph, "graphs/{task}/{task}-p{prompt}.json",

@@ -392,6 +392,42 @@ def graph_outputs_of(wildcards) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- steer
+
+STEER_OUTPUTS = ("summary.json", "interventions.jsonl", "activations.jsonl", "directions.safetensors",
+                 "layers.png", "sweep.png", "generations.md")
+
+
+def steer_tasks_of(run: str) -> list[str]:
+    from mechflow.steer.config import SteerConfig
+
+    scfg = SteerConfig.from_dict(RUNS[run].cfg.get("steer"))
+    return tasks_of_setting(run, "steer.tasks", scfg.tasks) if scfg.enabled else []
+
+
+def steer_sae_of(wildcards) -> list[str]:
+    """The run's SAE folder's cfg.json when the steer stage clamps SAE latents (n_features or sae_features)."""
+    from mechflow.steer.config import SteerConfig
+
+    scfg = SteerConfig.from_dict(RUNS[wildcards.run].cfg.get("steer"))
+    if "sae" not in RUNS[wildcards.run].cfg or not (scfg.n_features or scfg.sae_features):
+        return []
+    return [f"{paths.dictionaries_dir(wildcards.run)}/sae/training.json"]
+
+
+def steer_transcoder_of(wildcards) -> list[str]:
+    from mechflow.steer.config import SteerConfig
+
+    scfg = SteerConfig.from_dict(RUNS[wildcards.run].cfg.get("steer"))
+    return [f"{paths.dictionaries_dir(wildcards.run)}/transcoder/training.json"] if scfg.transcoder_features else []
+
+
+def steer_outputs_of(wildcards) -> list[str]:
+    """The steer stage's outputs of a run (inputs of `run_manifest`; none unless steer.enabled)."""
+    return [f"{paths.steer_dir(wildcards.run, task)}/{name}" for task in steer_tasks_of(wildcards.run)
+            for name in STEER_OUTPUTS]
+
+
 # ----------------------------------------------------------------------------- report
 
 

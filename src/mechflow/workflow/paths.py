@@ -76,6 +76,11 @@ def harvest_group_dir(run: str, group: int) -> str:
     return f"{run_dir(run)}/harvest_layers/group_{group}"
 
 
+def steer_dir(run: str, task: str) -> str:
+    """Folder of a task's steering sweeps and records (rule steer)."""
+    return f"{run_dir(run)}/steer/{task}"
+
+
 def graphs_dir(run: str, task: str) -> str:
     """Folder of a task's attribution graphs (rules attribution_graph, graphs_summary)."""
     return f"{run_dir(run)}/graphs/{task}"
