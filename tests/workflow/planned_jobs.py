@@ -50,7 +50,12 @@ ADDED_OUTPUTS = {
 # Jobs and inputs added by later issues (each a new stage, not a refactor): rule -> issue.
 NEW_RULES = {"report": "issue 17: the Annex IV report ends every run",
              "paper_figures": "issue 17: the paper figures and tables the report embeds (snakemake figures)",
-             "rulegraph": "issue 17: the rule graph of the report's reproducibility appendix"}
+             "rulegraph": "issue 17: the rule graph of the report's reproducibility appendix",
+             "steer": "issue 18: steering sweeps of steer.tasks (ioi, factual_recall), recorded by run_manifest"}
+# issue 18: run_manifest records the steer outputs of each task of steer.tasks the run has.
+STEER_TASKS = ("factual_recall", "ioi")
+STEER_OUTPUTS = ("summary.json", "interventions.jsonl", "activations.jsonl", "directions.safetensors",
+                 "layers.png", "sweep.png", "generations.md")
 # Files run_manifest now records because the report cites them (issue 17), by the recorded input they
 # sit beside: recorded file name -> added file names in the same folder.
 MANIFEST_ADDED_INPUTS = {"bootstrap.parquet": ("stability.json", "forest.png", "tau_heatmap.png"),
@@ -68,6 +73,9 @@ def later_additions(job: dict) -> dict:
         for path in job["input"]:
             folder, _, name = path.rpartition("/")
             inputs += [f"{folder}/{added}" for added in MANIFEST_ADDED_INPUTS.get(name, ())]
+            m = re.match(r"(results/[^/]+)/tasks/([^/]+)/dataset.jsonl$", path)
+            if m and m.group(2) in STEER_TASKS:
+                inputs += [f"{m.group(1)}/steer/{m.group(2)}/{out}" for out in STEER_OUTPUTS]
     if job["rule"] == "all":
         inputs += [p.replace("run_manifest.json", "report/report.pdf") for p in job["input"]
                    if p.endswith("/run_manifest.json")]

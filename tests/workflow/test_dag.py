@@ -160,6 +160,12 @@ def test_smoke_run_end_to_end(smoke_run):
     assert frontend["nodes"] and frontend["metadata"]["slug"] == "ioi-p0"
     assert "ioi-p0" in (run / "graphs" / "ioi" / "graphs.md").read_text()
     assert (run / "graphs" / "ioi" / "p0" / "viewer.html").stat().st_size > 5000
+    # issue 18: the steer stage's sweep, controls and records for the smoke experiment's task
+    steer = json.loads((run / "steer" / "ioi" / "summary.json").read_text())
+    assert steer["chosen_layer"] in (1, 2, 3) and steer["n_records"] > 0 and steer["controls"] is not None
+    records = [json.loads(line) for line in (run / "steer" / "ioi" / "interventions.jsonl").read_text().splitlines()]
+    assert {r["intervention"]["kind"] for r in records} >= {"contrast", "random", "shuffled", "sae_feature"}
+    assert any(p.endswith("steer/ioi/interventions.jsonl") for p in produced)
     # a second invocation has nothing to do; nor has `snakemake figures` (the run drew them for its report)
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -89,7 +89,7 @@ POINTS: tuple[Section, ...] = (
                 Point("2(e)", "assessment of the human oversight measures needed in accordance with Article 14, "
                       "including an assessment of the technical measures needed to facilitate the interpretation of "
                       "the outputs of AI systems by the deployers, in accordance with Article 13(3), point (d);",
-                      ("human_oversight_measures",), ("interpretability", "dictionaries", "graphs")),
+                      ("human_oversight_measures",), ("interpretability", "dictionaries", "graphs", "steering")),
                 Point("2(f)", "where applicable, a detailed description of pre-determined changes to the AI system and "
                       "its performance, together with all the relevant information related to the technical solutions "
                       "adopted to ensure continuous compliance of the AI system with the relevant requirements set out "

@@ -25,6 +25,7 @@ from mechflow.contracts.models import ModelCard, RunManifest
 from mechflow.contracts.reference import AucDocument
 from mechflow.contracts.report import Block, Limitation
 from mechflow.contracts.stats import CkaDocument, FcasDocument, StabilityDocument
+from mechflow.contracts.steer import SteerSummary
 from mechflow.contracts.tasks import TaskBaseline
 from mechflow.report.config import ReportConfig
 from mechflow.report.evidence import Ledger
@@ -280,6 +281,49 @@ class Collector:
                       columns=["graph", "feature nodes", "edges (pruned)", "replacement", "completeness"], rows=rows),
                 *self.paper("graphs", "Replacement and completeness of each attribution graph (pruned) against the "
                             "report's thresholds (dashed).")]
+
+    def block_steering(self) -> list[Block]:
+        paths = self.recorded("steer/*/summary.json")
+        if not paths:
+            return [text("No steering interventions were run (steer.enabled=false).")]
+        rows, figures = [], []
+        for path in paths:
+            s = read_document(path, SteerSummary, fix=FIX)
+            base = f"steer.{s.task}"
+            layer = next(i for i, r in enumerate(s.layers) if r.layer == s.chosen_layer)
+            for i, iv in enumerate(s.interventions):
+                j = iv.alphas.index(iv.chosen_alpha) if iv.chosen_alpha is not None else None
+                cells = [s.task, iv.id]
+                cells.append(N(self.num(f"{base}.{iv.id}.chosen_alpha", f"{s.task} {iv.id}: chosen strength",
+                                        iv.chosen_alpha, path, f"interventions[{i}].chosen_alpha")))
+                cells.append(N(self.num(f"{base}.{iv.id}.effect", f"{s.task} {iv.id}: normalised effect at it",
+                                        iv.normalized_effects[j] if j is not None else None, path,
+                                        f"interventions[{i}].normalized_effects[{j}]")) if j is not None else "-")
+                best = max((e for e in iv.normalized_effects if e is not None),
+                           key=lambda e: -e if s.config.get("target_effect", -1) < 0 else e, default=None)
+                k = iv.normalized_effects.index(best) if best is not None else None
+                cells.append(N(self.num(f"{base}.{iv.id}.strongest", f"{s.task} {iv.id}: most extreme effect", best,
+                                        path, f"interventions[{i}].normalized_effects[{k}]")) if k is not None else "-")
+                cells.append(iv.why)
+                rows.append(cells)
+            self.num(f"{base}.layer_auc", f"{s.task}: held-out AUC at the steered layer", s.layers[layer].auc, path,
+                     f"layers[{layer}].auc")
+            if s.controls is not None:
+                self.num(f"{base}.random_percentile", f"{s.task}: contrast effect percentile among random directions",
+                         s.controls.random_percentile, path, "controls.random_percentile")
+            for name, caption in (("sweep.png", f"{s.task}: steering sweep on held-out prompts"),
+                                  ("layers.png", f"{s.task}: contrast direction per layer")):
+                fig = self.ledger.figure(f"steer.{s.task}.{name[:-4]}", f"{Path(path).parent}/{name}", caption)
+                if fig:
+                    figures.append(Block(kind="figure", figure=fig))
+        return [text("Interventions (rule steer): a difference-of-means direction per layer and the task's top SAE "
+                     "latents, applied to the model at a sweep of strengths; the effect is the change of the task "
+                     "metric on held-out prompts as a share of the clean-corrupted gap, with side effects on "
+                     "corrupted prompts, corpus text and other tasks (records: interventions.jsonl)."),
+                Block(kind="table", id="steering", title="Steering: chosen strength per intervention",
+                      columns=["task", "intervention", "chosen strength", "effect at it", "most extreme effect",
+                               "why"], rows=rows),
+                *figures]
 
     # ------------------------------------------------------------------ validation and testing
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 FIGURES = ("tasks", "circuits", "reference", "dictionaries", "graphs", "dag")
 TABLES = ("tasks", "circuits", "reference", "statistics", "cross_model", "benchmark", "dictionaries", "graphs",
-          "limitations", "evidence")
+          "steering", "limitations", "evidence")
 
 
 def _value(doc_numbers: dict, id: str) -> Any:

@@ -99,15 +99,17 @@ class Scores:
 
 @torch.no_grad()
 def last_logits(model: Any, tokens: Tensor, last: Tensor, hooks: Sequence[Hook]) -> Tensor:
-    """``[n, vocab]`` logits at position ``last[i]`` of each row (only those rows are unembedded)."""
+    """``[n, vocab]`` logits at position ``last[i]`` of each row: the final residual stream of those
+    positions through the final norm (per position) and the unembedding, so only they are unembedded."""
     store: dict[str, Tensor] = {}
 
     def grab(x: Tensor, hook: Any = None) -> Tensor:
         store["x"] = x[torch.arange(len(x)), last]
         return x
 
-    model.run_with_hooks(tokens, return_type=None, fwd_hooks=[*hooks, ("ln_final.hook_normalized", grab)])
-    return model.unembed(store["x"][:, None])[:, 0]
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    model.run_with_hooks(tokens, return_type=None, fwd_hooks=[*hooks, (final, grab)])
+    return model.unembed(model.ln_final(store["x"][:, None]))[:, 0]
 
 
 @torch.no_grad()

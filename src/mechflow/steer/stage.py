@@ -46,8 +46,8 @@ from mechflow.io import atomic_path, atomic_write_text, canonical_hash, sha256_f
 from mechflow.steer.config import SteerConfig
 from mechflow.steer.directions import (
     random_directions,
-    residual_activations,
     resid_hook,
+    residual_activations,
     scan_layers,
     shuffled_direction,
 )
@@ -179,8 +179,8 @@ def _record(iv: Intervention, positive: PromptSet, tgt: dict, side: dict | None,
         side = {**side, "negative": {"prompts": negative.spec(), **side["negative"]},
                 "corpus": ({"tokens": str(tokens), "tokens_sha256": tokens_sha, **side["corpus"]}
                            if side["corpus"] is not None else None)}
-    rec = {"schema_version": SCHEMA_VERSION, **head, "intervention": iv.spec(), "target": target_block, "side_effects": side,
-           "reached_target": reaches(tgt["normalized_effect"], target), "within_bounds": ok,
+    rec = {"schema_version": SCHEMA_VERSION, **head, "intervention": iv.spec(), "target": target_block,
+           "side_effects": side, "reached_target": reaches(tgt["normalized_effect"], target), "within_bounds": ok,
            "failed_bounds": failed, "chosen": chosen}
     return check_document(InterventionRecord, rec)
 
@@ -221,8 +221,8 @@ def activation_records(d: Dictionary, feature: int, sets: Sequence[PromptSet], m
                 pid = ps.items[row].id
                 for p in range(acts.shape[1]):
                     tok = int(tokens[r, d.start + p])
-                    out.append({"schema_version": SCHEMA_VERSION, **head, "dictionary": d.path, "dictionary_kind": d.kind,
-                                "hook": d.hook_in, "feature": feature, "role": ps.role,
+                    out.append({"schema_version": SCHEMA_VERSION, **head, "dictionary": d.path,
+                                "dictionary_kind": d.kind, "hook": d.hook_in, "feature": feature, "role": ps.role,
                                 "dataset_sha256": ps.dataset_sha256, "prompt_id": pid, "position": d.start + p,
                                 "token_id": tok, "token": decode(tok), "activation": float(acts[r, p])})
     return out
@@ -268,8 +268,8 @@ def _generations(model: Any, items: list, steers: Sequence[tuple[str, Interventi
 def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens: Path, summary: Path,
           interventions: Path, activations: Path, directions: Path, layers_figure: Path, sweep_figure: Path,
           generations: Path, datasets: Sequence[Path] | None = None, sae_training: Sequence[Path] | Path = (),
-          transcoder_training: Sequence[Path] | Path = (), model_cfg: Mapping[str, Any] | None = None, model: Any = None,
-          run: str = "") -> dict[str, Any]:
+          transcoder_training: Sequence[Path] | Path = (), model_cfg: Mapping[str, Any] | None = None,
+          model: Any = None, run: str = "") -> dict[str, Any]:
     """Stage function of rule `steer` (steps 1-7 of the module docstring).
 
     Args:
@@ -427,9 +427,9 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
             raise ConfigError(f"steer: feature {f} is not a latent of {dct.path} (d_sae {dct.d_sae})")
         kind = "sae_feature" if dct.kind == "sae" else "transcoder_feature"
         layer_of = int(dct.hook_out.split(".")[1]) if dct.hook_out.startswith("blocks.") else None
-        ivs = [Intervention(kind, f"{dct.kind}:{f}", dct.hook_out, c.feature_positions, op, float(a), layer_of, None, dct, f,
-                            c.error_term, dct.start) for op, grid in (("scale", c.feature_scales),
-                                                                      ("set", c.feature_values)) for a in grid]
+        grids = (("scale", c.feature_scales), ("set", c.feature_values))
+        ivs = [Intervention(kind, f"{dct.kind}:{f}", dct.hook_out, c.feature_positions, op, float(a), layer_of, None,
+                            dct, f, c.error_term, dct.start) for op, grid in grids for a in grid]
         if not ivs:
             continue
         _, fpick = run_sweep(ivs, meta, f"{dct.kind} latent {f}")
@@ -440,7 +440,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
     # 6. generations
     text = _generations(model, held, steers, c.n_generations, c.max_new_tokens, ds.name)
 
-    result = {"schema_version": SCHEMA_VERSION, "stage": "steer", **head, "config": c.to_dict(), "config_hash": config_hash,
+    result = {"schema_version": SCHEMA_VERSION, "stage": "steer", **head, "config": c.to_dict(),
+              "config_hash": config_hash,
               "dataset": str(dataset), "dataset_sha256": ds.meta["dataset_sha256"], "direction_source": source,
               "n_train": len(train), "n_heldout": len(held), "position": c.position, "layers": scan.rows,
               "chosen_layer": layer, "gap": base.gap, "interventions": summaries, "controls": controls,
