@@ -161,7 +161,8 @@ class InterventionSummary(Document):
 
 
 class Controls(Document):
-    alpha: float = Field(description="strength of the comparison: the chosen one, else the strongest")
+    alpha: float = Field(description="strength of the comparison: the chosen one, else the weakest that reaches "
+                         "the target (side effects aside), else the one of most extreme effect")
     effect: float | None = Field(description="normalised effect of the contrast direction at alpha")
     random_effects: list[float | None]
     random_percentile: float | None = Field(description="% of random directions with a less extreme effect")
@@ -193,5 +194,5 @@ class SteerSummary(VersionedDocument):
     controls: Controls | None
     n_records: int
     n_activation_records: int
-    moved: list[str] = Field(description="interventions whose chosen (else strongest) strength flipped at least one "
-                             "held-out answer")
+    moved: list[str] = Field(description="interventions whose chosen strength (else the weakest reaching the "
+                             "target, else the strongest) lowered (target < 0) or raised held-out accuracy")

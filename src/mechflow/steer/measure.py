@@ -279,6 +279,13 @@ def choose(rows: Sequence[dict], target: float) -> tuple[dict | None, str]:
     return None, f"every strength reaching {target:+g} broke a side-effect bound ({fails})"
 
 
+def weakest_reaching(rows: Sequence[dict], target: float) -> dict | None:
+    """The weakest strength whose normalised effect reaches `target`, side effects aside."""
+    reached = sorted((r for r in rows if reaches(r["normalized_effect"], target)),
+                     key=lambda r: (r["strength"], abs(r["alpha"])))
+    return reached[0] if reached else None
+
+
 def strongest(rows: Sequence[dict], target: float) -> dict | None:
     """The row whose normalised effect goes furthest in the target's direction."""
     rows = [r for r in rows if r["normalized_effect"] is not None]

@@ -73,7 +73,7 @@ def plot_sweeps(sweeps: Sequence[dict], controls: dict | None, target: float, pa
             pts = sorted(zip(s["alphas"], s["kl"], s["ce"]))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label="KL on negative prompts")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], "s-", ms=3, label="CE increase on corpus")
-        ax.set_yscale("symlog", linthresh=0.01)
+        ax.axhline(0, color="black", lw=0.5)
         ax.set_xlabel("alpha")
         ax.set_ylabel("nats")
         ax.set_title("side effects of the contrast direction", fontsize=9)

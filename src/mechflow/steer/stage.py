@@ -17,8 +17,9 @@ Steps of `steer` (one job per task of ``steer.tasks``), each in its own module:
    prompts, CE on corpus text, the other tasks' metrics. The weakest strength that reaches
    ``target_effect`` inside the side-effect bounds is chosen, or none, with the reason.
 5. **Controls**: random directions of the contrast direction's norm and the shuffled-label
-   direction (rescaled to that norm) at the chosen (else the strongest) strength; the percentile of
-   the contrast effect among the random ones.
+   direction (rescaled to that norm) at the chosen strength (else the weakest that reaches the
+   target regardless of side effects, else the strongest); the percentile of the contrast effect
+   among the random ones.
 6. **Generations**: greedy continuations of a few held-out positives, unsteered and steered.
 7. Files: ``summary.json`` (`SteerSummary`), ``interventions.jsonl`` (`InterventionRecord` per
    intervention x strength), ``activations.jsonl`` (`ActivationRecord`), ``directions.safetensors``
@@ -64,6 +65,7 @@ from mechflow.steer.measure import (
     side_effects,
     strongest,
     target_effect,
+    weakest_reaching,
     within_bounds,
 )
 from mechflow.steer.plots import plot_layers, plot_sweeps
@@ -356,7 +358,7 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
                                    r is chosen, head | {"config_hash": config_hash}, c.target_effect, held_neg,
                                    tokens, tokens_sha))
         summaries.append(_sweep_summary(ivs, rows, chosen, why, meta))
-        pick = chosen or strongest(rows, c.target_effect)
+        pick = chosen or weakest_reaching(rows, c.target_effect) or strongest(rows, c.target_effect)
         if pick is not None:
             before, after = pick["target"]["accuracy_before"], pick["target"]["accuracy_after"]
             if (after < before) if c.target_effect < 0 else (after > before):

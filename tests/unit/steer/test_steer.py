@@ -37,6 +37,7 @@ from mechflow.steer.measure import (
     score,
     strongest,
     target_effect,
+    weakest_reaching,
 )
 from mechflow.steer.stage import split, steer
 from mechflow.tasks.dataset import TaskDataset, TaskItem, make_batch, write_dataset
@@ -233,6 +234,7 @@ def test_choose_weakest_strength_within_bounds_by_hand():
     none, why = choose(rows, -0.5)
     assert none is None and "broke a side-effect bound" in why and "alpha -4" in why
     assert strongest(rows, -0.5)["alpha"] == -4.0 and strongest(rows, 0.5)["alpha"] == 1.0
+    assert weakest_reaching(rows, -0.5)["alpha"] == -1.0 and weakest_reaching(rows, -0.95) is None
     assert reaches(-0.5, -0.5) and not reaches(-0.4, -0.5) and reaches(0.6, 0.5)
     assert percentile(-0.5, [-0.6, -0.1, 0.0, 0.2], -0.5) == 75.0
     assert percentile(0.5, [-0.6, 0.6], 0.5) == 50.0
