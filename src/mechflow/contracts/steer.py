@@ -196,3 +196,4 @@ class SteerSummary(VersionedDocument):
     n_activation_records: int
     moved: list[str] = Field(description="interventions whose chosen strength (else the weakest reaching the "
                              "target, else the strongest) lowered (target < 0) or raised held-out accuracy")
+    notes: list[str] = Field(description="what the stage skipped, and why")

@@ -51,7 +51,10 @@ class SteerConfig(GroupConfig):
     n_features: StrictInt = Field(3, ge=0, description="SAE latents steered: the top ones by task attribution on the "
                                   "training prompts (0: none)")
     sae_features: tuple[StrictInt, ...] = Field((), description="SAE latents steered besides the attributed ones")
-    transcoder_features: tuple[StrictInt, ...] = Field((), description="features of the run's transcoder steered "
+    n_transcoder_features: StrictInt = Field(1, ge=0, description="latents of the run's transcoder steered: the "
+                                             "top ones by task attribution (single-layer transcoders; a CLT or "
+                                             "multi-layer set is skipped with a note)")
+    transcoder_features: tuple[StrictInt, ...] = Field((), description="transcoder latents steered besides those "
                                                        "(its MLP input encodes, its MLP output gets the edit)")
     error_term: StrictBool = Field(True, description="keep the dictionary's reconstruction error when clamping, so "
                                    "an unchanged activation leaves the model exactly as it is")

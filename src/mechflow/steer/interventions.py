@@ -199,3 +199,43 @@ class Intervention:
                 "dictionary": self.dictionary.path if self.dictionary is not None else None,
                 "dictionary_kind": self.dictionary.kind if self.dictionary is not None else None,
                 "feature": self.feature, "error_term": self.error_term if self.dictionary is not None else None}
+
+
+def dictionary_attribution(model: Any, d: Dictionary, batches: Any) -> Tensor:
+    """``[d_sae]`` mean over prompts of each latent's zero-ablation attribution with the error term kept:
+    ``sum_pos a_i(pos) * (d_i . dm/dy(pos))``, ``y`` the dictionary's output hook, positions from `start`.
+
+    The first-order estimate of m(model) - m(latent i zeroed) (attribution patching; Marks et al. 2024),
+    and exactly dm/dk at k = 1 of the ``scale`` clamp (a test checks it by finite differences). One
+    forward and one backward pass per batch; `batches`: equal-length `TaskBatch`es (clean prompts).
+    """
+    total, count = torch.zeros(d.d_sae, dtype=torch.float64), 0
+    for batch in batches:
+        store: dict[str, Tensor] = {}
+
+        def grab(x: Tensor, hook: Any = None) -> Tensor:
+            store["x"] = x.detach()
+            return x
+
+        def leaf(y: Tensor, hook: Any = None) -> Tensor:
+            if d.hook_in == d.hook_out:
+                store["x"] = y.detach()
+            store["y"] = y.detach().requires_grad_(True)
+            return store["y"]
+
+        hooks = [(d.hook_out, leaf)] if d.hook_in == d.hook_out else [(d.hook_in, grab), (d.hook_out, leaf)]
+        with torch.enable_grad():
+            logits = model.run_with_hooks(batch.clean_tokens, return_type="logits", fwd_hooks=hooks)
+            (grad,) = torch.autograd.grad(batch.metric(logits).sum(), store["y"])
+        with torch.no_grad():
+            a = d.encode(store["x"][:, d.start:])
+            g = grad[:, d.start:] @ d.decoder.T.to(grad.dtype)
+            total += (a * g).sum((0, 1)).double()
+        count += len(batch)
+    return total / max(count, 1)
+
+
+def top_attributed(attribution: Tensor, n: int) -> list[tuple[int, float]]:
+    """The `n` latents of largest |attribution|, with their attribution."""
+    top = torch.argsort(attribution.abs(), descending=True)[:n].tolist()
+    return [(int(i), float(attribution[i])) for i in top]

@@ -9,9 +9,9 @@ Steps of `steer` (one job per task of ``steer.tasks``), each in its own module:
    activations, clean (positive) minus corrupted (negative) prompts (or the ``contrast_file``
    texts), its held-out separation and a logistic-regression probe; the layer of best separation
    is steered (the curve is ``layers.png``).
-3. **Features**: the run's SAE latents of largest |attribution| on the training prompts
-   (`mechflow.features.attribution.feature_attribution`, zero ablation, error term kept), plus the
-   SAE / transcoder latents named in the config.
+3. **Features**: the latents of the run's SAE (and single-layer transcoder) of largest |attribution|
+   on the training prompts (`mechflow.steer.interventions.dictionary_attribution`: zero ablation,
+   error term kept), plus the SAE / transcoder latents named in the config.
 4. **Sweeps** (`mechflow.steer.measure`): every strength of every intervention applied with
    TransformerLens hooks; the target metric per held-out positive prompt, KL on held-out negative
    prompts, CE on corpus text, the other tasks' metrics. The weakest strength that reaches
@@ -52,7 +52,14 @@ from mechflow.steer.directions import (
     scan_layers,
     shuffled_direction,
 )
-from mechflow.steer.interventions import Dictionary, Intervention, sae_dictionary, transcoder_dictionary
+from mechflow.steer.interventions import (
+    Dictionary,
+    Intervention,
+    dictionary_attribution,
+    sae_dictionary,
+    top_attributed,
+    transcoder_dictionary,
+)
 from mechflow.steer.measure import (
     PromptSet,
     baseline,
@@ -152,25 +159,6 @@ def bos_offset(model: Any, items: list) -> int:
     """1 when every prompt starts with the tokenizer's BOS (never steered), else 0."""
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     return int(bos is not None and all(it.clean_ids and it.clean_ids[0] == bos for it in items))
-
-
-def attributed_features(sae: Any, model: Any, hook: str, start: int, train: PromptSet, n: int,
-                        max_batch: int) -> list[tuple[int, float]]:
-    """The `n` SAE latents of largest |mean attribution| (zero ablation) on the training prompts."""
-    from mechflow.features.attribution import SplicedSAE, feature_attribution
-
-    if n == 0:
-        return []
-    spliced = SplicedSAE.build(model, sae, hook, start, True)
-    total, count = None, 0
-    for _, batch in train.batches(max_batch):
-        fa = feature_attribution(spliced, batch, "zero")
-        s = fa.per_prompt.double().sum(0)
-        total = s if total is None else total + s
-        count += len(batch)
-    mean = total / count
-    top = torch.argsort(mean.abs(), descending=True)[:n].tolist()
-    return [(int(i), float(mean[i])) for i in top]
 
 
 def _record(iv: Intervention, positive: PromptSet, tgt: dict, side: dict | None, ok: bool | None,
@@ -348,7 +336,7 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
         raise DataError(f"{dataset}: the held-out clean and corrupted prompts have the same mean metric; "
                         "the normalised effect is undefined")
 
-    records, summaries, plots, moved = [], [], [], []
+    records, summaries, plots, moved, notes = [], [], [], [], []
 
     def run_sweep(ivs: list[Intervention], meta: dict, label: str) -> tuple[list[dict], dict | None]:
         rows = sweep(model, ivs, base, held_pos, held_neg, c)
@@ -407,23 +395,34 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
     act_rows = []
     decode_tok = (lambda i: model.tokenizer.decode([i])) if getattr(model, "tokenizer", None) else str
     feature_sets: list[tuple[Dictionary, int, dict]] = []
+    chosen_by = "attribution (zero ablation, error term kept, training prompts)"
+    train_batches = [b for _, b in train_pos.batches(c.max_batch)]
     if sae is not None and (c.n_features or c.sae_features):
         from mechflow.features.stage import load_dictionary
 
-        sae_obj = load_dictionary(Path(sae))
-        dsae = sae_dictionary(sae_obj, Path(sae), model, start)
-        top = attributed_features(sae_obj, model, dsae.hook_in, start, train_pos, c.n_features, c.max_batch)
-        chosen_ids = {f for f, _ in top}
-        feature_sets += [(dsae, f, {"attribution": a, "chosen_by": "attribution (zero ablation, training prompts)"})
-                         for f, a in top]
+        dsae = sae_dictionary(load_dictionary(Path(sae)), Path(sae), model, start)
+        top = top_attributed(dictionary_attribution(model, dsae, train_batches), c.n_features) if c.n_features \
+            else []
+        feature_sets += [(dsae, f, {"attribution": a, "chosen_by": chosen_by}) for f, a in top]
         feature_sets += [(dsae, f, {"chosen_by": "config steer.sae_features"}) for f in c.sae_features
-                         if f not in chosen_ids]
-    if c.transcoder_features:
-        if transcoder is None:
-            raise ConfigError("steer.transcoder_features: this run has no transcoder folder; train one "
-                              "(rule train_transcoder) or leave steer.transcoder_features empty")
-        dtc = transcoder_dictionary(Path(transcoder), model, start)
-        feature_sets += [(dtc, f, {"chosen_by": "config steer.transcoder_features"}) for f in c.transcoder_features]
+                         if f not in {f for f, _ in top}]
+    if c.transcoder_features and transcoder is None:
+        raise ConfigError("steer.transcoder_features: this run has no transcoder folder; train one "
+                          "(rule train_transcoder) or leave steer.transcoder_features empty")
+    if transcoder is not None and (c.n_transcoder_features or c.transcoder_features):
+        try:
+            dtc = transcoder_dictionary(Path(transcoder), model, start)
+        except ConfigError as exc:
+            if c.transcoder_features:
+                raise
+            notes.append(f"no transcoder latent steered: {exc}")
+            dtc = None
+        if dtc is not None:
+            top = top_attributed(dictionary_attribution(model, dtc, train_batches), c.n_transcoder_features) \
+                if c.n_transcoder_features else []
+            feature_sets += [(dtc, f, {"attribution": a, "chosen_by": chosen_by}) for f, a in top]
+            feature_sets += [(dtc, f, {"chosen_by": "config steer.transcoder_features"})
+                             for f in c.transcoder_features if f not in {f for f, _ in top}]
     for dct, f, meta in feature_sets:
         if not 0 <= f < dct.d_sae:
             raise ConfigError(f"steer: feature {f} is not a latent of {dct.path} (d_sae {dct.d_sae})")
@@ -447,7 +446,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
               "dataset": str(dataset), "dataset_sha256": ds.meta["dataset_sha256"], "direction_source": source,
               "n_train": len(train), "n_heldout": len(held), "position": c.position, "layers": scan.rows,
               "chosen_layer": layer, "gap": base.gap, "interventions": summaries, "controls": controls,
-              "n_records": len(records), "n_activation_records": len(act_rows), "moved": moved}
+              "n_records": len(records), "n_activation_records": len(act_rows), "moved": moved,
+              "notes": notes}
     check_document(SteerSummary, result)
 
     # 7. files

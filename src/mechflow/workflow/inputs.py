@@ -419,7 +419,8 @@ def steer_transcoder_of(wildcards) -> list[str]:
     from mechflow.steer.config import SteerConfig
 
     scfg = SteerConfig.from_dict(RUNS[wildcards.run].cfg.get("steer"))
-    return [f"{paths.dictionaries_dir(wildcards.run)}/transcoder/training.json"] if scfg.transcoder_features else []
+    wanted = scfg.transcoder_features or (scfg.n_transcoder_features and "transcoder" in RUNS[wildcards.run].cfg)
+    return [f"{paths.dictionaries_dir(wildcards.run)}/transcoder/training.json"] if wanted else []
 
 
 def steer_outputs_of(wildcards) -> list[str]:

@@ -26,7 +26,7 @@ from mechflow.steer.directions import (
     residual_activations,
     scan_layers,
 )
-from mechflow.steer.interventions import Dictionary, Intervention, sae_dictionary
+from mechflow.steer.interventions import Dictionary, Intervention, dictionary_attribution, sae_dictionary
 from mechflow.steer.measure import (
     Baseline,
     PromptSet,
@@ -171,6 +171,43 @@ def test_transcoder_style_clamp_edits_the_output_hook_from_the_input_hook(plante
     hand = [(d.hook_out, lambda x, hook=None: x + delta)]
     torch.testing.assert_close(model.run_with_hooks(tokens, fwd_hooks=iv.hooks()),
                                model.run_with_hooks(tokens, fwd_hooks=hand), rtol=0, atol=1e-10)
+
+
+def _tc_dictionary(seed=0, start=1):
+    g = torch.Generator().manual_seed(seed)
+    W_enc, W_dec = torch.randn(32, 8, generator=g, dtype=torch.float64), torch.randn(8, 32, generator=g,
+                                                                                     dtype=torch.float64) * 0.3
+    return Dictionary("transcoder", "tc", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", start,
+                      lambda x: torch.relu(x @ W_enc), lambda a, x: a @ W_dec, W_dec)
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_attribution_is_the_derivative_of_the_scale_clamp(planted, kind):
+    """attribution_i = dm/dk at k = 1 of a_i -> k a_i (error term kept), by central finite differences;
+    for the SAE also equal to the features stage's attribution patching (zero ablation)."""
+    model, _ = planted
+    its = items(6, lengths=(6,))
+    batch = make_batch(its, "logit_diff")
+    if kind == "sae":
+        sae = make_tiny_sae(32, 24, "topk", seed=1)
+        sae.cfg.metadata.hook_name = SAE_HOOK
+        d = sae_dictionary(sae, Path("sae"), model, start=1)
+    else:
+        d = _tc_dictionary()
+    attr = dictionary_attribution(model, d, [batch])
+    eps = 1e-5
+    with torch.no_grad():
+        for f in torch.argsort(attr.abs(), descending=True)[:4].tolist():
+            m = []
+            for k in (1 + eps, 1 - eps):
+                iv = Intervention("x", "x", d.hook_out, "all", "scale", k, 0, None, d, f, True, 1)
+                m.append(batch.metric(model.run_with_hooks(batch.clean_tokens, fwd_hooks=iv.hooks())).mean())
+            assert float((m[0] - m[1]) / (2 * eps)) == pytest.approx(float(attr[f]), rel=1e-5, abs=1e-8)
+    if kind == "sae":
+        from mechflow.features.attribution import SplicedSAE, feature_attribution
+
+        fa = feature_attribution(SplicedSAE.build(model, sae, SAE_HOOK, 1, True), batch, "zero")
+        torch.testing.assert_close(attr, fa.per_prompt.double().mean(0), rtol=1e-9, atol=1e-12)
 
 
 def test_planted_direction_is_recovered(planted):
