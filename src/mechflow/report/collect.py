@@ -286,7 +286,7 @@ class Collector:
         paths = self.recorded("steer/*/summary.json")
         if not paths:
             return [text("No steering interventions were run (steer.enabled=false).")]
-        rows, figures = [], []
+        rows, figures, facts = [], [], []
         for path in paths:
             s = read_document(path, SteerSummary, fix=FIX)
             base = f"steer.{s.task}"
@@ -306,11 +306,16 @@ class Collector:
                                         path, f"interventions[{i}].normalized_effects[{k}]")) if k is not None else "-")
                 cells.append(iv.why)
                 rows.append(cells)
-            self.num(f"{base}.layer_auc", f"{s.task}: held-out AUC at the steered layer", s.layers[layer].auc, path,
-                     f"layers[{layer}].auc")
+            facts.append(self.num(f"{base}.layer_auc", f"{s.task}: held-out AUC of the contrast direction at the "
+                                  f"steered layer {s.chosen_layer}", s.layers[layer].auc, path, f"layers[{layer}].auc"))
             if s.controls is not None:
-                self.num(f"{base}.random_percentile", f"{s.task}: contrast effect percentile among random directions",
-                         s.controls.random_percentile, path, "controls.random_percentile")
+                facts.append(self.num(f"{base}.control_alpha", f"{s.task}: strength of the controls",
+                                      s.controls.alpha, path, "controls.alpha"))
+                facts.append(self.num(f"{base}.random_percentile", f"{s.task}: percentile of the contrast effect "
+                                      "among random directions of its norm", s.controls.random_percentile, path,
+                                      "controls.random_percentile"))
+                facts.append(self.num(f"{base}.shuffled_effect", f"{s.task}: effect of the shuffled-label direction",
+                                      s.controls.shuffled_effect, path, "controls.shuffled_effect"))
             for name, caption in (("sweep.png", f"{s.task}: steering sweep on held-out prompts"),
                                   ("layers.png", f"{s.task}: contrast direction per layer")):
                 fig = self.ledger.figure(f"steer.{s.task}.{name[:-4]}", f"{Path(path).parent}/{name}", caption)
@@ -323,6 +328,7 @@ class Collector:
                 Block(kind="table", id="steering", title="Steering: chosen strength per intervention",
                       columns=["task", "intervention", "chosen strength", "effect at it", "most extreme effect",
                                "why"], rows=rows),
+                Block(kind="numbers", title="Steering: layer and controls", numbers=facts),
                 *figures]
 
     # ------------------------------------------------------------------ validation and testing

@@ -27,7 +27,7 @@ def plot_layers(rows: Sequence[dict], chosen: int, path: Path, title: str) -> No
         ax.text(chosen, 0.42, f" steered: L{chosen}", color="grey", fontsize=8)
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower right")
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper left")
         ax.set_title(title, fontsize=9)
         save_figure(fig, path)
         plt.close(fig)
