@@ -295,7 +295,8 @@ class Collector:
                 j = iv.alphas.index(iv.chosen_alpha) if iv.chosen_alpha is not None else None
                 cells = [s.task, iv.id]
                 cells.append(N(self.num(f"{base}.{iv.id}.chosen_alpha", f"{s.task} {iv.id}: chosen strength",
-                                        iv.chosen_alpha, path, f"interventions[{i}].chosen_alpha")))
+                                        iv.chosen_alpha, path, f"interventions[{i}].chosen_alpha"))
+                             if iv.chosen_alpha is not None else "none")
                 cells.append(N(self.num(f"{base}.{iv.id}.effect", f"{s.task} {iv.id}: normalised effect at it",
                                         iv.normalized_effects[j] if j is not None else None, path,
                                         f"interventions[{i}].normalized_effects[{j}]")) if j is not None else "-")
