@@ -150,8 +150,19 @@ def read_contrast_file(path: Path) -> tuple[list[str], list[str]]:
     return pos, neg
 
 
-def _text_activations(model: Any, texts: list[str], layers: list[int], position: str, start: int) -> torch.Tensor:
-    rows = [residual_activations(model, model.to_tokens(t), layers, position, start)[:, 0] for t in texts]
+def _text_activations(model: Any, texts: list[str], layers: list[int], position: str, start: int,
+                      tokenizer_meta: Mapping[str, Any]) -> torch.Tensor:
+    """``[L, n, d]`` activations of the contrast file's texts, tokenized as the task's prompts were
+    (the BOS convention of its ``dataset.meta.json``)."""
+    from mechflow.models.registry import encode
+
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ConfigError("steer.contrast_file: the model has no tokenizer to tokenize the texts; "
+                          "leave steer.contrast_file null to use the task's prompt pairs")
+    prepend, bos = bool(tokenizer_meta.get("prepend_bos", False)), tokenizer_meta.get("bos_token_id")
+    rows = [residual_activations(model, torch.tensor([encode(tok, t, prepend, bos)]), layers, position, start)[:, 0]
+            for t in texts]
     return torch.stack(rows, 1)
 
 
@@ -307,7 +318,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
         pos_texts, neg_texts = read_contrast_file(Path(c.contrast_file))
         tp, hp = split(pos_texts, c.heldout_fraction, c.seed)
         tn, hn = split(neg_texts, c.heldout_fraction, c.seed + 1)
-        acts = [_text_activations(model, t, layers, c.position, start) for t in (tp, tn, hp, hn)]
+        acts = [_text_activations(model, t, layers, c.position, start, ds.meta.get("tokenizer") or {})
+                for t in (tp, tn, hp, hn)]
         source = f"contrast file {c.contrast_file} (sha256 {sha256_file(c.contrast_file)})"
     else:
         acts = [_set_activations(model, ps, layers, c.position, start, c.max_batch)

@@ -350,3 +350,38 @@ def test_bad_inputs_are_clear_errors_with_no_partial_output(planted, run_files, 
         steer(CFG, model=model, **{**run_files, "dataset": small}, **out)
     assert not (tmp_path / "steer").exists() or not any((tmp_path / "steer").iterdir())
     assert TaskDataset.load(run_files["dataset"]).name == "t"
+
+
+def test_contrast_file_direction_is_learned_from_its_texts(run_files, tmp_path):
+    """A `contrast_file` of labelled texts (tokenized by the model's tokenizer) replaces the task's pairs:
+    positives end in words whose embeddings are a shared vector plus a planted v, negatives in words
+    embedded as the shared vector, so the layer-0 difference of means is v whatever the split."""
+    from task_helpers import word_level_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    hf = word_level_tokenizer(words, split_digit_pairs=False)
+    model = make_tiny_llama(n_layers=2, d_model=32, d_vocab=50, seed=4)
+    hf.pad_token = "[UNK]"
+    model.tokenizer = hf  # set_tokenizer would reload it by name; TL's to_tokens only calls it
+    g = torch.Generator().manual_seed(9)
+    v, u = (torch.randn(32, generator=g, dtype=torch.float64) for _ in range(2))
+    pos_words, neg_words = words[10:20], words[20:30]
+    with torch.no_grad():
+        for w in neg_words:
+            model.W_E[hf.convert_tokens_to_ids(w)] = u
+        for w in pos_words:
+            model.W_E[hf.convert_tokens_to_ids(w)] = u + v
+    rows = [{"text": f"w1 w{2 + i % 5} {w}", "label": "positive"} for i, w in enumerate(pos_words)]
+    rows += [{"text": f"w3 w{4 + i % 3} {w}", "label": "negative"} for i, w in enumerate(neg_words)]
+    contrast = tmp_path / "contrast.jsonl"
+    contrast.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = outputs(tmp_path / "steer")
+    steer({**CFG, "layers": [0, 1], "layer": 0, "contrast_file": str(contrast), "n_features": 0,
+           "n_transcoder_features": 0, "n_generations": 0}, model=model, **run_files, **out)
+    summary = json.loads(out["summary"].read_text())
+    assert "contrast.jsonl" in summary["direction_source"] and summary["chosen_layer"] == 0
+    assert summary["layers"][0]["auc"] == 1.0
+    from safetensors.torch import load_file
+
+    d = load_file(out["directions"])["contrast"][0].double()
+    assert float(torch.nn.functional.cosine_similarity(d, v, dim=0)) > 0.99
