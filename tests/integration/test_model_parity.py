@@ -81,3 +81,20 @@ def test_weight_cache_reproduces_the_converted_model_exactly(smollm2):
     with torch.no_grad():
         assert torch.equal(cached_model(ids), smollm2.model(ids))
     assert cached_tokenizer(PROMPTS[1])["input_ids"] == smollm2.tokenizer(PROMPTS[1])["input_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, wrong", [("d_model", 512), ("d_mlp", 2048), ("n_ctx", 4096), ("n_layers", 12)])
+def test_stated_model_shapes_are_checked_when_the_model_loads(smollm2, key, wrong):
+    """config/model/*.yaml states the widths and context the config checks use before any model is
+    loaded; a wrong value is one ConfigError naming the key and the model's value."""
+    import yaml
+
+    from mechflow.config import DEFAULT_CONFIG_DIR
+    from mechflow.errors import ConfigError
+    from mechflow.models import load_model_from_cfg
+
+    cfg = yaml.safe_load((DEFAULT_CONFIG_DIR / "model" / "smollm2_135m.yaml").read_text())
+    assert load_model_from_cfg(cfg).model is smollm2.model  # the stated values are right
+    with pytest.raises(ConfigError, match=rf"model\.{key} = {wrong}, but smollm2_135m has {key} = \d+: set"):
+        load_model_from_cfg({**cfg, key: wrong})

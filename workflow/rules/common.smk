@@ -2,7 +2,14 @@
 # input/params functions rules use. Stage logic lives in src/mechflow/, Snakemake glue in
 # mechflow.workflow (a rule file that defines functions fails `snakemake --lint`).
 from mechflow.report.figures import FIGURES as PAPER_FIGURES, TABLES as PAPER_TABLES
-from mechflow.workflow import PAIR_SEPARATOR, RUN_PATTERN, TASK_PATTERN, check_harvested_hooks, load_runs
+from mechflow.workflow import (
+    PAIR_SEPARATOR,
+    RUN_PATTERN,
+    TASK_PATTERN,
+    check_dictionary_widths,
+    check_harvested_hooks,
+    load_runs,
+)
 from mechflow.workflow.inputs import (
     analysis_outputs,
     analysis_outputs_of,
@@ -56,6 +63,7 @@ from mechflow.workflow.inputs import (
 RUNS = load_runs(config)
 for _run in RUNS.values():
     check_harvested_hooks(_run)  # needs the whole run: a dictionary must train on a harvested hook
+    check_dictionary_widths(_run)  # and have the width of that hook
 
 R = "results/{run}"
 

@@ -29,3 +29,8 @@ class ModelConfig(GroupConfig):
     n_layers: StrictInt | None = Field(None, ge=1, description="layers of the model, for stages that plan one job "
                                        "per layer before the model is loaded (transcoder_set.layers: all); "
                                        "checked against the loaded model")
+    d_model: StrictInt | None = Field(None, ge=1, description="residual-stream width, so a dictionary's d_in is "
+                                      "checked when the config is composed; checked against the loaded model")
+    d_mlp: StrictInt | None = Field(None, ge=1, description="MLP hidden width (hook_pre / hook_post), as d_model")
+    n_ctx: StrictInt | None = Field(None, ge=1, description="context length (TransformerLens n_ctx): prepare_task "
+                                    "refuses longer prompts; checked against the loaded model")

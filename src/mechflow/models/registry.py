@@ -398,8 +398,9 @@ def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any]) -> LoadedMod
     `ModelConfig` class defaults)."""
     cfg = ModelConfig.from_dict(model_cfg)
     loaded = load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token)
-    actual = loaded.model.cfg.n_layers
-    if cfg.n_layers is not None and cfg.n_layers != actual:
-        raise ConfigError(f"model.n_layers = {cfg.n_layers}, but {cfg.name} has {actual} layers: set "
-                          f"model.n_layers={actual} (or null)")
+    for key in ("n_layers", "d_model", "d_mlp", "n_ctx"):
+        stated, actual = getattr(cfg, key), getattr(loaded.model.cfg, key)
+        if stated is not None and stated != actual:
+            raise ConfigError(f"model.{key} = {stated}, but {cfg.name} has {key} = {actual}: set "
+                              f"model.{key}={actual} (or null)")
     return loaded

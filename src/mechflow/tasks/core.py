@@ -55,6 +55,12 @@ def prepare_task(cfg: TaskConfig | Mapping[str, Any], *, model_cfg: dict, datase
     task = parse_task_config(cfg)
     tok = TaskTokenizer.from_model_cfg(model_cfg, tokenizer)
     built = BUILDERS[task.kind](task, tok)
+    n_ctx = model_cfg.get("n_ctx")
+    too_long = [it for it in built.items if n_ctx is not None and it.n_tokens > n_ctx]
+    if too_long:
+        raise DataError(f"task {task.name}: example {too_long[0].id!r} has {too_long[0].n_tokens} tokens, more than "
+                        f"the context of {model_cfg.get('name')} (model.n_ctx = {n_ctx}; {len(too_long)} such "
+                        "examples); shorten the prompts or drop them from the task file")
     meta = {
         "task": task.name,
         "kind": task.kind,

@@ -17,11 +17,12 @@ from mechflow.workflow.runs import (
     RUN_PATTERN,
     RUNS,
     TASK_PATTERN,
+    check_dictionary_widths,
     check_harvested_hooks,
     load_runs,
     model_pairs,
     tasks_of_setting,
 )
 
-__all__ = ["PAIR_SEPARATOR", "RUN_PATTERN", "RUNS", "TASK_PATTERN", "call_with_named", "check_harvested_hooks",
-           "load_runs", "model_pairs", "run_rule", "tasks_of_setting"]
+__all__ = ["PAIR_SEPARATOR", "RUN_PATTERN", "RUNS", "TASK_PATTERN", "call_with_named", "check_dictionary_widths",
+           "check_harvested_hooks", "load_runs", "model_pairs", "run_rule", "tasks_of_setting"]

@@ -67,6 +67,21 @@ def transcoder_hooks(run: str) -> list[tuple[str, str]]:
     return [(cfg.in_hook.format(layer=layer), cfg.out_hook.format(layer=layer)) for layer in cfg.layers]
 
 
+def check_dictionary_widths(run: Run) -> None:
+    """Fail when the composed config is composed, not when training starts: an SAE whose `d_in` cannot
+    match the width of its hook in this model (`model.d_model` / `model.d_mlp`, stated in the model's
+    config group and checked when the model loads)."""
+    from mechflow.contracts.hooks import hook_width
+
+    sae, model = run.cfg.get("sae"), run.cfg.get("model", {})
+    if not sae or sae.get("d_in") is None or not sae.get("hook"):
+        return
+    width = hook_width(sae["hook"], model.get("d_model"), model.get("d_mlp"))
+    if width is not None and width != sae["d_in"]:
+        raise ConfigError(f"sae.d_in: {sae['d_in']} cannot match {sae['hook']} of {model.get('name')} in run "
+                          f"{run.name!r}, whose width is {width}; set sae.d_in={width} or null (the harvest's width)")
+
+
 def check_harvested_hooks(run: Run) -> None:
     """Fail early when a dictionary trains on a hook the harvest does not produce."""
     from mechflow.harvest.hooks import harvested_hooks

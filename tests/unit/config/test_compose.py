@@ -107,3 +107,22 @@ def test_dictionary_experiments_harvest_what_their_transcoder_reads(experiment):
     harvested |= set(hv["hooks"])
     wanted = {h.format(layer=layer) for layer in tc["layers"] for h in (tc["in_hook"], tc["out_hook"])}
     assert wanted | {cfg["sae"]["hook"]} <= harvested
+
+
+@pytest.mark.parametrize("overrides, ok", [(["sae.d_in=512"], False), (["sae.d_in=576"], True),
+                                           (["sae.d_in=1536", "sae.hook=blocks.3.mlp.hook_post",
+                                             "harvest.hooks=[blocks.3.mlp.hook_post]"], True),
+                                           (["sae.d_in=576", "sae.hook=blocks.3.mlp.hook_post",
+                                             "harvest.hooks=[blocks.3.mlp.hook_post]"], False),
+                                           (["model=gemma3_270m", "sae.d_in=576"], False)])
+def test_sae_width_is_checked_when_the_config_is_composed(overrides, ok):
+    """An SAE d_in that cannot match its hook's width in the model is one ConfigError at composition
+    (the model group states d_model / d_mlp; checked when the model loads), not at training."""
+    from mechflow.workflow.runs import check_dictionary_widths
+
+    (run,) = compose_runs(overrides).values()
+    if ok:
+        check_dictionary_widths(run)
+    else:
+        with pytest.raises(ConfigError, match=r"sae\.d_in: \d+ cannot match .* set sae\.d_in=\d+ or null"):
+            check_dictionary_widths(run)

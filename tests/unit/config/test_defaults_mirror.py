@@ -14,7 +14,10 @@ from mechflow.config import CONFIG_GROUPS, compose_config, group_model
 # group -> {dotted key: why the default config's YAML differs from the class}
 DELIBERATE: dict[str, dict[str, str]] = {
     "model": {"bos_token": "SmolLM2's document separator, not the GGUF's chat BOS (config/model/smollm2_135m.yaml)",
-              "n_layers": "SmolLM2 has 30 layers (planned per-layer jobs; checked when the model loads)"},
+              "n_layers": "SmolLM2 has 30 layers (planned per-layer jobs; checked when the model loads)",
+              "d_model": "SmolLM2's residual width (dictionary d_in checked at composition; checked at load)",
+              "d_mlp": "SmolLM2's MLP width (as d_model)",
+              "n_ctx": "SmolLM2's TransformerLens context (prepare_task refuses longer prompts; checked at load)"},
     "harvest": {
         "layers": "the demo's selection: SmolLM2 layers 6 and 15 (the SAE trains on 15)",
         "hooks": "the demo's transcoder data: layer 15's MLP input/output pair",

@@ -135,3 +135,20 @@ def test_prepare_and_evaluate_end_to_end_on_tiny_llama(tmp_path, tiny_llama):
         evaluate_task({**cfg, "seed": 1}, model_cfg=model_cfg, dataset=dataset, baseline=tmp_path / "b3.json",
                       model=loaded)
     assert not (tmp_path / "b2.json").exists() and not (tmp_path / "b3.json").exists()
+
+
+def test_a_prompt_longer_than_the_model_context_is_refused_with_no_output(tmp_path):
+    words = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    hf = word_level_tokenizer(words, split_digit_pairs=False)
+    lines = [{"prompt": "a b c", "corrupted_prompt": "a b d", "answer": " e", "wrong_answer": " f"},
+             {"prompt": "a b c d a b c d", "corrupted_prompt": "h g f e h g f e", "answer": " g",
+              "wrong_answer": " h"}]
+    src = tmp_path / "ex.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = {"name": "mine", "kind": "jsonl", "n_prompts": 10, "seed": 0, "path": str(src), "batch_size": 2}
+    dataset = tmp_path / "out" / "dataset.jsonl"
+    model_cfg = {"name": "tiny", "prepend_bos": True, "bos_token": "[BOS]", "n_ctx": 6}
+    with pytest.raises(DataError, match=r"task mine: .* 9 tokens, more than the context of tiny \(model.n_ctx = 6"):
+        prepare_task(cfg, model_cfg=model_cfg, dataset=dataset, tokenizer=hf)
+    assert not dataset.exists() and not meta_path_of(dataset).exists()
+    assert prepare_task(cfg, model_cfg={**model_cfg, "n_ctx": 9}, dataset=dataset, tokenizer=hf)["n_examples"] == 2
