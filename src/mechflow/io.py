@@ -78,6 +78,13 @@ def to_json(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
 
 
+def atomic_write_jsonl(path: str | os.PathLike, rows: Any) -> Path:
+    """One compact JSON document per line (`to_json`), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(to_json(row, indent=None) + "\n" for row in rows)
+    return Path(path)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, to_json(obj) + "\n")
 

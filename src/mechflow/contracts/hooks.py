@@ -65,16 +65,18 @@ def hook_layer(hook: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# Hooks whose activation lives in the residual-stream basis (width d_model) and in the MLP hidden layer
-# (width d_mlp); other hooks (attention z, q/k/v, patterns) have no width check.
-_D_MODEL_HOOK = re.compile(r"(^hook_embed$|^hook_pos_embed$|\.hook_resid_(pre|mid|post)$|\.hook_attn_out$|"
-                           r"\.hook_mlp_out$|\.hook_mlp_in$|\.ln\d?\.hook_normalized$|^ln_final\.hook_normalized$)")
+# Hooks whose activations live in the residual-stream basis (what W_U reads; width d_model).
+RESIDUAL_HOOK = re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|hook_embed)$")
+# Further hooks of width d_model (not in the residual basis: normalized, or the position embedding),
+# and hooks of the MLP hidden layer (width d_mlp); other hooks (attention z, q/k/v, patterns) have no
+# width check.
+_D_MODEL_HOOK = re.compile(r"(^hook_pos_embed$|\.hook_mlp_in$|\.ln\d?\.hook_normalized$|^ln_final\.hook_normalized$)")
 _D_MLP_HOOK = re.compile(r"\.mlp\.hook_(pre|post|pre_linear)$")
 
 
 def hook_width(hook: str, d_model: int | None, d_mlp: int | None) -> int | None:
     """The width of `hook`'s activation given the model's widths, or None when it is not known."""
-    if _D_MODEL_HOOK.search(hook):
+    if RESIDUAL_HOOK.search(hook) or _D_MODEL_HOOK.search(hook):
         return d_model
     if _D_MLP_HOOK.search(hook):
         return d_mlp

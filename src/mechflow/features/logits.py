@@ -9,15 +9,11 @@ its logit-effect profiles (`mechflow.features.profiles`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-
-# Hooks whose activations live in the residual-stream basis (what W_U reads).
-RESIDUAL_HOOK = re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|hook_embed)$")
 
 
 @torch.no_grad()

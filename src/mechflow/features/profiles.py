@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from mechflow.contracts.dictionaries import DictionaryTraining
 from mechflow.contracts.documents import load_document
+from mechflow.contracts.hooks import RESIDUAL_HOOK
 from mechflow.errors import ConfigError, DataError
 from mechflow.features.attribution import check_sae
-from mechflow.features.logits import RESIDUAL_HOOK, unembed_directions
+from mechflow.features.logits import unembed_directions
 from mechflow.features.texts import ModelSide, Tokenized
 
 

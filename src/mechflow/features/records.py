@@ -24,7 +24,7 @@ from mechflow.contracts.features import FeatureRecord
 from mechflow.errors import DataError
 from mechflow.features.config import FeaturesConfig
 from mechflow.features.stats import FeatureStats
-from mechflow.io import atomic_path, to_json
+from mechflow.io import atomic_write_jsonl
 
 
 def read_windows(tokens: Path, context_ids: set[int], batch_rows: int = 1024) -> dict[int, list[int]]:
@@ -107,8 +107,7 @@ def build_records(stats: FeatureStats, features: Sequence[int], windows: dict[in
 
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(to_json(rec, indent=None) + "\n" for rec in records)
+    atomic_write_jsonl(path, records)
 
 
 def write_feature_records(records: Sequence[dict[str, Any]], path: Path) -> None:

@@ -29,13 +29,13 @@ import polars as pl
 from mechflow.contracts.dictionaries import DictionaryTraining
 from mechflow.contracts.documents import load_document, write_document
 from mechflow.contracts.features import FeatureSummary
-from mechflow.contracts.hooks import hook_layer
+from mechflow.contracts.hooks import RESIDUAL_HOOK, hook_layer
 from mechflow.contracts.parquet import TASK_ATTRIBUTION_SCHEMA, check_schema
 from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
 from mechflow.errors import ConfigError, DataError
 from mechflow.features.attribution import SplicedSAE, analyse_task, check_sae
 from mechflow.features.config import FeaturesConfig
-from mechflow.features.logits import RESIDUAL_HOOK, logit_effects
+from mechflow.features.logits import logit_effects
 from mechflow.features.records import build_records, read_windows, select_features, token_decoder, write_feature_records
 from mechflow.features.render import plot_histograms, render_html
 from mechflow.features.stats import HIST_BINS_PER_DECADE, HIST_LOG10_HI, HIST_LOG10_LO, stream_feature_stats

@@ -18,7 +18,7 @@ so ``last`` then steers the final prompt token and every generated token.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class Intervention:
     feature: int | None = None
     error_term: bool = True
     start: int = 1
-    meta: dict = field(default_factory=dict)
 
     @property
     def strength(self) -> float:
@@ -132,14 +131,8 @@ class Intervention:
             return abs(self.alpha - 1.0)
         return abs(self.alpha)
 
-    @property
-    def is_identity(self) -> bool:
-        return (self.operation == "add" and self.alpha == 0) or (self.operation == "scale" and self.alpha == 1
-                                                                 and self.error_term)
-
     def with_alpha(self, alpha: float) -> Intervention:
-        return Intervention(self.kind, self.id, self.hook, self.positions, self.operation, float(alpha), self.layer,
-                            self.vector, self.dictionary, self.feature, self.error_term, self.start, self.meta)
+        return replace(self, alpha=float(alpha))
 
     def mask(self, n_batch: int, n_pos: int, last: Tensor | None = None) -> Tensor:
         """``[n_batch, n_pos, 1]`` 1.0 where the edit applies: position ``last[i]`` of row i (default: the

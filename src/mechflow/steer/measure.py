@@ -222,8 +222,7 @@ def side_effects(model: Any, iv: Intervention, base: Baseline, negative: PromptS
     neg = score(model, negative, iv, max_batch)
     corpus_block = None
     if base.corpus is not None:
-        everywhere = iv.with_alpha(iv.alpha)
-        everywhere.positions = "all"
+        everywhere = replace(iv, positions="all")
         ce, _, kl_mean = corpus_next_token(model, base.corpus, everywhere.hooks(), base.corpus_batch,
                                            base.corpus_logp)
         corpus_block = {"n_contexts": int(base.corpus.shape[0]),

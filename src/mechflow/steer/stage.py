@@ -43,7 +43,7 @@ from mechflow.contracts.documents import check_document, write_document
 from mechflow.contracts.steer import ActivationRecord, InterventionRecord, SteerSummary
 from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path, atomic_write_text, canonical_hash, sha256_file, to_json
+from mechflow.io import atomic_path, atomic_write_jsonl, atomic_write_text, canonical_hash, sha256_file
 from mechflow.steer.config import SteerConfig
 from mechflow.steer.directions import (
     random_directions,
@@ -222,21 +222,12 @@ def activation_records(d: Dictionary, feature: int, sets: Sequence[PromptSet], m
                 pid = ps.items[row].id
                 for p in range(acts.shape[1]):
                     tok = int(tokens[r, d.start + p])
-                    out.append({"schema_version": SCHEMA_VERSION, **head, "dictionary": d.path,
-                                "dictionary_kind": d.kind, "hook": d.hook_in, "feature": feature, "role": ps.role,
-                                "dataset_sha256": ps.dataset_sha256, "prompt_id": pid, "position": d.start + p,
-                                "token_id": tok, "token": decode(tok), "activation": float(acts[r, p])})
+                    out.append(check_document(ActivationRecord, {
+                        "schema_version": SCHEMA_VERSION, **head, "dictionary": d.path, "dictionary_kind": d.kind,
+                        "hook": d.hook_in, "feature": feature, "role": ps.role, "dataset_sha256": ps.dataset_sha256,
+                        "prompt_id": pid, "position": d.start + p, "token_id": tok, "token": decode(tok),
+                        "activation": float(acts[r, p])}))
     return out
-
-
-def write_jsonl(path: Path, rows: Sequence[dict], model: Any) -> None:
-    """One contract-checked document per line, written atomically."""
-    for r in rows:
-        check_document(model, r)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(to_json(r, indent=None) + "\n")
 
 
 def write_directions(path: Path, scan: Any) -> None:
@@ -380,7 +371,7 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
                            f"contrast L{layer}")
     steers = [(f"contrast L{layer}, alpha {pick['alpha']:g}", contrast.with_alpha(pick["alpha"]))] if pick else []
 
-    # 5. controls at the chosen (else strongest) strength
+    # 5. controls at the chosen strength, else the weakest reaching the target, else the strongest
     controls = None
     if pick is not None:
         g = torch.Generator().manual_seed(c.seed)
@@ -407,17 +398,20 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
     act_rows = []
     decode_tok = (lambda i: model.tokenizer.decode([i])) if getattr(model, "tokenizer", None) else str
     feature_sets: list[tuple[Dictionary, int, dict]] = []
-    chosen_by = "attribution (zero ablation, error term kept, training prompts)"
     train_batches = [b for _, b in train_pos.batches(c.max_batch)]
+
+    def latents(dct: Dictionary, n: int, named: Sequence[int], key: str) -> list[tuple[Dictionary, int, dict]]:
+        """The `n` latents of largest |attribution| on the training prompts, then those named in `key`."""
+        top = top_attributed(dictionary_attribution(model, dct, train_batches), n) if n else []
+        chosen_by = "attribution (zero ablation, error term kept, training prompts)"
+        return ([(dct, f, {"attribution": a, "chosen_by": chosen_by}) for f, a in top]
+                + [(dct, f, {"chosen_by": f"config {key}"}) for f in named if f not in {f for f, _ in top}])
+
     if sae is not None and (c.n_features or c.sae_features):
         from mechflow.features.stage import load_dictionary
 
         dsae = sae_dictionary(load_dictionary(Path(sae)), Path(sae), model, start)
-        top = top_attributed(dictionary_attribution(model, dsae, train_batches), c.n_features) if c.n_features \
-            else []
-        feature_sets += [(dsae, f, {"attribution": a, "chosen_by": chosen_by}) for f, a in top]
-        feature_sets += [(dsae, f, {"chosen_by": "config steer.sae_features"}) for f in c.sae_features
-                         if f not in {f for f, _ in top}]
+        feature_sets += latents(dsae, c.n_features, c.sae_features, "steer.sae_features")
     if c.transcoder_features and transcoder is None:
         raise ConfigError("steer.transcoder_features: this run has no transcoder folder; train one "
                           "(rule train_transcoder) or leave steer.transcoder_features empty")
@@ -428,13 +422,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
             if c.transcoder_features:
                 raise
             notes.append(f"no transcoder latent steered: {exc}")
-            dtc = None
-        if dtc is not None:
-            top = top_attributed(dictionary_attribution(model, dtc, train_batches), c.n_transcoder_features) \
-                if c.n_transcoder_features else []
-            feature_sets += [(dtc, f, {"attribution": a, "chosen_by": chosen_by}) for f, a in top]
-            feature_sets += [(dtc, f, {"chosen_by": "config steer.transcoder_features"})
-                             for f in c.transcoder_features if f not in {f for f, _ in top}]
+        else:
+            feature_sets += latents(dtc, c.n_transcoder_features, c.transcoder_features, "steer.transcoder_features")
     for dct, f, meta in feature_sets:
         if not 0 <= f < dct.d_sae:
             raise ConfigError(f"steer: feature {f} is not a latent of {dct.path} (d_sae {dct.d_sae})")
@@ -469,8 +458,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
     plot_sweeps(plots, controls, c.target_effect, Path(sweep_figure),
                 f"{model.cfg.model_name}, {ds.name}: steering on {len(held)} held-out prompts")
     write_directions(Path(directions), scan)
-    write_jsonl(Path(interventions), records, InterventionRecord)
-    write_jsonl(Path(activations), act_rows, ActivationRecord)
+    atomic_write_jsonl(interventions, records)  # each record checked by its contract when built
+    atomic_write_jsonl(activations, act_rows)
     atomic_write_text(generations, text)
     write_document(summary, SteerSummary, result)
     log.info("steer %s: %d records, %d activation records -> %s", ds.name, len(records), len(act_rows), summary)

@@ -398,27 +398,28 @@ STEER_OUTPUTS = ("summary.json", "interventions.jsonl", "activations.jsonl", "di
                  "layers.png", "sweep.png", "generations.md")
 
 
-def steer_tasks_of(run: str) -> list[str]:
+def _steer_cfg(run: str):
     from mechflow.steer.config import SteerConfig
 
-    scfg = SteerConfig.from_dict(RUNS[run].cfg.get("steer"))
+    return SteerConfig.from_dict(RUNS[run].cfg.get("steer"))
+
+
+def steer_tasks_of(run: str) -> list[str]:
+    scfg = _steer_cfg(run)
     return tasks_of_setting(run, "steer.tasks", scfg.tasks) if scfg.enabled else []
 
 
 def steer_sae_of(wildcards) -> list[str]:
-    """The run's SAE folder's cfg.json when the steer stage clamps SAE latents (n_features or sae_features)."""
-    from mechflow.steer.config import SteerConfig
-
-    scfg = SteerConfig.from_dict(RUNS[wildcards.run].cfg.get("steer"))
+    """The run's SAE `training.json` when the steer stage clamps SAE latents (n_features or sae_features)."""
+    scfg = _steer_cfg(wildcards.run)
     if "sae" not in RUNS[wildcards.run].cfg or not (scfg.n_features or scfg.sae_features):
         return []
     return [f"{paths.dictionaries_dir(wildcards.run)}/sae/training.json"]
 
 
 def steer_transcoder_of(wildcards) -> list[str]:
-    from mechflow.steer.config import SteerConfig
-
-    scfg = SteerConfig.from_dict(RUNS[wildcards.run].cfg.get("steer"))
+    """The run's transcoder `training.json` when the steer stage clamps transcoder latents."""
+    scfg = _steer_cfg(wildcards.run)
     wanted = scfg.transcoder_features or (scfg.n_transcoder_features and "transcoder" in RUNS[wildcards.run].cfg)
     return [f"{paths.dictionaries_dir(wildcards.run)}/transcoder/training.json"] if wanted else []
 
