@@ -398,6 +398,8 @@ def as_mapping(cfg: Any, where: str) -> dict:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a nested config (audit.probes)
+        return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -567,6 +569,7 @@ class RootConfig(GroupConfig):
 CONFIG_GROUPS: dict[str, str] = {
     "analysis": "mechflow.attribution.config:AnalysisConfig",
     "attribution": "mechflow.attribution.config:AttributionConfig",
+    "audit": "mechflow.audit.config:AuditConfig",
     "benchmark": "mechflow.benchmark.config:BenchmarkConfig",
     "causal_tracing": "mechflow.attribution.config:CausalTracingConfig",
     "circuits": "mechflow.circuits.config:CircuitConfig",

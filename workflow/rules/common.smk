@@ -13,6 +13,8 @@ from mechflow.workflow import (
 from mechflow.workflow.inputs import (
     analysis_outputs,
     analysis_outputs_of,
+    audit_outputs_of,
+    audit_task_files_of,
     baselines_of,
     benchmarks_of,
     causal_tracing_of,

@@ -54,6 +54,7 @@ rule run_manifest:
         graph_outputs=graph_outputs_of,
         cross_model_outputs=cross_model_outputs_of,
         steer_outputs=steer_outputs_of,
+        audit_outputs=audit_outputs_of,
     output:
         run_manifest=f"{R}/run_manifest.json",
     log:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from mechflow.contracts import (
     attribution,
+    audit,
     benchmark,
     circuits,
     corpus,
@@ -125,6 +126,10 @@ DOCUMENTS: tuple[DocumentContract, ...] = (
     D("steer_activation", steer.ActivationRecord, "steer/{task}/activations.jsonl (one per line)",
       "mechflow.steer.stage:activation_records"),
     D("steer_summary", steer.SteerSummary, "steer/{task}/summary.json", "mechflow.steer.stage:steer"),
+    D("audit_exchange", audit.StoredExchange, "audit/responses.jsonl (one per line)", "mechflow.audit.stage:audit"),
+    D("audit_score", audit.ScoreRecord, "audit/scores.jsonl (one per line)", "mechflow.audit.stage:audit"),
+    D("audit_summary", audit.AuditSummary, "audit/summary.json", "mechflow.audit.stage:audit",
+      ("mechflow.audit.stage:read_summary",)),
     D("graph_summary", graphs.GraphSummary, "graphs/{task}/p{prompt}/graph.json",
       "mechflow.graphs.stage:attribution_graph", ("mechflow.graphs.stage:graphs_summary",)),
     D("neuronpedia_graph", graphs.NeuronpediaGraph, "graphs/{task}/{task}-p{prompt}.json",

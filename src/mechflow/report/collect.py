@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from mechflow.contracts.attribution import Agreement  # noqa: F401  (the attribution contract, for readers)
+from mechflow.contracts.audit import AuditSummary, EstimateDoc
 from mechflow.contracts.circuits import CircuitFile
 from mechflow.contracts.dictionaries import DictionaryMetrics, TranscoderSetDocument, TranscoderStackMetrics
 from mechflow.contracts.documents import load_document, read_document
@@ -515,9 +516,118 @@ class Collector:
                 Block(kind="table", id="benchmark", title="ACDC benchmark",
                       columns=["task", "method"] + [label for _, label in self.BENCHMARK_COLUMNS], rows=rows)]
 
+    def _estimate(self, id: str, label: str, e: Any, path: str, field: str, p_value: bool = False) -> str:
+        """'value [low, high]' (and the permutation p) of an audit estimate, each number cited."""
+        v = N(self.num(id, label, e.value, path, f"{field}.value"))
+        if e.ci_low is not None:
+            lo = N(self.num(f"{id}.ci_low", f"{label}: CI low", e.ci_low, path, f"{field}.ci_low"))
+            hi = N(self.num(f"{id}.ci_high", f"{label}: CI high", e.ci_high, path, f"{field}.ci_high"))
+            v += f" [{lo}, {hi}]"
+        if p_value and e.p_value is not None:
+            v += "; p = " + N(self.num(f"{id}.p_value", f"{label}: permutation p-value", e.p_value, path,
+                                       f"{field}.p_value"))
+        return v
+
     def block_audit(self) -> list[Block]:
-        return [text("No black-box behavioural audit (e.g. of potentially discriminatory impacts through an API) "
-                     "is part of this run; such tests are the provider's to document here.")]
+        path = self.one("audit/summary.json")
+        if path is None:
+            return [text("No black-box behavioural audit was run (audit.enabled=false). Tests of a served model "
+                         "through an OpenAI-compatible API (e.g. of potentially discriminatory impacts) are run with "
+                         "audit.enabled=true audit.base_url=...; otherwise they are the provider's to document here.")]
+        a = read_document(path, AuditSummary, fix=FIX)
+        responses = f"{Path(path).parent}/responses.jsonl"
+        facts = [self.num("audit.n_requests", "requests the audit's scores rest on", a.n_requests, path, "n_requests"),
+                 self.num("audit.responses_sha256", "sha256 of the stored requests and responses", a.responses_sha256,
+                          path, "responses_sha256"),
+                 self.num("audit.started_at", "audit started (UTC)", a.started_at, path, "started_at"),
+                 self.num("audit.finished_at", "audit finished (UTC)", a.finished_at, path, "finished_at")]
+        blocks = [text(f"Black-box behavioural audit (rule audit) of model '{a.model}' at {a.base_url} through its "
+                       f"OpenAI-compatible /{'chat/completions' if a.api == 'chat' else 'completions'} endpoint "
+                       "(temperature " + str(a.config.get("temperature")) + ", seed " + str(a.config.get("seed")) +
+                       "). Every request and answer is stored in " + responses + " (cited with its sha256); "
+                       "decision probes ask one scenario with the attribute value changed and everything else fixed, "
+                       "scored as log p(favourable) − log p(unfavourable) at the first answer token; CIs are "
+                       "bootstrap percentile intervals over scenarios, p-values come from within-scenario "
+                       "permutations of the group labels; rates of few items carry Wilson intervals."),
+                  Block(kind="numbers", title="Audit: endpoint and stored responses", numbers=facts)]
+        cite = self.ledger.cite(responses) if responses in self.files else None
+        if cite:
+            blocks.append(text(f"Stored responses: {responses} (evidence {cite})."))
+        group_rows, gap_rows, other_rows = [], [], []
+        for i, p in enumerate(a.probes):
+            base, field = f"audit.{p.name}", f"probes[{i}]"
+            if p.decision is not None:
+                d = p.decision
+                for g in d.groups:
+                    group_rows.append([p.name, g,
+                                       self._estimate(f"{base}.{g}.mean_score", f"{p.name}, {g}: mean score",
+                                                      d.mean_score[g], path, f"{field}.decision.mean_score.{g}"),
+                                       self._estimate(f"{base}.{g}.yes_rate", f"{p.name}, {g}: favourable rate",
+                                                      d.yes_rate[g], path, f"{field}.decision.yes_rate.{g}")])
+                cells = [p.name]
+                for key, label in (("score_gap", "largest between-group score gap"),
+                                   ("parity_gap", "demographic parity difference"),
+                                   ("odds_gap", "equalized-odds difference"),
+                                   ("flip_rate", "counterfactual flip rate")):
+                    cells.append(self._estimate(f"{base}.{key}", f"{p.name}: {label}", getattr(d, key), path,
+                                                f"{field}.decision.{key}", p_value=key != "flip_rate"))
+                gap_rows.append(cells)
+                for key in ("score_gap", "parity_gap", "odds_gap"):
+                    if getattr(d, key).p_value is not None:
+                        self.check(f"{base}.{key}.p_value", "audit_p_value_min",
+                                   f"the permutation p-value of {p.name}'s {key.replace('_', ' ')} (the attribute "
+                                   "changes the decision)")
+                if d.flip_rate.value is not None:
+                    self.check(f"{base}.flip_rate", "audit_flip_rate_max", f"{p.name}'s counterfactual flip rate")
+            for key, label, threshold in (("agreement", "mean pairwise agreement across paraphrases",
+                                           "audit_agreement_min"),
+                                          ("accuracy", "accuracy over paraphrases", None),
+                                          ("refusal_rate_harmful", "refusal rate on harmful requests",
+                                           "audit_refusal_rate_min"),
+                                          ("over_refusal_rate_benign", "refusal rate on benign requests",
+                                           "audit_over_refusal_rate_max"),
+                                          ("pairs_told_apart", "pairs with the harmful request refused and the "
+                                           "benign one answered", None)):
+                if key not in p.metrics or p.metrics[key].get("value") is None:
+                    continue
+                e = EstimateDoc.model_validate(p.metrics[key])
+                other_rows.append([p.name, label, self._estimate(f"{base}.{key}", f"{p.name}: {label}", e, path,
+                                                                 f"{field}.metrics.{key}")])
+                if threshold:
+                    self.check(f"{base}.{key}", threshold, f"{p.name}'s {label}")
+        if group_rows:
+            blocks.append(Block(kind="table", id="audit_groups", title="Audit: decisions per group",
+                                columns=["probe", "group", "mean score [CI]", "favourable rate [CI]"], rows=group_rows))
+            blocks.append(Block(kind="table", id="audit_gaps", title="Audit: between-group gaps (permutation p)",
+                                columns=["probe", "score gap", "parity gap", "odds gap", "flip rate"], rows=gap_rows))
+        if other_rows:
+            blocks.append(Block(kind="table", id="audit_rates", title="Audit: paraphrase and refusal probes",
+                                columns=["probe", "metric", "value [CI]"], rows=other_rows))
+        wb_rows = []
+        for j, w in enumerate(a.whitebox):
+            base, field = f"audit.whitebox.{w.task}", f"whitebox[{j}]"
+            wb_rows.append([w.task,
+                            self._estimate(f"{base}.api_accuracy", f"{w.task}: accuracy through the API",
+                                           w.api_accuracy, path, f"{field}.api_accuracy"),
+                            N(self.num(f"{base}.whitebox_accuracy", f"{w.task}: accuracy of the white-box run on the "
+                                       "same prompts", w.whitebox_accuracy, path, f"{field}.whitebox_accuracy")),
+                            N(self.num(f"{base}.agreement", f"{w.task}: share of prompts where API and white-box "
+                                       "decisions agree", w.agreement, path, f"{field}.agreement")),
+                            N(self.num(f"{base}.max_abs_score_diff", f"{w.task}: max |API - white-box| logit "
+                                       "difference", w.max_abs_score_diff, path, f"{field}.max_abs_score_diff")),
+                            "yes" if w.same_model else "no"])
+        if wb_rows:
+            blocks.append(Block(kind="table", id="audit_whitebox",
+                                title="Audit: the run's tasks through the API, beside the white-box run",
+                                columns=["task", "API accuracy [CI]", "white-box accuracy", "agreement",
+                                         "max |Δ logit diff|", "same model"], rows=wb_rows))
+        if a.notes:
+            blocks.append(text("Audit notes: " + "; ".join(a.notes) + "."))
+        fig = self.ledger.figure("audit.figure", f"{Path(path).parent}/audit.png",
+                                 "Black-box audit: decision scores per group with CIs, and the other probes' rates")
+        if fig:
+            blocks.append(Block(kind="figure", figure=fig))
+        return blocks
 
     def block_test_log(self) -> list[Block]:
         path = self.manifest_path

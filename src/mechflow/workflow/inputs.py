@@ -430,6 +430,32 @@ def steer_outputs_of(wildcards) -> list[str]:
             for name in STEER_OUTPUTS]
 
 
+# ----------------------------------------------------------------------------- audit
+
+AUDIT_OUTPUTS = ("summary.json", "responses.jsonl", "scores.jsonl", "audit.png")
+
+
+def _audit_cfg(run: str):
+    from mechflow.audit.config import AuditConfig
+
+    return AuditConfig.from_dict(RUNS[run].cfg.get("audit"))
+
+
+def audit_task_files_of(wildcards) -> dict[str, list[str]]:
+    """Named inputs of `audit`: dataset.jsonl and baseline.json of each task in `audit.whitebox_tasks`."""
+    acfg = _audit_cfg(wildcards.run)
+    tasks = tasks_of_setting(wildcards.run, "audit.whitebox_tasks", acfg.whitebox_tasks) if acfg.enabled else []
+    return {"datasets": [paths.task_file(wildcards.run, t, "dataset.jsonl") for t in tasks],
+            "baselines": [paths.task_file(wildcards.run, t, "baseline.json") for t in tasks]}
+
+
+def audit_outputs_of(wildcards) -> list[str]:
+    """The audit's outputs of a run (inputs of `run_manifest`; none unless audit.enabled)."""
+    if not _audit_cfg(wildcards.run).enabled:
+        return []
+    return [f"{paths.audit_dir(wildcards.run)}/{name}" for name in AUDIT_OUTPUTS]
+
+
 # ----------------------------------------------------------------------------- report
 
 

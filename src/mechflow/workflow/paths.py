@@ -76,6 +76,11 @@ def harvest_group_dir(run: str, group: int) -> str:
     return f"{run_dir(run)}/harvest_layers/group_{group}"
 
 
+def audit_dir(run: str) -> str:
+    """Folder of the run's black-box audit of an endpoint (rule audit)."""
+    return f"{run_dir(run)}/audit"
+
+
 def steer_dir(run: str, task: str) -> str:
     """Folder of a task's steering sweeps and records (rule steer)."""
     return f"{run_dir(run)}/steer/{task}"

@@ -107,7 +107,8 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
               circuit_outputs: list[Path] = (), statistics: list[Path] = (),
               benchmarks: list[Path] = (), feature_outputs: list[Path] = (), analysis_outputs: list[Path] = (),
               reference_outputs: list[Path] = (), graph_outputs: list[Path] = (),
-              cross_model_outputs: list[Path] = (), steer_outputs: list[Path] = ()) -> RunManifest:
+              cross_model_outputs: list[Path] = (), steer_outputs: list[Path] = (),
+              audit_outputs: list[Path] = ()) -> RunManifest:
     """Stage function of `run_manifest`: inputs are what the run read, outputs what it produced (with the
     FCAS / CKA comparisons of the model pairs it belongs to)."""
     index = read_document(harvest_index, HarvestIndex, fix="re-run the harvest stage")
@@ -119,7 +120,7 @@ def close_run(run_cfg: dict, *, resolved_config: Path, model_card: Path, dataset
         outputs=[resolved_config, model_card, *baselines, harvest_index, *harvest_manifests, table, figure,
                  *dictionary_metrics, *dictionary_figures, *circuit_outputs, *statistics, *benchmarks, *feature_outputs,
                  *analysis_outputs, *reference_outputs, *graph_outputs, *cross_model_outputs,
-                 *steer_outputs],
+                 *steer_outputs, *audit_outputs],
         model_card=model_card,
         run_manifest=run_manifest,
         run=run,
