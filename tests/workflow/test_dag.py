@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -94,21 +95,37 @@ def test_dag_draws_as_mermaid(tmp_path):
 
 
 SMOKE = "overrides=+experiment=smoke task=[ioi,greater_than]"  # two metric kinds, less CI time
+SMOKE_KEY_ENV, SMOKE_KEY = "MECHFLOW_SMOKE_AUDIT_KEY", "sk-smoke-audit-key-never-written-9f3a"
+
+
+class Smoke(NamedTuple):
+    folder: Path
+    overrides: str  # the --config value every later call of the same run passes again
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    """The whole default DAG on SmolLM2 with the smoke experiment's tiny sizes (once per module)."""
+def smoke_run(tmp_path_factory, smollm2) -> Smoke:
+    """The whole default DAG on SmolLM2 with the smoke experiment's tiny sizes (once per module), with
+    the black-box audit of SmolLM2 served by mechflow's OpenAI-compatible server on loopback."""
+    from mechflow.audit.serve import create_app, serve_in_thread
+
     folder = tmp_path_factory.mktemp("smoke")
-    # a hang guard, not a speed test: 30 min was reached while other jobs shared the 2 cores
-    result = snakemake("--cores", "2", "--config", SMOKE, cwd=folder, timeout=2700)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    return folder
+    app = create_app(smollm2, model_name="smollm2_135m", api_key=SMOKE_KEY)
+    os.environ[SMOKE_KEY_ENV] = SMOKE_KEY  # the audit job reads it; it must appear in no file
+    try:
+        with serve_in_thread(app) as base_url:
+            overrides = (f"{SMOKE} audit.enabled=true audit.base_url={base_url} audit.api_key_env={SMOKE_KEY_ENV}")
+            # a hang guard, not a speed test: 30 min was reached while other jobs shared the 2 cores
+            result = snakemake("--cores", "2", "--config", overrides, cwd=folder, timeout=2700)
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+            yield Smoke(folder, overrides)
+    finally:
+        os.environ.pop(SMOKE_KEY_ENV, None)
 
 
 @pytest.mark.slow
 def test_smoke_run_end_to_end(smoke_run):
-    tmp_path, overrides = smoke_run, SMOKE
+    tmp_path, overrides = smoke_run
     run = tmp_path / "results" / "smollm2_135m"
     manifest = json.loads((run / "run_manifest.json").read_text())
     assert manifest["model"]["name"] == "smollm2_135m" and len(manifest["config_hash"]) == 16
@@ -166,6 +183,17 @@ def test_smoke_run_end_to_end(smoke_run):
     records = [json.loads(line) for line in (run / "steer" / "ioi" / "interventions.jsonl").read_text().splitlines()]
     assert {r["intervention"]["kind"] for r in records} >= {"contrast", "random", "shuffled", "sae_feature"}
     assert any(p.endswith("steer/ioi/interventions.jsonl") for p in produced)
+    # issue 19: the black-box audit through the real HTTP client and server; the white-box task through the
+    # API gives the white-box run's logit differences; the planted key is in no file
+    summary = json.loads((run / "audit" / "summary.json").read_text())
+    ioi = next(w for w in summary["whitebox"] if w["task"] == "ioi")
+    assert ioi["same_model"] and ioi["agreement"] == 1.0 and ioi["max_abs_score_diff"] < 1e-3
+    assert {p["kind"] for p in summary["probes"]} == {"decision", "paraphrase", "refusal"}
+    assert summary["probes"][0]["decision"]["score_gap"]["p_value"] is not None
+    assert any(p.endswith("audit/responses.jsonl") for p in produced)
+    assert not (run / "audit" / "store").exists() or not any((run / "audit" / "store").iterdir())
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SMOKE_KEY.encode() in p.read_bytes()]
+    assert leaked == []
     # a second invocation has nothing to do; nor has `snakemake figures` (the run drew them for its report)
     again = snakemake("-n", "--cores", "2", "--config", overrides, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -185,6 +213,7 @@ def test_smoke_run_report(smoke_run, poppler):
 
     from mechflow.io import sha256_file
 
+    smoke_run = smoke_run.folder
     run = smoke_run / "results" / "smollm2_135m"
     doc = json.loads((run / "report" / "report.json").read_text())
     jsonschema.validate(doc, json.loads((REPO / "workflow/schemas/contracts/report.schema.json").read_text()))
@@ -202,7 +231,8 @@ def test_smoke_run_report(smoke_run, poppler):
                 f"stats.{task}.clean_metric.estimate"} <= ids
         assert any(i.startswith(f"reference.{task}.nodes.") for i in ids)
     assert {"dictionaries.sae.fvu", "dictionaries.transcoder.l0", "dictionaries.set.fvu",
-            "graphs.ioi.p0.completeness", "model.sha256", "run.config_hash"} <= ids
+            "graphs.ioi.p0.completeness", "model.sha256", "run.config_hash", "audit.whitebox.ioi.api_accuracy",
+            "audit.loan_gender_origin.score_gap.p_value", "audit.responses_sha256"} <= ids
     assert doc["completeness"]["to_be_completed"] == doc["completeness"]["total"]  # the shipped template is empty
     for lim in doc["limitations"]:
         assert lim["threshold_key"] and lim["number"] in ids
@@ -233,8 +263,9 @@ def test_snakemake_report_bundles_every_figure(smoke_run):
     import collections
     import zipfile
 
+    smoke_run, overrides = smoke_run
     out = smoke_run / "snakemake_report.zip"
-    result = snakemake("--cores", "1", "--config", SMOKE, "--report", str(out), cwd=smoke_run)
+    result = snakemake("--cores", "1", "--config", overrides, "--report", str(out), cwd=smoke_run)
     assert result.returncode == 0, result.stderr[-3000:]
     inside = collections.Counter(Path(n).name for n in zipfile.ZipFile(out).namelist())
     written = collections.Counter(p.name for p in (smoke_run / "results").rglob("*.png"))

@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 from mechflow.errors import MechflowError
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO; the audit stores every request and answer itself (responses.jsonl)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

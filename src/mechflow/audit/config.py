@@ -56,7 +56,11 @@ class AuditConfig(GroupConfig):
                             "deterministic), and the seed of the bootstrap and permutations")
     top_logprobs: StrictInt = Field(20, ge=0, le=20, description="alternatives asked per generated token (0: "
                                     "no logprobs; decisions are then scored from sampled answers)")
-    max_tokens: StrictInt = Field(48, ge=1, description="tokens generated for open answers (refusal, paraphrase)")
+    max_tokens: StrictInt = Field(48, ge=1, description="tokens generated for an open answer (refusal probes)")
+    answer_tokens: StrictInt = Field(8, ge=1, description="tokens generated for a short answer that names an option "
+                                     "(paraphrase probes)")
+    max_items: StrictInt | None = Field(None, ge=1, description="first items of each probe file asked (null: all); "
+                                        "for a quick audit")
     decision_samples: StrictInt = Field(5, ge=1, description="answers sampled per decision prompt when the "
                                         "endpoint gives no logprobs (temperature 1, seeds seed..seed+n-1)")
     probes: tuple[ProbeSpec, ...] = Field(

@@ -53,11 +53,12 @@ def plot_audit(doc: dict, path: Path) -> None:
                 ax.plot([w["whitebox_accuracy"]], [k], "x", color="tab:red", ms=7,
                         label="white-box run" if k == len(rows) - len(doc["whitebox"]) else None)
         ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
-        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlim(-0.03, 1.03)
         ax.invert_yaxis()
-        ax.set_xlabel("share (95% CI)" if abs(doc["config"]["ci_level"] - 0.95) < 1e-9 else "share (CI)")
+        ax.set_xlabel(f"share ({doc['config']['ci_level']:.0%} CI)")
+        ax.plot([], [], "s", color="tab:blue", label="measured (CI)")
         if doc["whitebox"]:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
         ax.set_title(f"{doc['model']} at {doc['base_url']}", fontsize=8)
         fig.tight_layout()
         save_figure(fig, path)

@@ -21,6 +21,7 @@ succeeds, so a later rerun asks afresh: a store is for finishing one audit, not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -155,7 +156,7 @@ def _decision(c: AuditConfig, spec: ProbeSpec, items: list[dict], asks: list[Ask
 
 def _paraphrase(c: AuditConfig, spec: ProbeSpec, items: list[dict], asks: list[Ask], asker: Asker, model: str,
                 records: list[dict], notes: list[str]) -> dict:
-    reqs = [request_body(c, model, a.text, api=c.api, max_tokens=c.max_tokens, logprobs=c.top_logprobs > 0)
+    reqs = [request_body(c, model, a.text, api=c.api, max_tokens=c.answer_tokens, logprobs=c.top_logprobs > 0)
             for a in asks]
     answers = asker.ask(reqs, spec.name)
     by_item = {it["id"]: it for it in items}
@@ -303,7 +304,7 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
         asker = Asker(client)
         probe_results = []
         for spec in c.probes:
-            items = read_items(spec)
+            items = read_items(spec)[:c.max_items]
             asks = ASKS[spec.kind](spec, items)
             before = len(notes)
             res = PROBES[spec.kind](c, spec, items, asks, asker, model, records, notes)
@@ -332,6 +333,8 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
     plot_audit(doc, Path(figure))
     atomic_write_json(summary, doc)
     store.path.unlink(missing_ok=True)  # the audit is complete: the next run asks afresh (module docstring)
+    with contextlib.suppress(OSError):
+        store.path.parent.rmdir()  # only when no other endpoint's store is in it
     _log_headline(doc)
     return {"n_requests": len(exchanges), "n_sent": n_sent, "n_from_store": n_from_store}
 
