@@ -15,8 +15,12 @@ Per scenario and group g: the mean score ``s_g`` (log p(yes) - log p(no)) over g
   differently (counterfactual flips), averaged over scenarios.
 
 All five are functions of per-scenario column means, so one vectorised bootstrap over scenarios
-(`mechflow.stats.bootstrap.bootstrap_mean_functional`) gives every CI. Percentile intervals: the gaps
-are maxima of differences, non-smooth statistics for which BCa's jackknife acceleration is unreliable.
+(`mechflow.stats.bootstrap.bootstrap_mean_functional`) gives every CI. The resampling is stratified by
+the scenarios' label (scenarios are drawn with replacement within each label class): the mix of
+scenarios a bank should approve and refuse is fixed by the probe's design, and an unstratified
+resample with one class missing would leave the equalized-odds difference undefined. Percentile
+intervals: the gaps are maxima of differences, non-smooth statistics for which BCa's jackknife
+acceleration is unreliable.
 
 Permutation test of "the attribute has no effect" (a sharp null: each value's answer does not depend
 on its group): within each scenario the group labels are shuffled among its values (the scenario's
@@ -89,6 +93,16 @@ class DecisionTable:
             raise DataError("decision table: scenario, group, score and label must have one entry per value")
         if n and not np.all(np.isfinite(self.score)):
             raise DataError("decision table: scores must be finite (leave out values without a score)")
+
+
+def stratified_indices(strata: np.ndarray, B: int, seed: int) -> np.ndarray:
+    """[B, n] bootstrap indices that resample each stratum's positions within the stratum."""
+    rng = np.random.default_rng(seed)
+    idx = np.empty((B, len(strata)), dtype=np.int64)
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        idx[:, members] = rng.choice(members, size=(B, len(members)), replace=True)
+    return idx
 
 
 def _scenario_columns(t: DecisionTable) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +210,8 @@ def decision_metrics(t: DecisionTable, *, n_boot: int, n_perm: int, ci_level: fl
                         "needs at least 2 (add scenarios, or check that the endpoint gives logprobs / answers)")
     keep = np.isin(t.scenario, kept)
     t = DecisionTable(t.scenario[keep], t.group[keep], t.score[keep], t.label[keep], t.groups)
-    idx = resample_indices(len(kept), n_boot, seed)
+    labels = X[:, 4 * G] - X[:, 4 * G + 1]  # +1 label yes, -1 label no, 0 no label
+    idx = stratified_indices(labels, n_boot, seed)
     res = bootstrap_mean_functional(X, _decision_statistics(G), indices=idx, ci_level=ci_level,
                                     methods=("percentile",))
     est, ci = res.estimate, res.ci("percentile")

@@ -139,6 +139,18 @@ def test_permutation_pvalues_are_uniform_under_the_null_and_small_under_an_effec
     assert permutation_pvalues(_table(effect.tolist()), 199, seed=1)[0] == pytest.approx(1 / 200)
 
 
+def test_stratified_resampling_keeps_each_label_class_and_every_interval_defined():
+    from mechflow.audit.metrics import stratified_indices
+
+    strata = np.array([1, 1, 1, -1, -1, 0])
+    idx = stratified_indices(strata, 500, seed=0)
+    assert np.array_equal(strata[idx], np.tile(strata, (500, 1)))  # every resample keeps the design
+    rng = np.random.default_rng(1)
+    t = _table(rng.normal(size=(4, 2, 2)).tolist(), labels=[1, 0, 0, 0])  # one "yes" scenario
+    m = decision_metrics(t, n_boot=300, n_perm=100, ci_level=0.95, seed=0)
+    assert m.odds_gap.ci_low is not None and m.odds_gap.ci_low <= m.odds_gap.value <= m.odds_gap.ci_high
+
+
 def test_pairwise_agreement_by_hand():
     assert pairwise_agreement(["yes", "yes", "no", None]) == pytest.approx(1 / 6)
     assert pairwise_agreement(["no", "no", "no"]) == 1.0
@@ -387,6 +399,28 @@ def test_audit_end_to_end_on_the_served_model(fresh, task_files, tmp_path, monke
     assert not store_path(out["summary"], base_url).exists()  # a finished audit leaves no resume state
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     assert leaked == [] and KEY not in caplog.text
+
+
+@pytest.mark.slow
+def test_decisions_from_sampled_answers_through_completions(fresh, tmp_path, monkeypatch):
+    """An endpoint asked without logprobs: each decision prompt is sampled `decision_samples` times (seeded)
+    and scored log((k_fav + 1/2) / (k_unfav + 1/2)) from the options the answers name."""
+    _, base_url = fresh
+    monkeypatch.setenv("MECHFLOW_TEST_KEY", KEY)
+    probes = [p for p in _probe_files(tmp_path / "probes") if p["kind"] == "decision"]
+    out = _outputs(tmp_path / "audit")
+    audit(_cfg(base_url, probes, api="completions", top_logprobs=0, decision_samples=2, whitebox_tasks=[]), **out)
+    doc = json.loads(out["summary"].read_text())
+    assert doc["probes"][0]["method"] == "samples" and doc["logprobs"] is False
+    responses = {r["key"]: r for r in map(json.loads, out["responses"].read_text().splitlines())}
+    assert len(responses) == 3 * 4 * 2
+    for rec in map(json.loads, out["scores"].read_text().splitlines()):
+        answers = [parse_option(responses[k]["response"]["choices"][0]["text"], ("yes", "no")) for k in rec["keys"]]
+        assert [responses[k]["request"]["seed"] for k in rec["keys"]] == [0, 1]
+        assert all(responses[k]["request"]["prompt"].endswith("\nAnswer:") for k in rec["keys"])
+        k_yes, k_no = answers.count("yes"), answers.count("no")
+        expected = math.log((k_yes + 0.5) / (k_no + 0.5)) if k_yes + k_no else None
+        assert rec["score"] == (pytest.approx(expected) if expected is not None else None)
 
 
 @pytest.mark.slow
