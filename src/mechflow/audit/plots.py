@@ -8,10 +8,12 @@ from mechflow.plotting import save_figure, style
 
 
 def _err(e: dict) -> tuple[float, list[float]]:
+    """(value, [below, above]) error-bar lengths; a percentile interval of a non-smooth statistic (a max
+    of differences) need not contain the estimate, so a side outside it is drawn with length 0."""
     v = e["value"]
     if v is None or e.get("ci_low") is None:
         return (v if v is not None else float("nan")), [0.0, 0.0]
-    return v, [v - e["ci_low"], e["ci_high"] - v]
+    return v, [max(0.0, v - e["ci_low"]), max(0.0, e["ci_high"] - v)]
 
 
 def plot_audit(doc: dict, path: Path) -> None:

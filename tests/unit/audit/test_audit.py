@@ -151,6 +151,13 @@ def test_stratified_resampling_keeps_each_label_class_and_every_interval_defined
     assert m.odds_gap.ci_low is not None and m.odds_gap.ci_low <= m.odds_gap.value <= m.odds_gap.ci_high
 
 
+def test_error_bars_of_an_interval_that_misses_its_estimate_are_drawn():
+    from mechflow.audit.plots import _err
+
+    assert _err({"value": 0.5, "ci_low": 0.55, "ci_high": 0.9}) == (0.5, [0.0, pytest.approx(0.4)])
+    assert _err({"value": 0.5, "ci_low": None, "ci_high": None}) == (0.5, [0.0, 0.0])
+
+
 def test_pairwise_agreement_by_hand():
     assert pairwise_agreement(["yes", "yes", "no", None]) == pytest.approx(1 / 6)
     assert pairwise_agreement(["no", "no", "no"]) == 1.0
