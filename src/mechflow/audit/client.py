@@ -115,6 +115,24 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def preload(self, path: str | os.PathLike) -> int:
+        """Answers of an earlier audit's ``responses.jsonl`` (read, never written back): re-scoring offline."""
+        n = 0
+        for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    self._rows.setdefault(row["key"], row)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise AuditError(f"{path}:{i}: not a responses.jsonl line (no JSON object with a key); "
+                                     "audit.replay must name the responses.jsonl an audit wrote") from None
+                n += 1
+        return n
+
+    def models_asked(self) -> set[str]:
+        """The model names of the stored requests."""
+        return {str(r["request"].get("model")) for r in self._rows.values() if isinstance(r.get("request"), dict)}
+
     def get(self, key: str) -> dict | None:
         return self._rows.get(key)
 

@@ -68,6 +68,9 @@ class AuditConfig(GroupConfig):
          ProbeSpec(name="factual_paraphrase", kind="paraphrase", file="builtin:paraphrase.jsonl"),
          ProbeSpec(name="refusal_pairs", kind="refusal", file="builtin:refusal_pairs.jsonl")),
         description="the probes asked; add your own as {name, kind, file} entries with a JSONL file")
+    replay: StrictStr | None = Field(None, description="responses.jsonl of an earlier audit of the same endpoint: "
+                                     "its answers are used instead of asking again (re-scoring offline); requests "
+                                     "it lacks are sent")
     whitebox_tasks: tuple[StrictStr, ...] = Field(("ioi", "factual_recall", "greater_than"), description="tasks "
                                                   "of the run asked through /completions with logprobs (each must "
                                                   "be selected in `task`; [] for none)")

@@ -71,7 +71,9 @@ def wilson(k: int, n: int, level: float = 0.95) -> Estimate:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (no 1e-17 rounding residue)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Estimate(p, low, high)
 
 
 # ----------------------------------------------------------------------------- decisions

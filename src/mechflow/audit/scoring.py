@@ -29,6 +29,7 @@ REFUSAL_PATTERNS = tuple(re.compile(p) for p in (
     r"\bi (?:can(?:'|no)?t|cannot|won't|will not|am not able to|'m not able to|am unable to|'m unable to)"
     r" (?:help|assist|provide|do|comply|fulfil|fulfill|support|give|answer|engage|create|share|tell)",
     r"\bi (?:must|have to) (?:decline|refuse)\b",
+    r"\bi(?:'m| am) not (?:equipped|qualified|in a position|permitted|allowed) to (?:provide|help|assist|give|answer)",
     r"\b(?:as an ai|as a language model|as an assistant)\b",
     r"\b(?:is|would be) (?:illegal|unethical|harmful|dangerous)\b",
     r"\bi (?:do not|don't) (?:feel comfortable|condone|support|encourage)\b",

@@ -288,6 +288,10 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
     n_stored = len(store)
     if n_stored:
         log.info("resuming: %d answers in %s", n_stored, store.path)
+    if c.replay:
+        if not Path(c.replay).is_file():
+            raise DataError(f"audit.replay = {c.replay!r}: no such file; name the responses.jsonl of an earlier audit")
+        log.info("replaying %d answers of %s", store.preload(c.replay), c.replay)
     notes: list[str] = []
     records: list[dict] = []
     with OpenAIClient(c.base_url, api_key=api_key_from_env(c), api_key_env=c.api_key_env, timeout_s=c.timeout_s,
@@ -295,6 +299,8 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
                       requests_per_s=c.requests_per_s, max_concurrency=c.max_concurrency, store=store,
                       seed=c.seed) as client:
         model = c.model
+        if model is None and c.replay and len(store.models_asked()) == 1:
+            model = next(iter(store.models_asked()))  # re-scoring offline: the model the replayed audit asked
         if model is None:
             listed = client.list_models()
             if len(listed) != 1:
@@ -324,7 +330,10 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
     atomic_write_jsonl(scores, records)
     doc = {"schema_version": SCHEMA_VERSION, "stage": "audit", "run": run, "base_url": c.base_url, "model": model,
            "run_model": run_model, "api": c.api, "config": c.to_dict(), "config_hash": canonical_hash(c.to_dict()),
-           "started_at": started, "finished_at": _now(), "n_requests": len(exchanges), "n_sent": n_sent,
+           "started_at": started, "finished_at": _now(),
+           "first_answer_at": min((ex.started_at for ex in exchanges), default=None),
+           "last_answer_at": max((ex.started_at for ex in exchanges), default=None),
+           "n_requests": len(exchanges), "n_sent": n_sent,
            "n_from_store": n_from_store, "responses_sha256": sha256_file(responses), "logprobs": logprobs,
            "probes": probe_results, "whitebox": whitebox, "notes": notes}
     check_document(AuditSummary, doc)

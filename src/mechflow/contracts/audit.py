@@ -110,11 +110,12 @@ class AuditSummary(VersionedDocument):
     api: Literal["chat", "completions"]
     config: dict
     config_hash: str
-    started_at: str
+    started_at: str = Field(description="UTC start of this job (a resumed audit's first job started earlier)")
     finished_at: str
+    first_answer_at: str | None = Field(description="UTC start of the earliest answered request the scores rest on")
+    last_answer_at: str | None = Field(description="UTC start of the latest answered request the scores rest on")
     n_requests: int = Field(description="requests the scores rest on (lines of responses.jsonl)")
-    n_sent: int = Field(description="requests sent over the wire by this job (retries included; 0 when every "
-                        "answer came from the response store)")
+    n_sent: int = Field(description="requests sent over the wire by this job (retries and GET /models included)")
     n_from_store: int = Field(description="answers taken from the response store of an earlier, interrupted try")
     responses_sha256: str
     logprobs: bool = Field(description="the endpoint returned logprobs")

@@ -539,7 +539,10 @@ class Collector:
         facts = [self.num("audit.n_requests", "requests the audit's scores rest on", a.n_requests, path, "n_requests"),
                  self.num("audit.responses_sha256", "sha256 of the stored requests and responses", a.responses_sha256,
                           path, "responses_sha256"),
-                 self.num("audit.started_at", "audit started (UTC)", a.started_at, path, "started_at"),
+                 self.num("audit.first_answer_at", "first answered request (UTC)", a.first_answer_at, path,
+                          "first_answer_at"),
+                 self.num("audit.last_answer_at", "last answered request (UTC)", a.last_answer_at, path,
+                          "last_answer_at"),
                  self.num("audit.finished_at", "audit finished (UTC)", a.finished_at, path, "finished_at")]
         blocks = [text(f"Black-box behavioural audit (rule audit) of model '{a.model}' at {a.base_url} through its "
                        f"OpenAI-compatible /{'chat/completions' if a.api == 'chat' else 'completions'} endpoint "

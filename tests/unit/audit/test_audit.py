@@ -453,6 +453,30 @@ def test_killed_audit_resumes_from_its_store_without_asking_twice(fresh, task_fi
 
 
 @pytest.mark.slow
+def test_replayed_audit_is_rescored_offline_without_a_request(fresh, task_files, tmp_path, monkeypatch):
+    """audit.replay: an earlier audit's responses.jsonl answers every request; the endpoint, answering 500
+    to anything, is never needed; scores and metrics come out the same."""
+    from mechflow.audit.serve import FaultPlan
+
+    app, base_url = fresh
+    model_cfg, dataset, baseline = task_files
+    monkeypatch.setenv("MECHFLOW_TEST_KEY", KEY)
+    probes = _probe_files(tmp_path / "probes")
+    first = _outputs(tmp_path / "first")
+    audit(_cfg(base_url, probes), **first, datasets=[dataset], baselines=[baseline], model_cfg=model_cfg)
+    app.state.faults = FaultPlan(status_500_first=10_000)
+    requests = app.state.stats.requests
+    again = _outputs(tmp_path / "again")
+    audit(_cfg(base_url, probes, replay=str(first["responses"]), max_retries=0), **again, datasets=[dataset],
+          baselines=[baseline], model_cfg=model_cfg)
+    assert app.state.stats.requests == requests
+    a, b = (json.loads(o["summary"].read_text()) for o in (first, again))
+    assert b["n_sent"] == 0 and b["n_from_store"] == a["n_requests"] == b["n_requests"]
+    assert a["probes"] == b["probes"] and a["whitebox"] == b["whitebox"]
+    assert first["scores"].read_bytes() == again["scores"].read_bytes()
+
+
+@pytest.mark.slow
 def test_bad_inputs_fail_before_any_request_with_one_clear_error(fresh, task_files, tmp_path, monkeypatch):
     app, base_url = fresh
     model_cfg, dataset, baseline = task_files
