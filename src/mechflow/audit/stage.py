@@ -242,7 +242,8 @@ def _whitebox(c: AuditConfig, task_files: list[tuple[Path, Path]], asker: Asker,
                 if score is not None and ds.metric_kind == "logit_diff":
                     diffs.append(abs(score - wb))
             records.append(ScoreRecord(probe="whitebox", kind="whitebox", item=str(ex.id), keys=[answer.key],
-                                       group=ds.name, label=ex.answer, score=score, method="logprobs",
+                                       group=ds.name, value=ex.wrong_answer, label=ex.answer, score=score,
+                                       method="logprobs",
                                        answer=ex.answer if ok else (ex.wrong_answer if ok is False else None),
                                        correct=bool(ok)).model_dump(mode="json"))
         n = len(examples)

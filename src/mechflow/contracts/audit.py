@@ -36,8 +36,9 @@ class ScoreRecord(Document):
     keys: list[str] = Field(description="request keys of the answers this record reads (responses.jsonl)")
     group: str | None = Field(None, description="decision: the value's group; refusal: benign | harmful; "
                               "whitebox: the task")
-    value: str | None = Field(None, description="decision: the attribute value asked")
-    label: str | None = Field(None, description="decision / paraphrase: the expected option, if the item has one")
+    value: str | None = Field(None, description="decision: the attribute value asked; whitebox: the wrong answer")
+    label: str | None = Field(None, description="decision / paraphrase: the expected option, if the item has one; "
+                              "whitebox: the answer")
     score: float | None = Field(None, description="decision: log p(favourable) - log p(unfavourable); whitebox: "
                                 "log p(answer) - log p(wrong answer) when both are in the top k")
     bounded: bool | None = Field(None, description="decision: an option was outside the top k, so the score is a "
