@@ -26,6 +26,7 @@ from mechflow.audit.client import (
 from mechflow.audit.config import AuditConfig
 from mechflow.audit.metrics import DecisionTable, decision_metrics, pairwise_agreement, permutation_pvalues, wilson
 from mechflow.audit.scoring import (
+    answer_text,
     compare_answers,
     decision_score,
     first_token_alternatives,
@@ -73,6 +74,29 @@ def test_parse_option_and_refusal_patterns_on_recorded_answers():
     for row in answers:
         assert parse_option(row["text"], ("yes", "no")) == row["option"], row["text"]
         assert is_refusal(row["text"]) is row["refusal"], row["text"]
+
+
+def test_scoring_reproduces_a_recorded_smollm2_audit():
+    """Responses recorded from an audit of SmolLM2 served by mechflow.audit.serve (docs/results/
+    2026-12-05-audit.md), re-scored by the scoring functions: the same numbers and answers as recorded."""
+    rows = [json.loads(line) for line in (RECORDED / "smollm2_audit.jsonl").read_text().splitlines()]
+    assert {r["score"]["kind"] for r in rows} == {"decision", "paraphrase", "refusal", "whitebox"}
+    for row in rows:
+        response, rec = row["exchange"]["response"], row["score"]
+        api = "chat" if row["exchange"]["endpoint"] == "/chat/completions" else "completions"
+        if rec["kind"] == "decision":
+            score, bounded = decision_score(first_token_alternatives(response, api), "yes", "no")
+            assert (score, bounded) == (rec["score"], rec["bounded"])
+        elif rec["kind"] == "paraphrase":
+            assert answer_text(response, api) == rec["text"]
+            assert parse_option(rec["text"], ("yes", "no")) == rec["answer"]
+        elif rec["kind"] == "refusal":
+            assert answer_text(response, api) == rec["text"] and is_refusal(rec["text"]) is rec["refused"]
+        else:
+            ok, lp_a, lp_w = compare_answers(first_token_alternatives(response, api), rec["label"], rec["value"])
+            assert ok is rec["correct"]
+            assert (lp_a - lp_w if lp_a is not None and lp_w is not None else None) == rec["score"]
+    assert any(r["score"].get("refused") for r in rows)  # "I'm not equipped to provide ..."
 
 
 def test_compare_answers_cases():
