@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/acdc.py --out results/benchmarks/acdc.json
 	$(BIN)/python benchmarks/sae_training.py --out results/benchmarks/sae_training.json
 	$(BIN)/python benchmarks/graphs.py --out results/benchmarks/graphs.json
+	$(BIN)/python benchmarks/forward_layout.py --out results/benchmarks/forward_layout.json
 
 # circuit-tracer in its own venv (it cannot share .venv: it pins transformers and huggingface-hub), for
 # the cross-check of tests/unit/graphs/test_circuit_tracer_crosscheck.py (docs/graphs.md). Offline,

@@ -98,3 +98,28 @@ def test_stated_model_shapes_are_checked_when_the_model_loads(smollm2, key, wron
     assert load_model_from_cfg(cfg).model is smollm2.model  # the stated values are right
     with pytest.raises(ConfigError, match=rf"model\.{key} = {wrong}, but smollm2_135m has {key} = \d+: set"):
         load_model_from_cfg({**cfg, key: wrong})
+
+
+@pytest.mark.slow
+def test_linear_weight_layout_is_bit_identical(smollm2):
+    """`linear_weight_layout` (the loaded models' weights re-strided so TL 3's per-forward
+    ``W.T.contiguous()`` is free) changes no output bit: a copy with row-major weights agrees exactly."""
+    import copy
+
+    from mechflow.models.registry import LINEAR_WEIGHTS
+
+    model = smollm2.model
+    restrided = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in LINEAR_WEIGHTS]
+    assert len(restrided) == 3 * model.cfg.n_layers + 1
+    assert all(p.T.is_contiguous() for n, p in model.named_parameters() if n in restrided)
+    plain = copy.deepcopy(model)
+    for n, p in plain.named_parameters():
+        if n in restrided:
+            p.data = p.data.contiguous()
+    assert not plain.W_U.T.is_contiguous()
+    ids = torch.cat([smollm2.to_tokens(PROMPTS[0])] * 2)
+    with torch.no_grad():
+        assert torch.equal(model(ids), plain(ids))
+        _, cache = model.run_with_cache(ids[:1], names_filter=lambda n: n.endswith("mlp_out"))
+        _, cache_plain = plain.run_with_cache(ids[:1], names_filter=lambda n: n.endswith("mlp_out"))
+    assert all(torch.equal(cache[k], cache_plain[k]) for k in cache)

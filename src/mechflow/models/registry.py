@@ -359,7 +359,30 @@ def _load_weights(name: str, dtype: str):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    linear_weight_layout(model)
     return model, tokenizer, source, time.perf_counter() - start
+
+
+LINEAR_WEIGHTS = ("W_gate", "W_in", "W_out", "W_U")
+
+
+def linear_weight_layout(model: Any) -> int:
+    """Store the weights TransformerLens 3 passes to ``F.linear`` as ``W.T.contiguous()`` (gated MLP
+    ``W_gate`` / ``W_in`` / ``W_out``, unembedding ``W_U``) transposed in memory, so that copy is free.
+
+    Why: TL 3's `GatedMLP` and `Unembed` call ``F.linear(x, W.T.contiguous())`` on every forward (to
+    match HF's layout); with ``W`` row-major that copies ~110 MB of SmolLM2's weights per forward, most
+    of the time of a one-token forward (docs/performance.md). Re-striding each weight so that ``W.T``
+    is already contiguous keeps the same values and makes ``F.linear`` see the very tensor it saw
+    before, so every output is bit-identical (tested) while ``.contiguous()`` becomes a no-op.
+    Returns the number of weights re-strided. Writers that serialise weights call ``.contiguous()``.
+    """
+    n = 0
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS and p.dim() == 2 and not p.T.is_contiguous():
+            p.data = p.data.T.contiguous().T
+            n += 1
+    return n
 
 
 DEFAULTS = ModelConfig.field_defaults()  # `load_model`'s defaults are the model group's class defaults
