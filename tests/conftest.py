@@ -65,3 +65,10 @@ def poppler():
     from pathlib import Path
 
     return Path(debian_tool(("pdftotext",), "poppler-utils")).parent
+
+
+@pytest.fixture(scope="session")
+def slurm_tools():
+    """Debian's slurm-wlm and munge (`debian_tool`: PATH, else apt, else skip) for the real-SLURM test."""
+    debian_tool(("munged",), "munge")
+    return debian_tool(("slurmctld",), "slurm-wlm")
