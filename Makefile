@@ -11,7 +11,7 @@ CORES  ?= 2
 SNAKEMAKE_ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: setup run graphs smoke test dag lint bench clean-results circuit-tracer-venv
+.PHONY: setup run graphs smoke test test-slurm dag lint bench clean-results circuit-tracer-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ smoke: setup
 
 test: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The real-SLURM test alone (also part of `make test`): installs slurm-wlm + munge with apt (root), starts
+# a single-node cluster, runs part of the smoke DAG through workflow/profiles/slurm (tests/workflow/test_slurm.py).
+test-slurm: setup
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests/workflow/test_slurm.py $(PYTEST_ARGS)
 
 dag: setup
 	$(BIN)/snakemake --dag mermaid-js > docs/dag.mmd

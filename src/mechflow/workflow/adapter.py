@@ -95,6 +95,22 @@ def _scalars(result: Any) -> dict[str, float]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def remove_stale_temp_files(outputs: Any) -> list[Path]:
+    """Delete the temp files a killed job left beside its outputs (`mechflow.io.atomic_path` names them
+    ``.<name>.<random>.tmp``; inside a directory output, any ``.*.tmp``). Snakemake removes a killed
+    job's declared outputs before it reruns it, but cannot know these."""
+    removed = []
+    for out in outputs:
+        path = Path(out)
+        stale = path.rglob(".*.tmp") if path.is_dir() else path.parent.glob(f".{path.name}.*.tmp")
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d temp file(s) of an interrupted earlier try: %s", len(removed), removed[:5])
+    return removed
+
+
 def run_rule(smk: Any, fn: Callable) -> Any:
     """Run a stage function from a Snakemake `script:` with the job's named inputs/outputs/params.
 
@@ -106,6 +122,7 @@ def run_rule(smk: Any, fn: Callable) -> Any:
     import torch
 
     torch.set_num_threads(max(1, int(smk.threads)))
+    remove_stale_temp_files(smk.output)
     available: dict[str, Any] = {}
     for section in (smk.input, smk.output):
         available.update({k: _as_path(v) for k, v in section.items()})

@@ -48,3 +48,21 @@ def test_a_bad_config_fails_with_the_config_error_of_its_model(tmp_path):
 def test_a_missing_named_argument_names_what_the_rule_provides():
     with pytest.raises(TypeError, match=r"needs \['out'\].*provides"):
         call_with_named(stage_typed, {"cfg": {}, "toy": {}, "model_cfg": {}})
+
+
+def test_temp_files_of_a_killed_try_are_removed_and_nothing_else(tmp_path):
+    from mechflow.io import atomic_path
+    from mechflow.workflow.adapter import remove_stale_temp_files
+
+    out, folder = tmp_path / "summary.json", tmp_path / "shards"
+    folder.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(out) as tmp:  # a kill in the middle of a write leaves no temp file here...
+            tmp.write_text("{")
+            raise KeyboardInterrupt
+    stale = [tmp_path / ".summary.json.abc123.tmp", folder / ".part-0.parquet.x.tmp"]  # ...but a SIGKILL does
+    keep = [tmp_path / "summary.json.bak", tmp_path / ".other.json.x.tmp", folder / "part-0.parquet"]
+    for p in stale + keep:
+        p.write_text("x")
+    assert sorted(remove_stale_temp_files([out, folder])) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
