@@ -22,7 +22,6 @@ succeeds, so a later rerun asks afresh: a store is for finishing one audit, not 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ import numpy as np
 
 from mechflow.audit.client import AuditError, Exchange, OpenAIClient, ResponseStore
 from mechflow.audit.config import AuditConfig, ProbeSpec
-from mechflow.audit.metrics import DecisionTable, Estimate, decision_metrics, paraphrase_metrics, wilson
+from mechflow.audit.metrics import DecisionTable, decision_metrics, paraphrase_metrics, wilson
 from mechflow.audit.probes import ASKS, Ask, probe_path, raw_completion_body, read_items, request_body
 from mechflow.audit.scoring import (
     answer_text,
@@ -47,7 +46,7 @@ from mechflow.audit.scoring import (
     parse_option,
 )
 from mechflow.contracts.audit import AuditSummary, ScoreRecord
-from mechflow.contracts.documents import check_document
+from mechflow.contracts.documents import check_document, read_document
 from mechflow.contracts.tasks import TaskBaseline
 from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_write_json, atomic_write_jsonl, canonical_hash, sha256_file
@@ -217,7 +216,7 @@ def _whitebox(c: AuditConfig, task_files: list[tuple[Path, Path]], asker: Asker,
         if not ds.posable or not ds.examples:
             notes.append(f"whitebox {ds.name}: the task cannot be posed on the run's model; not asked")
             continue
-        baseline = TaskBaseline.model_validate_json(Path(baseline_path).read_text())
+        baseline = read_document(baseline_path, TaskBaseline, fix="re-run the evaluate_task rule")
         white = {str(p.id): p.clean for p in baseline.per_prompt}
         examples = ds.examples[:c.whitebox_prompts]
         reqs = [raw_completion_body(c, model, ex.prompt) for ex in examples]
@@ -281,8 +280,8 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
     datasets, baselines = [Path(p) for p in datasets], [Path(p) for p in baselines]
     if len(datasets) != len(baselines):
         raise DataError(f"audit: {len(datasets)} task datasets but {len(baselines)} baseline.json files")
-    for spec in c.probes:  # bad probe files fail before any request is sent
-        read_items(spec)
+    # read once, before any request is sent: a bad probe file fails with nothing asked
+    probe_items = {spec.name: read_items(spec)[:c.max_items] for spec in c.probes}
     run_model = str((model_cfg or {}).get("name", ""))
     started = _now()
     store = ResponseStore(store_path(summary, c.base_url))
@@ -311,7 +310,7 @@ def audit(cfg: AuditConfig | Mapping[str, Any] | None, *, summary: Path, respons
         asker = Asker(client)
         probe_results = []
         for spec in c.probes:
-            items = read_items(spec)[:c.max_items]
+            items = probe_items[spec.name]
             asks = ASKS[spec.kind](spec, items)
             before = len(notes)
             res = PROBES[spec.kind](c, spec, items, asks, asker, model, records, notes)
@@ -358,20 +357,3 @@ def _log_headline(doc: dict) -> None:
     for w in doc["whitebox"]:
         log.info("whitebox %s: API accuracy %.3f, white-box %s", w["task"], w["api_accuracy"]["value"],
                  w["whitebox_accuracy"])
-
-
-def read_summary(path: str | os.PathLike) -> dict:
-    """An audit summary.json, checked against its contract (the report reads it)."""
-    return check_document(AuditSummary, json.loads(Path(path).read_text()))
-
-
-def estimate_text(e: Mapping[str, Any] | Estimate | None, digits: int = 3) -> str:
-    """'v [lo, hi]' for the report and the docs."""
-    if e is None:
-        return "n/a"
-    d = e.to_dict() if isinstance(e, Estimate) else e
-    if d.get("value") is None:
-        return "n/a"
-    fmt = f"{{:.{digits}f}}"
-    ci = "" if d.get("ci_low") is None else f" [{fmt.format(d['ci_low'])}, {fmt.format(d['ci_high'])}]"
-    return fmt.format(d["value"]) + ci

@@ -129,7 +129,7 @@ DOCUMENTS: tuple[DocumentContract, ...] = (
     D("audit_exchange", audit.StoredExchange, "audit/responses.jsonl (one per line)", "mechflow.audit.stage:audit"),
     D("audit_score", audit.ScoreRecord, "audit/scores.jsonl (one per line)", "mechflow.audit.stage:audit"),
     D("audit_summary", audit.AuditSummary, "audit/summary.json", "mechflow.audit.stage:audit",
-      ("mechflow.audit.stage:read_summary",)),
+      ("mechflow.report.collect:Collector.block_audit",)),
     D("graph_summary", graphs.GraphSummary, "graphs/{task}/p{prompt}/graph.json",
       "mechflow.graphs.stage:attribution_graph", ("mechflow.graphs.stage:graphs_summary",)),
     D("neuronpedia_graph", graphs.NeuronpediaGraph, "graphs/{task}/{task}-p{prompt}.json",
