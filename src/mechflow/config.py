@@ -5,7 +5,9 @@
 2. `expand_sweeps` turns sweep overrides (`model=a,b`, `seed=range(0,3)`) into the cartesian
    product of plain override lists, exactly as Hydra's BasicSweeper would in `--multirun`.
 3. `compose_config` composes `config/config.yaml` with one override list, resolves
-   interpolations and validates every group against `workflow/schemas/config/<group>.schema.json`.
+   interpolations and validates every group against `workflow/schemas/config/<group>.schema.json`,
+   then what a schema cannot say: each group's cross-field rules (its typed config) and the sizes
+   the model group states (`check_model_limits`). Every error is one line naming the field and the fix.
 4. `compose_runs` does 2–3 for every sweep point and names each run folder.
 5. `config_model` makes each group's typed config (`<stage>/config.py`): a frozen pydantic dataclass
    whose fields carry the defaults, bounds and descriptions. `parse_group` validates a mapping into
@@ -75,8 +77,9 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
-    except Exception as exc:  # hydra raises OverrideParseException with a readable message
-        raise ConfigError(f"cannot parse overrides {overrides!r}: {exc}") from exc
+    except Exception as exc:  # hydra raises OverrideParseException with a readable, multi-line message
+        raise ConfigError(f"cannot parse overrides {overrides!r}: {_one_line(str(exc))}; fix the override's "
+                          "syntax (key=value, lists as key=[a,b]; quote values with spaces)") from exc
     axes: list[list[str]] = []
     for override, text in zip(parsed, overrides):
         if override.is_sweep_override():
@@ -178,14 +181,55 @@ def validate_group(group: str, value: Any, schema_dir: Path = DEFAULT_SCHEMA_DIR
 
 
 def validate_config(cfg: dict, schema_dir: Path = DEFAULT_SCHEMA_DIR) -> None:
-    """Validate the root keys and every group (the `task` group: each selected task)."""
+    """Validate the root keys and every group (the `task` group: each selected task), then what a
+    JSON schema cannot say: each group's cross-field checks (`validate_typed_groups`) and the limits
+    the model group states (`check_model_limits`)."""
     validate_group(ROOT_SCHEMA, cfg, schema_dir, prefix="")
+    known = {*RootConfig.__pydantic_fields__, *CONFIG_GROUPS, *DICTIONARY_GROUPS} - {ROOT_SCHEMA}  # type: ignore[attr-defined]
+    unknown = sorted(set(cfg) - known)
+    if unknown:  # the root schema lets group keys through, so it lets a misspelt root key through too
+        raise ConfigError(f"{unknown[0]}: unknown key at the root of the config; valid keys are {sorted(known)}. "
+                          "Fix the spelling or remove the key.")
     for group, value in cfg.items():
         if group == "task" and isinstance(value, dict):
             for name, task_cfg in value.items():
                 validate_group("task", task_cfg, schema_dir, prefix=f"task.{name}")
         elif isinstance(value, dict):
             validate_group(group, value, schema_dir)
+    validate_typed_groups(cfg)
+    check_model_limits(cfg)
+
+
+def validate_typed_groups(cfg: dict) -> None:
+    """Build every group's typed config, so that its cross-field checks (e.g. `audit.base_url` is
+    required when `audit.enabled`; `corpus.max_tokens` >= `corpus.context_size`) fail at composition,
+    not when the stage starts. Tasks are typed by the task stage itself (`parse_task_config`)."""
+    import importlib
+
+    for group, value in cfg.items():
+        if group in (ROOT_SCHEMA, "task") or not isinstance(value, dict):
+            continue
+        if group in CONFIG_GROUPS:
+            parse_group(group_model(group), value)
+        elif group in DICTIONARY_GROUPS:
+            dictionaries = importlib.import_module("mechflow.dictionaries.config")
+            dictionaries.parse_config(getattr(dictionaries, DICTIONARY_GROUPS[group]), value, group)
+
+
+def check_model_limits(cfg: dict) -> None:
+    """The sizes the model group states (`model.n_ctx`, `model.n_layers`; checked when the model
+    loads) bound the corpus contexts and the harvested layers: fail here, not in the harvest."""
+    model = cfg.get("model") or {}
+    name, n_ctx, n_layers = model.get("name"), model.get("n_ctx"), model.get("n_layers")
+    context_size = (cfg.get("corpus") or {}).get("context_size")
+    if is_int(n_ctx) and is_int(context_size) and context_size > n_ctx:
+        raise ConfigError(f"corpus.context_size: {context_size} tokens exceed the context of {name} (model.n_ctx = "
+                          f"{n_ctx}); lower it, e.g. corpus.context_size={min(n_ctx, 128)}")
+    layers = (cfg.get("harvest") or {}).get("layers") or []
+    bad = [layer for layer in layers if is_int(layer) and is_int(n_layers) and layer >= n_layers]
+    if bad:
+        raise ConfigError(f"harvest.layers: {bad} are not layers of {name}, which has {n_layers} (0..{n_layers - 1}); "
+                          f"remove them or pick layers below {n_layers}")
 
 
 def compose_config(overrides: list[str] | None = None, config_dir: Path = DEFAULT_CONFIG_DIR,
@@ -204,12 +248,32 @@ def compose_config(overrides: list[str] | None = None, config_dir: Path = DEFAUL
             cfg = compose(config_name="config", overrides=overrides)
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot compose config with overrides {overrides}: {exc}".strip()) from exc
+        raise ConfigError(f"cannot compose config with overrides {overrides}: {_hydra_message(exc, config_dir)}"
+                          ) from exc
     finally:
         GlobalHydra.instance().clear()
     _drop_unselected_tasks(resolved)
     validate_config(resolved, schema_dir)
     return resolved
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (Hydra's) as one line: its lines joined with "; ", tabs and blanks dropped."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip()).rstrip(".")
+
+
+def _hydra_message(exc: Exception, config_dir: Path) -> str:
+    """Hydra's error as one line, without its config search path, with the options of a group that
+    has no such option and the fix."""
+    text = str(exc).split("Config search path:")[0]
+    found = re.search(r"Could not (?:find|load) '([^'/]+)/([^']+)'", text)
+    if not found:
+        return _one_line(text) + "; fix the override or the YAML file it names"
+    group, option = found.groups()
+    options = sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+    return (f"there is no option {option!r} in config group {group!r} (options: {', '.join(options)}); "
+            f"use one of them, e.g. {group}={options[0] if options else '<option>'}, "
+            f"or add config/{group}/{option}.yaml")
 
 
 def _drop_unselected_tasks(cfg: dict) -> None:
@@ -587,6 +651,9 @@ CONFIG_GROUPS: dict[str, str] = {
     "summary": "mechflow.summary.config:SummaryConfig",
     "task": "mechflow.tasks.config:TaskConfig",
 }
+# Groups typed by `mechflow.dictionaries.config` (its own `parse_config`), not by `config_model`.
+DICTIONARY_GROUPS: dict[str, str] = {"sae": "SAEConfig", "transcoder": "TranscoderConfig",
+                                     "transcoder_set": "TranscoderSetConfig"}
 
 
 def group_model(group: str) -> type:

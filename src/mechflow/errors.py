@@ -34,3 +34,14 @@ def check_known_keys(where: str, cfg, cls) -> None:
         group = where.split(".")[0]
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {sorted(known)} "
                           f"(check config/{group}/*.yaml or the override for a typo)")
+
+
+def one_line(exc: BaseException, limit: int = 3) -> str:
+    """`exc` as one line for a message: a pydantic ValidationError as ``field: problem; ...`` (its
+    first `limit` errors), anything else with its lines joined by "; " (a message is one line)."""
+    errors = getattr(exc, "errors", None)
+    items = errors() if callable(errors) and type(exc).__name__ == "ValidationError" else None
+    if items:
+        parts = [f"{'.'.join(map(str, e['loc'])) or '<document>'}: {e['msg']}" for e in items[:limit]]
+        return "; ".join(parts) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())

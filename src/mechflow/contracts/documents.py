@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from mechflow.contracts.versions import SCHEMA_VERSION, SchemaVersion
-from mechflow.errors import DataError
+from mechflow.errors import DataError, one_line
 from mechflow.io import atomic_write_json
 
 
@@ -110,7 +110,7 @@ def _parse(path: Path, fix: str) -> Any:
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; {fix}") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+        raise DataError(f"{path}: not valid JSON ({one_line(exc)}); {fix}") from exc
 
 
 def read_document(path: str | os.PathLike, model: Any, *, fix: str) -> Any:
@@ -120,7 +120,7 @@ def read_document(path: str | os.PathLike, model: Any, *, fix: str) -> Any:
     try:
         return adapter(model).validate_python(data)
     except ValueError as exc:
-        raise DataError(f"{path}: not a valid {model_name(model)} ({exc}); {fix}") from exc
+        raise DataError(f"{path}: not a valid {model_name(model)} ({one_line(exc)}); {fix}") from exc
 
 
 def load_document(path: str | os.PathLike, model: Any, *, fix: str, partial: bool = False) -> dict:
@@ -130,4 +130,4 @@ def load_document(path: str | os.PathLike, model: Any, *, fix: str, partial: boo
     try:
         return check_document(model, data, partial=partial)
     except ValueError as exc:
-        raise DataError(f"{path}: not a valid {model_name(model)} ({exc}); {fix}") from exc
+        raise DataError(f"{path}: not a valid {model_name(model)} ({one_line(exc)}); {fix}") from exc

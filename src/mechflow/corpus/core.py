@@ -33,7 +33,7 @@ from mechflow.contracts.versions import SCHEMA_VERSION
 from mechflow.corpus import sources
 from mechflow.corpus.config import CorpusConfig
 from mechflow.corpus.tokenizer import TokenizerInfo, load_tokenizer
-from mechflow.errors import DataError
+from mechflow.errors import ConfigError, DataError
 from mechflow.io import atomic_path, canonical_hash, sha256_file
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,14 @@ def prepare_corpus(cfg: CorpusConfig | Mapping[str, Any], *, model_cfg: dict, to
     Returns:
         The dict written to `corpus.json`.
     """
-    ccfg = CorpusConfig.from_dict(cfg)
-    tok = tokenizer_info or load_tokenizer(model_cfg)
     from mechflow.models import ModelConfig  # the model group's class defaults
 
-    prepend_bos = ModelConfig.from_dict(model_cfg).prepend_bos
+    ccfg, mcfg = CorpusConfig.from_dict(cfg), ModelConfig.from_dict(model_cfg)
+    if mcfg.n_ctx is not None and ccfg.context_size > mcfg.n_ctx:  # the harvest could not run these contexts
+        raise ConfigError(f"corpus.context_size: {ccfg.context_size} tokens exceed the context of {mcfg.name} "
+                          f"(model.n_ctx = {mcfg.n_ctx}); lower it, e.g. corpus.context_size={min(mcfg.n_ctx, 128)}")
+    tok = tokenizer_info or load_tokenizer(model_cfg)
+    prepend_bos = mcfg.prepend_bos
     contexts, stats = pack_contexts(
         iter_documents(ccfg), tok.tokenizer, context_size=ccfg.context_size, max_tokens=ccfg.max_tokens,
         prepend_bos=prepend_bos, bos_token_id=tok.bos_token_id,

@@ -35,7 +35,7 @@ from mechflow.contracts.documents import write_document
 from mechflow.contracts.filenames import SHARD_MANIFEST, SHARD_PATTERN
 from mechflow.contracts.harvest import HarvestIndex, HarvestManifest, ShardInfo, ShardSidecar
 from mechflow.contracts.parquet import activations_schema
-from mechflow.errors import ConfigError, DataError, IntegrityError
+from mechflow.errors import ConfigError, DataError, IntegrityError, one_line
 from mechflow.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def resolve_manifest(path: str | Path, hook: str | None = None) -> Path:
             index = HarvestIndex.model_validate_json(path.read_text())
             entries = {h.hook: h for h in index.hooks}
         except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}: neither a {SHARD_MANIFEST} nor a harvest index ({exc})") from exc
+            raise DataError(f"{path}: neither a {SHARD_MANIFEST} nor a harvest index ({one_line(exc)}); pass a "
+                            "hook's manifest or the harvest's index.json, or rerun the harvest stage") from exc
         return path.parent / index.harvest_dir / _pick(entries, hook, path).manifest
     if (path / SHARD_MANIFEST).is_file():
         return path / SHARD_MANIFEST
@@ -201,7 +202,7 @@ def load_manifest(path: str | Path, hook: str | None = None) -> tuple[HarvestMan
     try:
         return HarvestManifest.model_validate_json(mpath.read_text()), mpath
     except ValueError as exc:
-        raise DataError(f"{mpath}: not a valid {SHARD_MANIFEST} ({exc}); rerun the harvest stage") from exc
+        raise DataError(f"{mpath}: not a valid {SHARD_MANIFEST} ({one_line(exc)}); rerun the harvest stage") from exc
 
 
 def shard_paths(path: str | Path, hook: str | None = None) -> list[Path]:
