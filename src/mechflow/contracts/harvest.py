@@ -5,6 +5,8 @@ The shards themselves are Parquet tables (`mechflow.contracts.parquet.activation
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from mechflow.contracts.documents import Document, VersionedDocument
@@ -34,6 +36,11 @@ class HarvestManifest(VersionedDocument):
     n_rows: int
     shards: list[ShardInfo]
     config_hash: str
+    backend: Literal["transformer_lens", "hf"] = Field(
+        "transformer_lens", description="how the activations were read: TransformerLens hook points, or forward "
+        "hooks on the Hugging Face model (docs/models.md; its mlp_in includes the norm weight)")
+    hook_module: str | None = Field(None, description="backend hf: the HF module the hook reads and whether its "
+                                    "input or output, e.g. 'model.layers.3.mlp (input)'; null for transformer_lens")
 
 
 class ShardSidecar(Document):
@@ -65,3 +72,7 @@ class HarvestIndex(VersionedDocument):
     context_size: int
     harvest_dir: str = Field(description="the hook folders' parent, relative to this file")
     hooks: list[HarvestIndexEntry]
+    backend: Literal["transformer_lens", "hf"] = Field(
+        "transformer_lens", description="TransformerLens hook points, or forward hooks on the Hugging Face model")
+    hook_modules: dict[str, str] | None = Field(
+        None, description="backend hf: each harvested TL hook name -> 'HF module path (input|output)'")

@@ -7,6 +7,8 @@ document model by `python -m mechflow.contracts.export`; a test fails when they 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from mechflow.contracts.documents import VersionedDocument
@@ -27,11 +29,18 @@ class ModelCard(VersionedDocument):
     d_model: int
     d_mlp: int
     d_vocab: int
-    source: str = Field(description="where the weights came from (file path or hub id)")
-    source_sha256: str | None = Field(None, description="sha256 of the weight file, when local")
+    source: str = Field(description="where the weights came from (file path, model directory or hub id)")
+    source_sha256: str | None = Field(None, description="sha256 of the weight file, when local (a model "
+                                      "directory: one sha256 over each weight file's name and sha256)")
     dtype: str
     bos_token_id: int | None = None
     prepend_bos: bool
+    backend: Literal["transformer_lens", "hf"] = Field(
+        "transformer_lens", description="how the model ran: a TransformerLens HookedTransformer, or the Hugging "
+        "Face model through forward hooks (mechflow.models.hf.HookedHF; docs/models.md)")
+    hf_modules: dict[str, str] | None = Field(
+        None, description="backend hf: the HF module paths the TL hook names map to (layers, mlp, embed, "
+        "final_norm); null for transformer_lens")
 
 
 class RunManifest(VersionedDocument):

@@ -82,7 +82,8 @@ def evaluate_dictionary(cfg: EvalConfig | SAEConfig | TranscoderConfig | Mapping
         metrics: output JSON path.
         model_cfg: the `model` group, loaded with `mechflow.models.load_model_from_cfg`.
         manifest_out: for transcoders, the harvest manifest of the MLP-output hook.
-        model: an already loaded HookedTransformer (tests); overrides `model_cfg`.
+        model: an already loaded HookedTransformer or HookedHF (tests); overrides `model_cfg`. The CE/KL
+            splices need only TL-named forward hooks, so model.backend=hf serves (docs/models.md).
     """
 
     raw = cfg.model_dump() if hasattr(cfg, "model_dump") else (dict(cfg) if cfg is not None else {})
@@ -117,11 +118,12 @@ def evaluate_dictionary(cfg: EvalConfig | SAEConfig | TranscoderConfig | Mapping
     if eval_cfg.ce_contexts > 0:
         if model is None:
             from mechflow.models import load_model_from_cfg
+            from mechflow.models.registry import ANY_BACKEND
 
             if not model_cfg:
                 raise ConfigError("evaluate_dictionary needs model_cfg (the `model` group) for CE metrics, "
                                   "or set eval.ce_contexts: 0")
-            model = load_model_from_cfg(model_cfg).model
+            model = load_model_from_cfg(model_cfg, stage="dictionaries", backends=ANY_BACKEND).model
         ctx_ids = sorted({c for s in man.shards if s.file in holdout
                           for c in range(s.first_context, s.last_context + 1)})
         tok = read_contexts(tokens, ctx_ids, eval_cfg.ce_contexts)
@@ -190,11 +192,12 @@ def evaluate_transcoder(cfg: TranscoderConfig | Mapping[str, Any], *, dictionary
     if tcfg.eval.ce_contexts > 0:
         if model is None:
             from mechflow.models import load_model_from_cfg
+            from mechflow.models.registry import ANY_BACKEND
 
             if not model_cfg:
                 raise ConfigError("evaluate_transcoder needs model_cfg (the `model` group) for CE metrics, "
                                   "or set transcoder.eval.ce_contexts: 0")
-            model = load_model_from_cfg(model_cfg).model
+            model = load_model_from_cfg(model_cfg, stage="dictionaries", backends=ANY_BACKEND).model
         man, _ = load_manifest(in_paths[0])
         ctx_ids = sorted({c for s in man.shards if s.file in holdout
                           for c in range(s.first_context, s.last_context + 1)})

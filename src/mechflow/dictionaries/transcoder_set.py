@@ -204,8 +204,9 @@ def transcoder_set(cfg: TranscoderSetConfig | Mapping[str, Any], *, trainings: l
     stack, layers, in_hooks, out_hooks = load_set_stack(folders)
     if model is None:
         from mechflow.models import load_model_from_cfg
+        from mechflow.models.registry import ANY_BACKEND
 
-        model = load_model_from_cfg(model_cfg).model
+        model = load_model_from_cfg(model_cfg, stage="transcoder_set", backends=ANY_BACKEND).model  # hooks only
     whole: dict[str, Any] = {}
     if tcfg.eval.ce_contexts > 0:
         import pyarrow.parquet as pq

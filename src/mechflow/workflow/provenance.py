@@ -93,8 +93,9 @@ def write_run_manifest(run_cfg: dict, *, resolved_config: Path, inputs: list[Pat
 def write_model_card(model_cfg: dict, *, model_card: Path) -> ModelCard:
     """Load the run's model once and record its card (name, sizes, weight file sha256)."""
     from mechflow.models import load_model_from_cfg
+    from mechflow.models.registry import ANY_BACKEND
 
-    loaded = load_model_from_cfg(model_cfg)
+    loaded = load_model_from_cfg(model_cfg, stage="model_card", backends=ANY_BACKEND)  # any backend has a card
     payload = loaded.card.model_dump(mode="json")
     write_document(model_card, ModelCard, payload)
     log.info("model %s loaded in %.1fs", loaded.card.name, loaded.load_seconds)
