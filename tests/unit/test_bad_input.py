@@ -367,6 +367,21 @@ def _(tmp, inp):
     return lambda: verify_shards(manifest)
 
 
+@case("shards-manifest-not-json-for-training", DataError, "_manifest.json", "re-run the harvest stage")
+def _(tmp, inp):
+    manifest = write_shards(tmp / "harvest", activations(), contexts_per_shard=4)
+    manifest.write_text("{ not json")
+    return train_call(tmp, manifest)
+
+
+@case("shards-width-not-the-manifests", DataError, "says d=16", "re-run the harvest stage")
+def _(tmp, inp):
+    manifest = write_shards(tmp / "harvest", activations(d=8), contexts_per_shard=4)
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "d": 16}))
+    return train_call(tmp, manifest, d_in=16)
+
+
 @case("shards-index-not-an-index", DataError, "index.json", "rerun the harvest stage")
 def _(tmp, inp):
     from mechflow.harvest import verify_shards

@@ -37,7 +37,7 @@ import torch
 
 from mechflow.contracts.filenames import SHARD_MANIFEST
 from mechflow.contracts.harvest import HarvestManifest, ShardInfo
-from mechflow.errors import ConfigError, DataError, IntegrityError
+from mechflow.errors import ConfigError, DataError, IntegrityError, one_line
 from mechflow.io import sha256_file_cached
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def load_manifest(path: str | Path) -> tuple[HarvestManifest, Path]:
     try:
         manifest = HarvestManifest.model_validate_json(path.read_text())
     except Exception as exc:  # pydantic ValidationError or JSON error: both mean a bad file
-        raise DataError(f"harvest manifest {path} is not a valid HarvestManifest ({exc}); {_HARVEST_HINT}") from exc
+        raise DataError(f"harvest manifest {path} is not a valid HarvestManifest ({one_line(exc)}); "
+                        f"{_HARVEST_HINT}") from exc
     if not manifest.shards:
         raise DataError(f"harvest manifest {path} lists no shards; {_HARVEST_HINT}")
     return manifest, path.parent
@@ -81,6 +82,16 @@ def split_shards(manifest: HarvestManifest, holdout_shards: int, field: str = "d
 
 
 # ----------------------------------------------------------------------------- decoding
+
+
+def _stored_width(path: Path) -> int | None:
+    """The activation width a shard's Parquet footer declares (its fixed-size-list length)."""
+    try:
+        field = pq.read_schema(path).field("activation")
+    except (KeyError, OSError, pa.ArrowException) as exc:
+        raise DataError(f"activation shard {path} is not a readable activations table ({one_line(exc)}): "
+                        f"{_HARVEST_HINT}") from exc
+    return getattr(field.type, "list_size", None)
 
 
 def activation_matrix(column: pa.Array | pa.ChunkedArray, d: int, dtype: str) -> np.ndarray:
@@ -145,6 +156,10 @@ class ShardSource:
                 if verify_sha256 and sha256_file_cached(path) != info.sha256:
                     raise IntegrityError(f"activation shard {path} does not match the sha256 in its "
                                          f"manifest (corrupted or overwritten): {_HARVEST_HINT}")
+                width = _stored_width(path)
+                if width != self.d_parts[mi]:
+                    raise DataError(f"activation shard {path} holds activations of width {width} but its manifest "
+                                    f"{folder / SHARD_MANIFEST} says d={self.d_parts[mi]}: {_HARVEST_HINT}")
         self._warned_row_groups = False
 
     @property
