@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python benchmarks/sae_training.py --out results/benchmarks/sae_training.json
 	$(BIN)/python benchmarks/graphs.py --out results/benchmarks/graphs.json
 	$(BIN)/python benchmarks/forward_layout.py --out results/benchmarks/forward_layout.json
+	$(BIN)/python benchmarks/costs.py --out results/benchmarks/measured_costs.json --plot results/benchmarks/rss_scaling.png
 
 # circuit-tracer in its own venv (it cannot share .venv: it pins transformers and huggingface-hub), for
 # the cross-check of tests/unit/graphs/test_circuit_tracer_crosscheck.py (docs/graphs.md). Offline,

@@ -24,6 +24,7 @@ from mechflow.contracts import (
     graphs,
     harvest,
     models,
+    plan,
     reference,
     report,
     stats,
@@ -130,6 +131,9 @@ DOCUMENTS: tuple[DocumentContract, ...] = (
     D("audit_score", audit.ScoreRecord, "audit/scores.jsonl (one per line)", "mechflow.audit.stage:audit"),
     D("audit_summary", audit.AuditSummary, "audit/summary.json", "mechflow.audit.stage:audit",
       ("mechflow.report.collect:Collector.block_audit",)),
+    D("measured_costs", plan.MeasuredCosts, "mechflow/plan/data/measured_costs.json (package data; make bench: "
+      "results/benchmarks/measured_costs.json)", "mechflow.plan.measure:measure",
+      ("mechflow.plan.costs:load_costs",)),
     D("graph_summary", graphs.GraphSummary, "graphs/{task}/p{prompt}/graph.json",
       "mechflow.graphs.stage:attribution_graph", ("mechflow.graphs.stage:graphs_summary",)),
     D("neuronpedia_graph", graphs.NeuronpediaGraph, "graphs/{task}/{task}-p{prompt}.json",

@@ -1,0 +1,136 @@
+"""Estimate the time, memory and disk of a run's token-scaled stages from measured per-token costs.
+
+Every estimate is ``measured rate × arithmetic of the shapes`` (`mechflow.plan.shapes`), with the
+rates of `MeasuredCosts` (``benchmarks/costs.py`` measures them on one machine):
+
+* **harvest** ``seconds = tokens · (F_fwd(stop_layer) / forward_flops_per_s + Σ widths · write_seconds_per_value)``
+  where ``F_fwd`` is `ModelShape.forward_flops` through the deepest harvested block (no unembedding);
+  **disk** ``tokens · Σ widths · stored_bytes_per_value``; **peak memory**
+  ``base_rss + load_rss_factor · weights + shard buffers + forward activations``, shard buffers
+  ``2 · shard_rows · Σ widths · 4 B`` (the shard's array and its Arrow table while it is written),
+  activations ``2 · batch · ctx · (4·d_model + 3·d_mlp + n_heads·ctx) · 4 B`` (one block's
+  intermediates, kept twice while the next is computed). None of these grow with the corpus: the
+  harvest holds one shard per hook at a time (`mechflow.harvest.core`).
+* **dictionary training** ``seconds = tokens · (training_seconds_per_token + 6·d_sae·(d_in + d_out) /
+  training_flops_per_s)`` (encoder and decoder, forward + backward = 3 × forward); **peak memory**
+  ``base_rss + 16 B · n_params`` (weights, gradients and Adam's two moments in float32)
+  ``+ 2 · buffer_rows · d_in · 4 B`` (the shuffle buffer and the batch drawn from it)
+  ``+ 4 · batch · d_sae · 4 B`` (pre-activations, activations and their gradients); **disk**
+  ``4 B · n_params · (1 + n_checkpoints)``.
+* **model-loading stages** (attribution, circuits, graphs, …) are sized relative to their measured
+  SmolLM2 values by the ratio of forward FLOPs per token (time) and of weights (memory):
+  `scaled_resources`.
+
+`tests/unit/plan` checks the arithmetic against the real SmolLM2 and every formula against the
+measured points it did not fit; docs/plan.md prints the table from 135M to 70B parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from mechflow.contracts.hooks import hook_layer, selected_hooks
+from mechflow.contracts.plan import MeasuredCosts
+from mechflow.plan.shapes import BYTES, ModelShape
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """What one stage of a run is expected to cost on the measured machine."""
+
+    stage: str
+    seconds: float
+    peak_mb: float
+    disk_bytes: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def loaded_weight_bytes(shape: ModelShape, dtype: str = "float32") -> int:
+    """Bytes of the weights a TransformerLens model holds (its W_E and W_U are separate tensors even
+    when the checkpoint ties them)."""
+    extra = shape.d_vocab * shape.d_model if shape.tied_embeddings else 0
+    return (shape.params + extra) * BYTES[dtype]
+
+
+def harvest_estimate(shape: ModelShape, costs: MeasuredCosts, *, tokens: int, hooks: list[str], ctx: int,
+                     batch_size: int, shard_rows: int, dtype: str = "float32") -> StageEstimate:
+    """Harvest of `tokens` tokens at `hooks` (TransformerLens names) in contexts of `ctx` tokens."""
+    layers = [hook_layer(h) for h in hooks]
+    stop = None if any(layer is None for layer in layers) else max(layers) + 1
+    flops = shape.forward_flops(ctx, stop, unembed=stop is None)
+    widths = sum(shape.width_of(h) for h in hooks)
+    seconds = tokens * (flops / costs.forward_flops_per_s + widths * costs.write_seconds_per_value)
+    buffers = 2 * min(shard_rows, tokens) * widths * 4
+    acts = 2 * batch_size * ctx * (4 * shape.d_model + 3 * shape.d_mlp + shape.n_heads * ctx) * 4
+    weights = loaded_weight_bytes(shape, dtype)
+    peak = costs.base_rss_mb * MB + costs.load_rss_factor * weights + buffers + acts
+    return StageEstimate("harvest", seconds, peak / MB, tokens * widths * costs.stored_bytes_per_value, {
+        "forward_flops_per_token": flops, "stop_layer": stop, "stored_values_per_token": widths,
+        "weights_mb": weights / MB, "shard_buffers_mb": buffers / MB, "activations_mb": acts / MB})
+
+
+def training_estimate(costs: MeasuredCosts, *, stage: str, tokens: int, d_in: int, d_sae: int, d_out: int | None = None,
+                      buffer_rows: int, batch_size: int, n_checkpoints: int = 0) -> StageEstimate:
+    """Training one dictionary (SAE: ``d_out = d_in``; transcoder: the output hook's width)."""
+    d_out = d_in if d_out is None else d_out
+    flops = 6 * d_sae * (d_in + d_out)
+    seconds = tokens * (costs.training_seconds_per_token + flops / costs.training_flops_per_s)
+    n_params = d_sae * (d_in + d_out) + d_sae + d_out + d_sae  # W_enc, W_dec, b_enc, b_dec, thresholds
+    peak = costs.base_rss_mb * MB + 16 * n_params + 2 * buffer_rows * d_in * 4 + 4 * batch_size * d_sae * 4
+    return StageEstimate(stage, seconds, peak / MB, 4 * n_params * (1 + n_checkpoints), {
+        "flops_per_token": flops, "n_params": n_params})
+
+
+def model_stage_estimate(shape: ModelShape, reference: ModelShape, *, stage: str, ref_seconds: float, ref_mb: float,
+                         work_ratio: float = 1.0, ctx: int = 128, dtype: str = "float32") -> StageEstimate:
+    """A model-loading stage sized from its value on `reference` (SmolLM2): time × the ratio of forward
+    FLOPs per token × `work_ratio` (e.g. prompts asked / prompts measured); memory: the reference's
+    overhead beyond its weights, plus this model's weights × 3 (weights, activations and gradients of a
+    backward pass through the whole model hold about that many weight-sized buffers)."""
+    flops_ratio = shape.forward_flops(ctx) / reference.forward_flops(ctx)
+    ref_weights = loaded_weight_bytes(reference, dtype) / MB
+    weights = loaded_weight_bytes(shape, dtype) / MB
+    peak = max(ref_mb - 3 * ref_weights, 0.0) + 3 * weights
+    return StageEstimate(stage, ref_seconds * flops_ratio * work_ratio, peak, 0.0,
+                         {"flops_ratio": flops_ratio, "work_ratio": work_ratio})
+
+
+def run_estimates(cfg: Mapping[str, Any], shape: ModelShape, costs: MeasuredCosts) -> list[StageEstimate]:
+    """The token-scaled stages of a composed run config: harvest, the SAE, the per-layer transcoder(s)."""
+    corpus, harvest, sae, tc = cfg["corpus"], cfg["harvest"], cfg["sae"], cfg["transcoder"]
+    ctx = int(corpus["context_size"])
+    tokens = int(corpus["max_tokens"])
+    if harvest.get("max_contexts"):
+        tokens = min(tokens, int(harvest["max_contexts"]) * ctx)
+    hooks = selected_hooks(harvest.get("layers", []), harvest.get("hook_points", []), harvest.get("hooks", []))
+    out = [harvest_estimate(shape, costs, tokens=tokens, hooks=hooks, ctx=ctx, batch_size=int(harvest["batch_size"]),
+                            shard_rows=int(harvest["shard_rows"]), dtype=str(harvest.get("dtype", "float32")))]
+    sae_in = shape.width_of(str(sae.get("hook") or "resid_post"))
+    out.append(training_estimate(costs, stage="train_sae", tokens=int(sae["training_tokens"]), d_in=sae_in,
+                                 d_sae=int(sae["d_sae"]), buffer_rows=int(sae["data"]["buffer_rows"]),
+                                 batch_size=int(sae["data"]["batch_size"]),
+                                 n_checkpoints=int(sae.get("n_checkpoints", 0))))
+    n_tc = len(tc.get("layers") or []) if tc.get("kind") != "clt" else 1
+    one = training_estimate(costs, stage="train_transcoder", tokens=int(tc["training_tokens"]),
+                            d_in=shape.width_of(str(tc["in_hook"])), d_out=shape.width_of(str(tc["out_hook"])),
+                            d_sae=int(tc["d_sae"]), buffer_rows=int(tc["data"]["buffer_rows"]),
+                            batch_size=int(tc["data"]["batch_size"]))
+    out.append(StageEstimate(one.stage, one.seconds * n_tc, one.peak_mb, one.disk_bytes * n_tc,
+                             {**one.detail, "jobs": n_tc}))
+    return out
+
+
+def mem_mb(estimate: StageEstimate, attempt: int = 1) -> int:
+    """A cluster memory request for an estimate: 1.5 × the estimate + 1 GB, doubled on each retry
+    (a job killed for memory comes back with more), rounded up to 500 MB."""
+    mb = (1.5 * estimate.peak_mb + 1024) * 2 ** (attempt - 1)
+    return int(math.ceil(mb / 500) * 500)
+
+
+def runtime_min(estimate: StageEstimate, attempt: int = 1) -> int:
+    """A cluster time limit in minutes: 2 × the estimate + 10 min, doubled on each retry."""
+    return int(math.ceil((2 * estimate.seconds / 60 + 10) * 2 ** (attempt - 1)))
