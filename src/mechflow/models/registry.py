@@ -582,10 +582,14 @@ def load_model_from_cfg(model_cfg: ModelConfig | Mapping[str, Any], *, stage: st
 
     Raises:
         ModelLoadError: the model's backend is not in `backends` (checked before anything loads).
-        ConfigError: a size stated in the config differs from the loaded model's.
+        ConfigError: ``model.hf_modules`` with a TransformerLens model, or a size stated in the config
+            differs from the loaded model's.
     """
     cfg = ModelConfig.from_dict(model_cfg)
     backend = resolve_backend(cfg.name, cfg.backend)
+    if cfg.hf_modules and backend != HF:
+        raise ConfigError(f"model.hf_modules is set but {cfg.name!r} runs on TransformerLens; it applies to "
+                          "model.backend=hf only: remove it, or set model.backend=hf")
     require_backend(backend, stage or _caller_stage(), backends, cfg.name)
     loaded = load_model(cfg.name, dtype=cfg.dtype, prepend_bos=cfg.prepend_bos, bos_token=cfg.bos_token,
                         backend=backend, hf_modules=tuple(sorted((cfg.hf_modules or {}).items())))

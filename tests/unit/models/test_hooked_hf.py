@@ -132,7 +132,11 @@ def test_backend_resolution_and_refusal(tmp_path):
 
 
 def test_load_model_from_cfg_refuses_before_loading(tmp_path):
+    from mechflow.errors import ConfigError
     from mechflow.models import load_model_from_cfg
+
+    with pytest.raises(ConfigError, match="model.hf_modules is set but 'smollm2_135m' runs on TransformerLens"):
+        load_model_from_cfg({"name": "smollm2_135m", "hf_modules": {"mlp": "mlp"}})
 
     (tmp_path / "config.json").write_text("{}")  # not a loadable model: the refusal must come first
     with pytest.raises(ModelLoadError, match="stage 'attribution' needs TransformerLens"):
