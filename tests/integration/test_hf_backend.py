@@ -2,7 +2,8 @@
 
 1. On SmolLM2, HF forward hooks read the same activations as TransformerLens at the same points
    (resid_pre / resid_post / mlp_out within float tolerance; mlp_in = TL's fold_ln value times the
-   norm weight), and a replacement hook changes the logits as TL's does.
+   norm weight), a replacement hook changes the logits as TL's does, and a node-level method that
+   needs only hooks (exact patching of MLPs and residual positions) gives TL's numbers.
 2. A tiny random Starcoder2 (an architecture TransformerLens lacks; non-gated MLP ``c_fc``/``c_proj``),
    saved to a directory with SmolLM2's tokenizer, goes corpus → harvest → SAE and transcoder training
    → dictionary metrics through the stage functions, offline.
@@ -102,6 +103,37 @@ def test_smollm2_hf_replacement_hook_matches_transformer_lens(smollm2, smollm2_h
         after = hf(tokens)
     assert (after - clean).abs().max().item() <= LOGIT_ATOL  # every hook was removed
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.hf.modules())
+
+
+@pytest.mark.slow
+def test_smollm2_node_patching_through_hf_hooks_matches_transformer_lens(smollm2, smollm2_hf):
+    """A node-level method that needs only hooks (exact patching of MLP outputs and residual positions)
+    gives TransformerLens's numbers when run on the HF backend's model."""
+    from dataclasses import dataclass
+
+    from mechflow.attribution.patching import exact_patching
+
+    clean = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")
+    corrupted = smollm2.to_tokens("When Mary and John went to the store, Mary gave a drink to")
+    assert clean.shape == corrupted.shape
+    mary, john = (smollm2.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Mary", " John"))
+
+    @dataclass
+    class Batch:
+        clean_tokens: torch.Tensor
+        corrupted_tokens: torch.Tensor
+
+        @staticmethod
+        def metric(logits):
+            return logits[:, -1, mary] - logits[:, -1, john]
+
+    batch = Batch(clean, corrupted)
+    layers = [0, 7, 14, 21, 29]
+    for component in ("mlp", "resid"):
+        tl = exact_patching(smollm2.model, batch, component, layers=layers)
+        hf = exact_patching(smollm2_hf.model, batch, component, layers=layers)
+        assert tl.abs().nan_to_num().max() > 0.1  # patching matters somewhere
+        torch.testing.assert_close(hf, tl, atol=LOGIT_ATOL, rtol=0, equal_nan=True, msg=component)
 
 
 # -- a tiny architecture TransformerLens lacks -----------------------------------------------------------
