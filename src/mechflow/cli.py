@@ -60,6 +60,11 @@ def plan_command(args) -> int:
 
         print(preset_table(costs, tokens=args.tokens or 1_000_000))
         return 0
+    if args.points:
+        from mechflow.plan.report import points_table
+
+        print(points_table(costs))
+        return 0
     overrides = list(args.overrides) + ([f"corpus.max_tokens={args.tokens}"] if args.tokens else [])
     cfg = compose_config(overrides)
     shape = _shape(args, cfg)
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--costs", help="a measured_costs.json (benchmarks/costs.py); default: the reference machine's")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--table", action="store_true", help="the preset table from 135M to 70B (docs/plan.md)")
+    p.add_argument("--points", action="store_true", help="the measured points beside their estimates (docs/plan.md)")
     args = ap.parse_args(argv)
     try:
         return plan_command(args)

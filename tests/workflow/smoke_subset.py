@@ -1,4 +1,5 @@
-"""Part of the smoke DAG (8 jobs: task, corpus, harvest, SAE training and metrics, attribution, circuit)
+"""Part of the smoke DAG (10 jobs: task, corpus, harvest, SAE and transcoder training and metrics, attribution,
+circuit)
 that the SLURM and kill/resume tests run, and how two runs' results are compared."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from pathlib import Path
 OVERRIDES = "overrides=+experiment=smoke task=[ioi]"
 RUN = "results/smollm2_135m"
 TARGETS = [f"{RUN}/{p}" for p in ("tasks/ioi/baseline.json", "dictionaries/sae_metrics.json",
-                                  "attribution/ioi/agreement.json", "circuits/ioi/circuit.json")]
-N_JOBS = 8
+                                  "dictionaries/transcoder_metrics.json", "attribution/ioi/agreement.json",
+                                  "circuits/ioi/circuit.json")]
+N_JOBS = 10
 # fields that measure time, not results: dropped before JSON documents are compared
 TIMING = re.compile(r"(^|_)(seconds|per_second|elapsed_s|started_at|finished_at|timestamp)$")
 

@@ -1,6 +1,6 @@
 """Kill anywhere, lose nothing (issue 20): the smoke subset is SIGKILLed (the whole process group:
-Snakemake and its jobs) at random moments inside harvest, SAE training, attribution and the circuit
-stage, then the same command is run again (after `snakemake --unlock`, which a kill always needs:
+Snakemake and its jobs) at random moments inside harvest, SAE training, transcoder training, attribution
+and the circuit stage, then the same command is run again (after `snakemake --unlock`, which a kill always needs:
 Snakemake cannot tell a dead lock holder from a live one) until it finishes. The results must equal an
 uninterrupted run's (`smoke_subset.differences`: bytes, JSON less timing fields), with no temp file
 left behind."""
@@ -18,7 +18,7 @@ import pytest
 from smoke_subset import OVERRIDES, RUN, TARGETS, differences
 from test_dag import REPO, SNAKEMAKE, snakemake
 
-KILLED_IN = ("harvest", "train_sae", "attribute", "circuits")  # DAG order
+KILLED_IN = ("harvest", "train_sae", "train_transcoder", "attribute", "circuits")  # DAG order
 PROFILE = ["--workflow-profile", str(REPO / "workflow/profiles/default")]
 
 
@@ -54,7 +54,7 @@ def test_sigkill_anywhere_then_rerun_gives_identical_results(subset_reference, t
             killed.append(rule)
             unlock = snakemake("--unlock", "--config", OVERRIDES, cwd=folder)
             assert unlock.returncode == 0, unlock.stderr[-2000:]
-    assert len(killed) >= 3, killed  # the kills happened inside the stages
+    assert len(killed) >= 4, killed  # the kills happened inside the stages
     done = snakemake(*TARGETS, "--cores", "2", *PROFILE, "--config", OVERRIDES, cwd=folder, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert differences(subset_reference, folder) == []

@@ -30,8 +30,8 @@ rule attribute:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("attribute", 8000),
+        runtime=runtime_of("attribute", 60),
     params:
         cfg=stage_cfg("attribution"),
         model_cfg=stage_cfg("model"),
@@ -72,8 +72,8 @@ rule analyze:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=90,
+        mem_mb=mem_mb_of("analyze", 8000),
+        runtime=runtime_of("analyze", 90),
     params:
         cfg=stage_cfg("analysis"),
         model_cfg=stage_cfg("model"),
@@ -101,8 +101,8 @@ rule causal_trace:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("causal_trace", 8000),
+        runtime=runtime_of("causal_trace", 60),
     params:
         cfg=stage_cfg("causal_tracing"),
         model_cfg=stage_cfg("model"),

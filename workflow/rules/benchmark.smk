@@ -25,8 +25,8 @@ rule benchmark:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=12000,
-        runtime=240,
+        mem_mb=mem_mb_of("benchmark", 12000),
+        runtime=runtime_of("benchmark", 240),
     params:
         cfg=stage_cfg("benchmark"),  # without BenchmarkConfig.SELECTION_KEYS: no rerun
         model_cfg=stage_cfg("model"),

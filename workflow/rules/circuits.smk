@@ -24,8 +24,8 @@ rule circuits:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb_of("circuits", 8000),
+        runtime=runtime_of("circuits", 120),
     params:
         cfg=stage_cfg("circuits"),
         model_cfg=stage_cfg("model"),

@@ -10,6 +10,7 @@ from mechflow.workflow import (
     check_harvested_hooks,
     load_runs,
 )
+from mechflow.workflow.resources import gpu_of, mem_mb_of, runtime_of
 from mechflow.workflow.inputs import (
     analysis_outputs,
     analysis_outputs_of,

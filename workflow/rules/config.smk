@@ -23,8 +23,8 @@ rule model_card:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=15,
+        mem_mb=mem_mb_of("model_card", 6000),
+        runtime=runtime_of("model_card", 15),
     params:
         model_cfg=stage_cfg("model"),
     script:

@@ -18,8 +18,9 @@ rule train_sae:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("train_sae"),
+        runtime=runtime_of("train_sae"),
+        gpu=gpu_of("sae"),
     params:
         cfg=stage_cfg("sae"),
         model_cfg=stage_cfg("model"),
@@ -43,8 +44,8 @@ rule evaluate_sae:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("evaluate_sae", 6000),
+        runtime=runtime_of("evaluate_sae", 30),
     params:
         cfg=stage_cfg("sae"),
         model_cfg=stage_cfg("model"),
@@ -74,8 +75,9 @@ rule train_transcoder:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("train_transcoder"),
+        runtime=runtime_of("train_transcoder"),
+        gpu=gpu_of("transcoder"),
     params:
         cfg=stage_cfg("transcoder"),
         model_cfg=stage_cfg("model"),
@@ -99,8 +101,8 @@ rule evaluate_transcoder:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("evaluate_transcoder", 6000),
+        runtime=runtime_of("evaluate_transcoder", 30),
     params:
         cfg=stage_cfg("transcoder"),
         model_cfg=stage_cfg("model"),

@@ -29,8 +29,8 @@ rule features:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("features", 6000),
+        runtime=runtime_of("features", 30),
     params:
         cfg=stage_cfg("features"),
         model_cfg=stage_cfg("model"),
@@ -59,8 +59,8 @@ rule feature_matching:
         "../../envs/mechflow.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=mem_mb_of("feature_matching", 8000),
+        runtime=runtime_of("feature_matching", 30),
     params:
         cfg=stage_cfg("feature_matching"),  # the pair's first run's group (the runs differ only in the model)
         model_cfg_a=pair_model_cfg("a"),

@@ -19,8 +19,8 @@ rule harvest_layers:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("harvest_layers"),
+        runtime=runtime_of("harvest_layers"),
     params:
         cfg=stage_cfg("transcoder_set"),
         harvest_cfg=stage_cfg("harvest"),
@@ -50,8 +50,9 @@ rule train_layer_transcoder:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("train_layer_transcoder"),
+        runtime=runtime_of("train_layer_transcoder"),
+        gpu=gpu_of("transcoder_set"),
     params:
         cfg=stage_cfg("transcoder_set"),
         model_cfg=stage_cfg("model"),
@@ -82,8 +83,8 @@ rule transcoder_set:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("transcoder_set", 6000),
+        runtime=runtime_of("transcoder_set", 30),
     params:
         cfg=stage_cfg("transcoder_set"),
         harvest_cfg=stage_cfg("harvest"),
@@ -125,8 +126,8 @@ rule attribution_graph:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=mem_mb_of("attribution_graph", 8000),
+        runtime=runtime_of("attribution_graph", 60),
     params:
         cfg=stage_cfg("graph"),
         model_cfg=stage_cfg("model"),

@@ -32,8 +32,8 @@ rule harvest:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb_of("harvest"),
+        runtime=runtime_of("harvest"),
     params:
         cfg=stage_cfg("harvest"),
         model_cfg=stage_cfg("model"),

@@ -17,8 +17,8 @@ rule edge_reference:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb_of("edge_reference", 8000),
+        runtime=runtime_of("edge_reference", 120),
     params:
         cfg=edge_reference_cfg_of,  # exact part only: method settings do not re-run this rule
         model_cfg=stage_cfg("model"),
@@ -51,8 +51,8 @@ rule reference:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=mem_mb_of("reference", 8000),
+        runtime=runtime_of("reference", 30),
     params:
         cfg=stage_cfg("reference"),
         model_cfg=stage_cfg("model"),

@@ -63,8 +63,8 @@ rule cross_model:
         "../../envs/mechflow.yaml"
     threads: 2
     resources:
-        mem_mb=12000,
-        runtime=30,
+        mem_mb=mem_mb_of("cross_model", 12000),
+        runtime=runtime_of("cross_model", 30),
     params:
         cfg=stage_cfg("stats"),
         model_cfg_a=pair_model_cfg("a"),

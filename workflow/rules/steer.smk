@@ -38,8 +38,8 @@ rule steer:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=mem_mb_of("steer", 6000),
+        runtime=runtime_of("steer", 30),
     params:
         cfg=stage_cfg("steer"),
         model_cfg=stage_cfg("model"),

@@ -33,8 +33,8 @@ rule evaluate_task:
         "../../envs/mechflow.yaml"
     threads: threads_of_run
     resources:
-        mem_mb=6000,
-        runtime=20,
+        mem_mb=mem_mb_of("evaluate_task", 6000),
+        runtime=runtime_of("evaluate_task", 20),
     params:
         cfg=task_cfg,
         model_cfg=stage_cfg("model"),

@@ -56,9 +56,12 @@ class MeasuredCosts(VersionedDocument):
     context_size: int
     threads: int = Field(description="torch threads of every measurement")
     forward_flops_per_s: float = Field(description="forward FLOPs per second (fitted to the forward points)")
+    harvest_startup_s: float = Field(description="seconds of a harvest job that do not scale with tokens (imports, "
+                                     "model load, manifests)")
     write_seconds_per_value: float = Field(description="harvest's cost per stored activation value beyond the "
                                            "forward (copy, encode, zstd, write, sha256), fitted to harvest points")
     stored_bytes_per_value: float = Field(description="shard bytes per stored activation value (float32, zstd)")
+    training_startup_s: float = Field(description="seconds of a training job that do not scale with tokens")
     training_flops_per_s: float = Field(description="dictionary training FLOPs per second (12·d_in·d_sae per "
                                         "token: encoder and decoder, forward and backward)")
     training_seconds_per_token: float = Field(description="per-token training cost independent of the width "
@@ -67,6 +70,11 @@ class MeasuredCosts(VersionedDocument):
                                "and mechflow, before any model is loaded")
     load_rss_factor: float = Field(description="peak resident memory of loading the model and running it, "
                                    "beyond base_rss_mb, per byte of weights")
+    training_buffer_copies: float = Field(description="shuffle-buffer-sized arrays (rows x d_in float32) held at "
+                                          "the training's peak (the group read, concatenated, filtered, permuted, "
+                                          "and the next group prefetched)")
+    training_batch_copies: float = Field(description="batch x d_sae float32 arrays held at the training's peak "
+                                         "(pre-activations, activations, their gradients, the auxiliary loss')")
     forward: list[ForwardPoint]
     harvest: list[HarvestPoint]
     training: list[TrainingPoint]

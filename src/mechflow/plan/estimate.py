@@ -3,7 +3,8 @@
 Every estimate is ``measured rate × arithmetic of the shapes`` (`mechflow.plan.shapes`), with the
 rates of `MeasuredCosts` (``benchmarks/costs.py`` measures them on one machine):
 
-* **harvest** ``seconds = tokens · (F_fwd(stop_layer) / forward_flops_per_s + Σ widths · write_seconds_per_value)``
+* **harvest** ``seconds = startup + tokens · (F_fwd(stop_layer) / forward_flops_per_s
+  + Σ widths · write_seconds_per_value)``
   where ``F_fwd`` is `ModelShape.forward_flops` through the deepest harvested block (no unembedding);
   **disk** ``tokens · Σ widths · stored_bytes_per_value``; **peak memory**
   ``base_rss + load_rss_factor · weights + shard buffers + forward activations``, shard buffers
@@ -11,18 +12,20 @@ rates of `MeasuredCosts` (``benchmarks/costs.py`` measures them on one machine):
   activations ``2 · batch · ctx · (4·d_model + 3·d_mlp + n_heads·ctx) · 4 B`` (one block's
   intermediates, kept twice while the next is computed). None of these grow with the corpus: the
   harvest holds one shard per hook at a time (`mechflow.harvest.core`).
-* **dictionary training** ``seconds = tokens · (training_seconds_per_token + 6·d_sae·(d_in + d_out) /
+* **dictionary training** ``seconds = startup + tokens · (training_seconds_per_token + 6·d_sae·(d_in + d_out) /
   training_flops_per_s)`` (encoder and decoder, forward + backward = 3 × forward); **peak memory**
-  ``base_rss + 16 B · n_params`` (weights, gradients and Adam's two moments in float32)
-  ``+ 2 · buffer_rows · d_in · 4 B`` (the shuffle buffer and the batch drawn from it)
-  ``+ 4 · batch · d_sae · 4 B`` (pre-activations, activations and their gradients); **disk**
+  ``base_rss + 16 B · n_params`` (weights, gradients and Adam's two moments)
+  ``+ c_buf · min(buffer_rows, tokens) · d_in · 4 B`` (copies of the shuffle buffer, which never holds more
+  rows than the training reads) ``+ c_batch · batch · d_sae · 4 B`` (batch-sized latent arrays), with
+  the two copy counts fitted to the measured trainings (`MeasuredCosts`); **disk**
   ``4 B · n_params · (1 + n_checkpoints)``.
 * **model-loading stages** (attribution, circuits, graphs, …) are sized relative to their measured
   SmolLM2 values by the ratio of forward FLOPs per token (time) and of weights (memory):
-  `scaled_resources`.
+  `model_stage_estimate`.
 
-`tests/unit/plan` checks the arithmetic against the real SmolLM2 and every formula against the
-measured points it did not fit; docs/plan.md prints the table from 135M to 70B parameters.
+`tests/unit/plan` checks the arithmetic against exact references (torch's FLOP counter, parameter
+counts) and every formula against every measured point; docs/plan.md prints the points beside their
+estimates and the table from 135M to 70B parameters.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def harvest_estimate(shape: ModelShape, costs: MeasuredCosts, *, tokens: int, ho
     stop = None if any(layer is None for layer in layers) else max(layers) + 1
     flops = shape.forward_flops(ctx, stop, unembed=stop is None)
     widths = sum(shape.width_of(h) for h in hooks)
-    seconds = tokens * (flops / costs.forward_flops_per_s + widths * costs.write_seconds_per_value)
+    seconds = costs.harvest_startup_s + tokens * (flops / costs.forward_flops_per_s
+                                                  + widths * costs.write_seconds_per_value)
     buffers = 2 * min(shard_rows, tokens) * widths * 4
     acts = 2 * batch_size * ctx * (4 * shape.d_model + 3 * shape.d_mlp + shape.n_heads * ctx) * 4
     weights = loaded_weight_bytes(shape, dtype)
@@ -78,11 +82,27 @@ def training_estimate(costs: MeasuredCosts, *, stage: str, tokens: int, d_in: in
     """Training one dictionary (SAE: ``d_out = d_in``; transcoder: the output hook's width)."""
     d_out = d_in if d_out is None else d_out
     flops = 6 * d_sae * (d_in + d_out)
-    seconds = tokens * (costs.training_seconds_per_token + flops / costs.training_flops_per_s)
-    n_params = d_sae * (d_in + d_out) + d_sae + d_out + d_sae  # W_enc, W_dec, b_enc, b_dec, thresholds
-    peak = costs.base_rss_mb * MB + 16 * n_params + 2 * buffer_rows * d_in * 4 + 4 * batch_size * d_sae * 4
+    seconds = costs.training_startup_s + tokens * (costs.training_seconds_per_token
+                                                   + flops / costs.training_flops_per_s)
+    n_params = dictionary_params(d_in, d_sae, d_out)
+    peak = costs.base_rss_mb * MB + training_arrays_bytes(
+        n_params, d_in=d_in, d_sae=d_sae, buffer_rows=min(buffer_rows, tokens), batch_size=batch_size,
+        buffer_copies=costs.training_buffer_copies, batch_copies=costs.training_batch_copies)
     return StageEstimate(stage, seconds, peak / MB, 4 * n_params * (1 + n_checkpoints), {
         "flops_per_token": flops, "n_params": n_params})
+
+
+def training_arrays_bytes(n_params: int, *, d_in: int, d_sae: int, buffer_rows: int, batch_size: int,
+                          buffer_copies: float, batch_copies: float) -> float:
+    """Bytes of a dictionary training's arrays: parameters, gradients and Adam's two moments (float32),
+    `buffer_copies` shuffle-buffer-sized arrays and `batch_copies` batch x d_sae arrays (both measured:
+    `MeasuredCosts`)."""
+    return 16 * n_params + buffer_copies * buffer_rows * d_in * 4 + batch_copies * batch_size * d_sae * 4
+
+
+def dictionary_params(d_in: int, d_sae: int, d_out: int) -> int:
+    """W_enc, W_dec, b_enc, b_dec and JumpReLU thresholds."""
+    return d_sae * (d_in + d_out) + d_sae + d_out + d_sae
 
 
 def model_stage_estimate(shape: ModelShape, reference: ModelShape, *, stage: str, ref_seconds: float, ref_mb: float,

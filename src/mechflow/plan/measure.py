@@ -5,13 +5,8 @@ TransformerLens forwards in **its own child process**, so its peak resident memo
 that child, from ``os.wait4``) is its own and nothing is shared between measurements. Torch threads
 are pinned (``--threads``). The fitted rates:
 
-* ``forward_flops_per_s``: Σ forward FLOPs / Σ seconds over forwards stopped after several depths;
-* ``write_seconds_per_value``: (harvest seconds − its forward's predicted seconds) / stored values,
-  from the harvest point with the deepest forward;
-* ``training_flops_per_s`` and ``training_seconds_per_token``: the line ``seconds/token = a + flops/F``
-  through two SAE widths trained on the same shards;
-* ``load_rss_factor``: (harvest peak − base − shard buffers − activations) / weight bytes, at the
-  deep harvest point; the scaling series tests it.
+the rates are fitted to all points by least squares (`fit`, which can refit a stored measurement), and
+docs/plan.md lists every point beside its estimate.
 
 Then the scaling series: the same harvest hooks and a small SAE at 1×, 4× and 10× the default
 corpus (100,000 tokens), whose peak RSS must stay flat (docs/plan.md plots it).
@@ -167,41 +162,83 @@ def measure(work: Path, *, threads: int = 1, multiples: tuple[int, ...] = (1, 4,
     fwd = run_child("forward", {**spec0, "overrides": _overrides(DEFAULT_TOKENS, SHALLOW_HOOKS),
                                 "tokens": str(corpus(DEFAULT_TOKENS)), "n_contexts": 64, "layers": [4, 16, 30]})
     forward = [{**p, "flops_per_token": shape.forward_flops(CTX, p["layers"], unembed=False)} for p in fwd["points"]]
-    f_rate = sum(p["flops_per_token"] * p["tokens"] for p in forward) / sum(p["seconds"] for p in forward)
-    log(f"forward: {f_rate / 1e9:.1f} GFLOP/s")
-
     deep = harvest(16_384, DEEP_HOOKS, "deep")
-    pred_fwd = deep["tokens"] * shape.forward_flops(CTX, deep["stop_layer"], unembed=False) / f_rate
-    write_s = max(deep["seconds"] - pred_fwd, 0.0) / (deep["tokens"] * deep["stored_values_per_token"])
-    stored = deep["disk_bytes"] / (deep["tokens"] * deep["stored_values_per_token"])
-
     series = [harvest(m * DEFAULT_TOKENS, SHALLOW_HOOKS, f"x{m}") for m in multiples]
-
     wide = train(deep["tokens"], "deep", 4608, 40_960, "sae_4608")
     narrow = train(deep["tokens"], "deep", 1152, 40_960, "sae_1152")
-    per_tok = [p["seconds"] / p["tokens"] for p in (wide, narrow)]
-    flops = [12 * p["d_in"] * p["d_sae"] for p in (wide, narrow)]
-    slope = (per_tok[0] - per_tok[1]) / (flops[0] - flops[1])  # seconds per FLOP
-    t_rate, t_fixed = 1 / slope, per_tok[1] - flops[1] * slope
     scaling_train = [train(m * DEFAULT_TOKENS, f"x{m}", 1152, m * DEFAULT_TOKENS, f"sae_x{m}") for m in multiples]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    return fit({
+        "schema_version": _schema_version(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "commit": commit, "measured_on": dt.datetime.now(dt.UTC).date().isoformat(), "model": "smollm2_135m",
+        "context_size": CTX, "threads": threads, "base_rss_mb": base, "forward": forward,
+        "harvest": [deep, *series], "training": [wide, narrow, *scaling_train],
+    })
+
+
+def fit(doc: dict[str, Any]) -> dict[str, Any]:
+    """The rates of `MeasuredCosts` fitted to a measurement's points (``doc`` holds the points; returned
+    with the fitted fields added). Least squares, each model linear in its unknowns:
+
+    * forward: ``Σ FLOPs / Σ seconds`` over the forward points;
+    * harvest: ``seconds − tokens · F_fwd(stop)/forward_rate = startup + w · tokens · values`` over every
+      harvest point (``startup``: imports, model load, manifests; ``w``: seconds per stored value);
+    * training: ``seconds = startup + tokens · (a + 12·d_in·d_sae / training_rate)`` over every training
+      point (two widths, three token counts);
+    * memory: ``load_rss_factor`` from the first (deep) harvest point (the other harvest points test
+      it); the training's two copy counts by least squares over every training point (`_training_memory`).
+    """
+    import numpy as np
 
     from mechflow.plan.estimate import MB as _MB
     from mechflow.plan.estimate import loaded_weight_bytes
+    from mechflow.plan.shapes import preset
 
-    first = deep  # fitted on the deep point; the scaling series tests it
-    buffers = 2 * min(first["shard_rows"], first["tokens"]) * first["stored_values_per_token"] * 4
-    acts = 2 * 8 * CTX * (4 * shape.d_model + 3 * shape.d_mlp + shape.n_heads * CTX) * 4
-    load_factor = (first["peak_rss_mb"] * _MB - base * _MB - buffers - acts) / loaded_weight_bytes(shape)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    return {
-        "schema_version": _schema_version(), "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
-        "commit": commit, "measured_on": dt.datetime.now(dt.UTC).date().isoformat(), "model": "smollm2_135m",
-        "context_size": CTX, "threads": threads, "forward_flops_per_s": f_rate, "write_seconds_per_value": write_s,
-        "stored_bytes_per_value": stored, "training_flops_per_s": t_rate, "training_seconds_per_token": t_fixed,
-        "base_rss_mb": base, "load_rss_factor": load_factor, "forward": forward,
-        "harvest": [deep, *series], "training": [wide, narrow, *scaling_train],
-    }
+    shape, ctx = preset(doc["model"]), int(doc["context_size"])
+    fwd = doc["forward"]
+    f_rate = sum(p["flops_per_token"] * p["tokens"] for p in fwd) / sum(p["seconds"] for p in fwd)
+    h = doc["harvest"]
+    y = np.array([p["seconds"] - p["tokens"] * shape.forward_flops(ctx, p["stop_layer"], unembed=False) / f_rate
+                  for p in h])
+    a = np.array([[1.0, p["tokens"] * p["stored_values_per_token"]] for p in h])
+    (h_startup, write_s), *_ = np.linalg.lstsq(a, y, rcond=None)
+    stored = sum(p["disk_bytes"] for p in h) / sum(p["tokens"] * p["stored_values_per_token"] for p in h)
+    t = doc["training"]
+    a = np.array([[1.0, p["tokens"], p["tokens"] * 12 * p["d_in"] * p["d_sae"]] for p in t])
+    (t_startup, t_fixed, per_flop), *_ = np.linalg.lstsq(a, np.array([p["seconds"] for p in t]), rcond=None)
+    deep = h[0]
+    buffers = 2 * min(deep["shard_rows"], deep["tokens"]) * deep["stored_values_per_token"] * 4
+    acts = 2 * 8 * ctx * (4 * shape.d_model + 3 * shape.d_mlp + shape.n_heads * ctx) * 4
+    load_factor = (deep["peak_rss_mb"] * _MB - doc["base_rss_mb"] * _MB - buffers - acts) / loaded_weight_bytes(shape)
+    c_buf, c_batch = _training_memory(doc["base_rss_mb"], t)
+    fitted = {"forward_flops_per_s": f_rate, "harvest_startup_s": max(float(h_startup), 0.0),
+              "write_seconds_per_value": max(float(write_s), 0.0), "stored_bytes_per_value": stored,
+              "training_startup_s": max(float(t_startup), 0.0), "training_flops_per_s": 1 / float(per_flop),
+              "training_seconds_per_token": max(float(t_fixed), 0.0), "load_rss_factor": load_factor,
+              "training_buffer_copies": c_buf,
+              "training_batch_copies": c_batch}
+    points = {k: doc[k] for k in ("forward", "harvest", "training")}
+    head = {k: v for k, v in doc.items() if k not in points and k not in fitted}
+    return {**head, **fitted, **points}
+
+
+def _training_memory(base_mb: float, points: list[dict[str, Any]]) -> tuple[float, float]:
+    """Least squares over every training point of ``peak − base − 16·n_params = c_buf · buffer + c_batch ·
+    batch`` (buffer: min(65,536, tokens) x d_in float32; batch: 2,048 x d_sae float32), in MB. An
+    intercept is not fitted: with one, the exact solution on these points is a negative overhead."""
+    import numpy as np
+
+    from mechflow.plan.estimate import MB as _MB
+    from mechflow.plan.estimate import dictionary_params
+
+    rows, rhs = [], []
+    for p in points:
+        params = dictionary_params(p["d_in"], p["d_sae"], p["d_in"])
+        rows.append([min(65536, p["tokens"]) * p["d_in"] * 4 / _MB, 2048 * p["d_sae"] * 4 / _MB])
+        rhs.append(p["peak_rss_mb"] - base_mb - 16 * params / _MB)
+    (c_buf, c_batch), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    return float(c_buf), float(c_batch)
 
 
 def _schema_version() -> str:

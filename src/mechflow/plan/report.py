@@ -43,3 +43,24 @@ def preset_table(costs: MeasuredCosts, *, tokens: int = 1_000_000, ctx: int = 12
                     f"{h.detail['forward_flops_per_token'] / 1e9:.2f} | {_t(h.seconds)} | {_gb(h.disk_bytes)} | "
                     f"{h.peak_mb / 1024:.1f} | {_t(s.seconds)} | {s.peak_mb / 1024:.1f} |")
     return head + "\n".join(rows) + "\n"
+
+
+def points_table(costs: MeasuredCosts) -> str:
+    """Markdown: every measured harvest and training point beside its estimate from the fitted rates."""
+    from mechflow.plan.shapes import preset
+
+    shape = preset(costs.model)
+    rows = ["| run | tokens | time measured | time estimated | peak RSS measured (MB) | peak RSS estimated (MB) | "
+            "disk measured (MB) | disk estimated (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for p in costs.harvest:
+        est = harvest_estimate(shape, costs, tokens=p.tokens, hooks=p.hooks, ctx=costs.context_size, batch_size=8,
+                               shard_rows=p.shard_rows)
+        rows.append(f"| harvest to block {p.stop_layer}, {len(p.hooks)} hooks | {p.tokens:,} | {p.seconds:.1f} s | "
+                    f"{est.seconds:.1f} s | {p.peak_rss_mb:.0f} | {est.peak_mb:.0f} | {p.disk_bytes / 1e6:.1f} | "
+                    f"{est.disk_bytes / 1e6:.1f} |")
+    for p in costs.training:
+        est = training_estimate(costs, stage="train_sae", tokens=p.tokens, d_in=p.d_in, d_sae=p.d_sae,
+                                buffer_rows=65536, batch_size=2048)
+        rows.append(f"| SAE d_sae {p.d_sae} on a {p.corpus_tokens:,}-token harvest | {p.tokens:,} | "
+                    f"{p.seconds:.1f} s | {est.seconds:.1f} s | {p.peak_rss_mb:.0f} | {est.peak_mb:.0f} | — | — |")
+    return "\n".join(rows) + "\n"
