@@ -52,7 +52,8 @@ def _shape(args, cfg: dict):
 
 def plan_command(args) -> int:
     from mechflow.config import compose_config
-    from mechflow.plan import load_costs, run_estimates
+    from mechflow.plan import load_costs
+    from mechflow.workflow.resources import run_estimates
 
     costs = load_costs(args.costs)
     if args.table:

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from mechflow.contracts.hooks import hook_layer, selected_hooks
+from mechflow.contracts.hooks import hook_layer
 from mechflow.contracts.plan import MeasuredCosts
 from mechflow.plan.shapes import BYTES, ModelShape
 
@@ -117,31 +117,6 @@ def model_stage_estimate(shape: ModelShape, reference: ModelShape, *, stage: str
     peak = max(ref_mb - 3 * ref_weights, 0.0) + 3 * weights
     return StageEstimate(stage, ref_seconds * flops_ratio * work_ratio, peak, 0.0,
                          {"flops_ratio": flops_ratio, "work_ratio": work_ratio})
-
-
-def run_estimates(cfg: Mapping[str, Any], shape: ModelShape, costs: MeasuredCosts) -> list[StageEstimate]:
-    """The token-scaled stages of a composed run config: harvest, the SAE, the per-layer transcoder(s)."""
-    corpus, harvest, sae, tc = cfg["corpus"], cfg["harvest"], cfg["sae"], cfg["transcoder"]
-    ctx = int(corpus["context_size"])
-    tokens = int(corpus["max_tokens"])
-    if harvest.get("max_contexts"):
-        tokens = min(tokens, int(harvest["max_contexts"]) * ctx)
-    hooks = selected_hooks(harvest.get("layers", []), harvest.get("hook_points", []), harvest.get("hooks", []))
-    out = [harvest_estimate(shape, costs, tokens=tokens, hooks=hooks, ctx=ctx, batch_size=int(harvest["batch_size"]),
-                            shard_rows=int(harvest["shard_rows"]), dtype=str(harvest.get("dtype", "float32")))]
-    sae_in = shape.width_of(str(sae.get("hook") or "resid_post"))
-    out.append(training_estimate(costs, stage="train_sae", tokens=int(sae["training_tokens"]), d_in=sae_in,
-                                 d_sae=int(sae["d_sae"]), buffer_rows=int(sae["data"]["buffer_rows"]),
-                                 batch_size=int(sae["data"]["batch_size"]),
-                                 n_checkpoints=int(sae.get("n_checkpoints", 0))))
-    n_tc = len(tc.get("layers") or []) if tc.get("kind") != "clt" else 1
-    one = training_estimate(costs, stage="train_transcoder", tokens=int(tc["training_tokens"]),
-                            d_in=shape.width_of(str(tc["in_hook"])), d_out=shape.width_of(str(tc["out_hook"])),
-                            d_sae=int(tc["d_sae"]), buffer_rows=int(tc["data"]["buffer_rows"]),
-                            batch_size=int(tc["data"]["batch_size"]))
-    out.append(StageEstimate(one.stage, one.seconds * n_tc, one.peak_mb, one.disk_bytes * n_tc,
-                             {**one.detail, "jobs": n_tc}))
-    return out
 
 
 def mem_mb(estimate: StageEstimate, attempt: int = 1) -> int:

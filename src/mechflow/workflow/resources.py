@@ -20,12 +20,44 @@ mechflow's other stages run on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from mechflow.workflow.inputs import job_run
 from mechflow.workflow.runs import RUNS
 
 REFERENCE_PROMPTS = 64  # the default tasks' n_prompts: per-task requests are stated for this many
+
+
+def run_estimates(cfg: Mapping[str, Any], shape: Any, costs: Any) -> list[Any]:
+    """The plan's estimates of a composed run config's token-scaled stages: harvest, the SAE, the
+    transcoder(s) of the `transcoder` group (one job; a CLT counts once). Groups are read through their
+    typed configs, so a key a config leaves out takes the class default, as in the stages."""
+    from mechflow.contracts.hooks import selected_hooks
+    from mechflow.corpus.config import CorpusConfig
+    from mechflow.dictionaries.config import SAEConfig, TranscoderConfig
+    from mechflow.harvest.config import HarvestConfig
+    from mechflow.plan.estimate import StageEstimate, harvest_estimate, training_estimate
+
+    corpus, harvest = CorpusConfig.from_dict(cfg["corpus"]), HarvestConfig.from_dict(cfg["harvest"])
+    sae, tc = SAEConfig.from_dict(cfg["sae"]), TranscoderConfig.from_dict(cfg["transcoder"])
+    ctx, tokens = corpus.context_size, corpus.max_tokens
+    if harvest.max_contexts:
+        tokens = min(tokens, harvest.max_contexts * ctx)
+    hooks = selected_hooks(harvest.layers, harvest.hook_points, harvest.hooks)
+    out = [harvest_estimate(shape, costs, tokens=tokens, hooks=hooks, ctx=ctx, batch_size=harvest.batch_size,
+                            shard_rows=harvest.shard_rows, dtype=harvest.dtype)]
+    out.append(training_estimate(costs, stage="train_sae", tokens=sae.training_tokens,
+                                 d_in=shape.width_of(sae.hook or "resid_post"), d_sae=sae.d_sae,
+                                 buffer_rows=sae.data.buffer_rows, batch_size=sae.data.batch_size,
+                                 n_checkpoints=sae.n_checkpoints))
+    n_tc = 1 if tc.kind == "clt" else len(tc.layers)
+    one = training_estimate(costs, stage="train_transcoder", tokens=tc.training_tokens,
+                            d_in=shape.width_of(tc.in_hook), d_out=shape.width_of(tc.out_hook), d_sae=tc.d_sae,
+                            buffer_rows=tc.data.buffer_rows, batch_size=tc.data.batch_size)
+    out.append(StageEstimate(one.stage, one.seconds * n_tc, one.peak_mb, one.disk_bytes * n_tc,
+                             {**one.detail, "jobs": n_tc}))
+    return out
 
 
 def _shape(run: str):
@@ -36,7 +68,7 @@ def _shape(run: str):
 
 def _estimate(rule: str, wildcards) -> Any:
     """The plan's estimate of one job of a token-scaled rule (None: the model's shape is unknown)."""
-    from mechflow.plan import harvest_estimate, load_costs, run_estimates, training_estimate
+    from mechflow.plan import harvest_estimate, load_costs, training_estimate
 
     run = wildcards.run
     shape, cfg = _shape(run), RUNS[run].cfg
@@ -49,26 +81,26 @@ def _estimate(rule: str, wildcards) -> Any:
         return run_estimates(cfg, shape, costs)[1]
     if rule == "train_transcoder":
         return run_estimates(cfg, shape, costs)[2]
-    tset = cfg["transcoder_set"]
+    from mechflow.corpus.config import CorpusConfig
+    from mechflow.dictionaries.config import TranscoderSetConfig
+    from mechflow.harvest.config import HarvestConfig
+
+    tset = TranscoderSetConfig.from_dict(cfg["transcoder_set"])
     if rule == "harvest_layers":
-        from mechflow.dictionaries.config import TranscoderSetConfig
         from mechflow.dictionaries.transcoder_set import harvest_groups, layer_hooks
 
-        tcfg = TranscoderSetConfig.from_dict(tset)
-        layers = harvest_groups(tcfg, cfg["model"])[int(wildcards.group)]
-        ctx = int(cfg["corpus"]["context_size"])
-        tokens = int(cfg["corpus"]["max_tokens"])
-        if tset.get("harvest_max_contexts"):
-            tokens = min(tokens, int(tset["harvest_max_contexts"]) * ctx)
-        hooks = [h for layer in layers for h in layer_hooks(tcfg, layer)]
-        return harvest_estimate(shape, costs, tokens=tokens, hooks=hooks, ctx=ctx,
-                                batch_size=int(cfg["harvest"]["batch_size"]),
-                                shard_rows=int(cfg["harvest"]["shard_rows"]))
+        corpus, harvest = CorpusConfig.from_dict(cfg["corpus"]), HarvestConfig.from_dict(cfg["harvest"])
+        layers = harvest_groups(tset, cfg["model"])[int(wildcards.group)]
+        tokens = corpus.max_tokens
+        if tset.harvest_max_contexts:
+            tokens = min(tokens, tset.harvest_max_contexts * corpus.context_size)
+        hooks = [h for layer in layers for h in layer_hooks(tset, layer)]
+        return harvest_estimate(shape, costs, tokens=tokens, hooks=hooks, ctx=corpus.context_size,
+                                batch_size=harvest.batch_size, shard_rows=harvest.shard_rows, dtype=harvest.dtype)
     if rule == "train_layer_transcoder":
-        return training_estimate(costs, stage=rule, tokens=int(tset["training_tokens"]), d_in=shape.d_model,
-                                 d_out=shape.d_model, d_sae=int(tset["d_sae"]),
-                                 buffer_rows=int(tset["data"]["buffer_rows"]),
-                                 batch_size=int(tset["data"]["batch_size"]))
+        return training_estimate(costs, stage=rule, tokens=tset.training_tokens, d_in=shape.width_of(tset.in_hook),
+                                 d_out=shape.width_of(tset.out_hook), d_sae=tset.d_sae,
+                                 buffer_rows=tset.data.buffer_rows, batch_size=tset.data.batch_size)
     raise KeyError(rule)
 
 
@@ -123,7 +155,10 @@ def gpu_of(group: str) -> Callable[..., int]:
     """`resources: gpu=`: 1 when the `group` config trains on a CUDA device, else 0."""
 
     def gpu(wildcards) -> int:
-        return int(str(RUNS[job_run(wildcards)].cfg[group].get("device", "cpu")).startswith("cuda"))
+        from mechflow.dictionaries.config import SAEConfig, TranscoderConfig, TranscoderSetConfig
+
+        typed = {"sae": SAEConfig, "transcoder": TranscoderConfig, "transcoder_set": TranscoderSetConfig}[group]
+        return int(typed.from_dict(RUNS[job_run(wildcards)].cfg[group]).device.startswith("cuda"))
 
     gpu.__name__ = f"gpu_{group}"
     return gpu
