@@ -18,23 +18,6 @@ from typing import Any
 from mechflow.errors import MechflowError
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 86400 * 2:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-def _size(n_bytes: float) -> str:
-    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if n_bytes >= factor:
-            return f"{n_bytes / factor:.1f} {unit}"
-    return f"{n_bytes / 1e3:.0f} kB"
-
-
 def _shape(args, cfg: dict):
     from mechflow.plan.shapes import preset, shape_for_model_cfg
 
@@ -53,6 +36,7 @@ def _shape(args, cfg: dict):
 def plan_command(args) -> int:
     from mechflow.config import compose_config
     from mechflow.plan import load_costs
+    from mechflow.plan.report import duration, size
     from mechflow.workflow.resources import run_estimates
 
     costs = load_costs(args.costs)
@@ -83,7 +67,7 @@ def plan_command(args) -> int:
           f"{costs.training_flops_per_s / 1e9:.1f} GFLOP/s")
     print(f"{'stage':<18}{'time':>10}{'peak memory':>14}{'disk':>10}   arithmetic")
     for r in rows:
-        print(f"{r.stage:<18}{_duration(r.seconds):>10}{_size(r.peak_mb * 1024 * 1024):>14}{_size(r.disk_bytes):>10}"
+        print(f"{r.stage:<18}{duration(r.seconds):>10}{size(r.peak_mb * 1024 * 1024):>14}{size(r.disk_bytes):>10}"
               f"   {_arithmetic(r)}")
     print("times on this machine's cores at the measured rate; cluster requests (mem_mb, runtime) are "
           "1.5 x memory + 1 GB and 2 x time + 10 min (mechflow.workflow.resources)")

@@ -9,12 +9,23 @@ from mechflow.plan.shapes import PRESETS
 EXPANSION = 8  # d_sae = 8 x d_model, as the default SAE
 
 
-def _t(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a short human duration (s, min, h, d)."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     if seconds < 3600:
         return f"{seconds / 60:.0f} min"
     if seconds < 86400 * 2:
         return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.0f} d"
+    return f"{seconds / 86400:.1f} d"
+
+
+def size(n_bytes: float) -> str:
+    """Bytes as a short human size (kB, MB, GB, TB)."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= factor:
+            return f"{n_bytes / factor:.1f} {unit}"
+    return f"{n_bytes / 1e3:.0f} kB"
 
 
 def _gb(n_bytes: float) -> str:
@@ -40,8 +51,8 @@ def preset_table(costs: MeasuredCosts, *, tokens: int = 1_000_000, ctx: int = 12
         s = training_estimate(costs, stage="train_sae", tokens=tokens, d_in=shape.d_model,
                               d_sae=EXPANSION * shape.d_model, buffer_rows=65536, batch_size=2048)
         rows.append(f"| {shape.name} | {shape.params / 1e9:.2f} B | {_gb(loaded_weight_bytes(shape))} | "
-                    f"{h.detail['forward_flops_per_token'] / 1e9:.2f} | {_t(h.seconds)} | {_gb(h.disk_bytes)} | "
-                    f"{h.peak_mb / 1024:.1f} | {_t(s.seconds)} | {s.peak_mb / 1024:.1f} |")
+                    f"{h.detail['forward_flops_per_token'] / 1e9:.2f} | {duration(h.seconds)} | {_gb(h.disk_bytes)} | "
+                    f"{h.peak_mb / 1024:.1f} | {duration(s.seconds)} | {s.peak_mb / 1024:.1f} |")
     return head + "\n".join(rows) + "\n"
 
 
