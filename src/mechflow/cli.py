@@ -37,7 +37,7 @@ def plan_command(args) -> int:
     from mechflow.config import compose_config
     from mechflow.plan import load_costs
     from mechflow.plan.report import duration, size
-    from mechflow.workflow.resources import run_estimates
+    from mechflow.plan.run import run_estimates
 
     costs = load_costs(args.costs)
     if args.table:

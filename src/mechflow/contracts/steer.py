@@ -142,7 +142,8 @@ class LayerRow(Document):
     hook: str
     norm: float = Field(description="L2 norm of the contrast direction")
     auc: float = Field(description="held-out AUC of the projection on the direction (positives above negatives)")
-    separation: float = Field(description="held-out (mean_pos - mean_neg) / pooled std of the projection")
+    separation: float | None = Field(description="held-out (mean_pos - mean_neg) / pooled std of the projection; "
+                                     "null: infinite (the classes differ and neither varies)")
     probe_train_accuracy: float
     probe_accuracy: float = Field(description="held-out accuracy of the logistic-regression probe")
     probe_cosine: float = Field(description="cosine of the probe weight (activation space) with the direction")

@@ -56,12 +56,18 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def standardised_gap(pos: np.ndarray, neg: np.ndarray) -> float:
-    """(mean_pos - mean_neg) / pooled standard deviation (Cohen's d)."""
+    """(mean_pos - mean_neg) / pooled standard deviation (Cohen's d); ±inf when the classes differ and
+    neither varies (`json_gap` writes that as null)."""
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
     n1, n2 = len(pos), len(neg)
     var = ((n1 - 1) * pos.var(ddof=1) + (n2 - 1) * neg.var(ddof=1)) / max(n1 + n2 - 2, 1)
     gap = pos.mean() - neg.mean()
     return float(gap / np.sqrt(var)) if var > 0 else float(np.sign(gap) * np.inf if gap else 0.0)
+
+
+def json_gap(gap: float) -> float | None:
+    """A standardised gap as written to JSON: null when infinite (no within-class spread at all)."""
+    return gap if np.isfinite(gap) else None
 
 
 def fit_probe(x: Tensor, y: Tensor, l2: float, max_iter: int = 200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -124,7 +130,7 @@ def scan_layers(layers: list[int], train_pos: Tensor, train_neg: Tensor, test_po
     """Directions, probes and held-out separation at every layer (inputs ``[L, n, d]``); the layer
     steered is `layer` when given, else the best by (AUC, standardised gap), earliest on ties."""
     dirs = contrast_direction(train_pos, train_neg)
-    rows, probes = [], []
+    rows, probes, gaps = [], [], []
     for i, lay in enumerate(layers):
         d = dirs[i]
         p_pos, p_neg = (test_pos[i] @ d).numpy(), (test_neg[i] @ d).numpy()
@@ -136,14 +142,15 @@ def scan_layers(layers: list[int], train_pos: Tensor, train_neg: Tensor, test_po
         w = probe_direction(probe)
         probes.append(w)
         cos = float(w @ d / (w.norm() * d.norm())) if float(w.norm() * d.norm()) > 0 else 0.0
+        gaps.append(standardised_gap(p_pos, p_neg))
         rows.append({"layer": lay, "hook": resid_hook(lay), "norm": float(d.norm()), "auc": auc(p_pos, p_neg),
-                     "separation": standardised_gap(p_pos, p_neg),
+                     "separation": json_gap(gaps[-1]),
                      "probe_train_accuracy": probe_accuracy(probe, x_train, y_train),
                      "probe_accuracy": probe_accuracy(probe, x_test, y_test), "probe_cosine": cos})
     if layer is not None:
         chosen = layers.index(layer)
     else:
-        chosen = max(range(len(layers)), key=lambda i: (rows[i]["auc"], rows[i]["separation"], -i))
+        chosen = max(range(len(layers)), key=lambda i: (rows[i]["auc"], gaps[i], -i))
     return LayerScan(layers, dirs, torch.stack(probes), rows, chosen)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from mechflow.plotting import save_figure, style
 
 
@@ -22,7 +24,8 @@ def plot_layers(rows: Sequence[dict], chosen: int, path: Path, title: str) -> No
         ax.set_xlabel("layer (residual stream entering the block)")
         ax.set_ylabel("AUC / accuracy")
         ax2 = ax.twinx()
-        ax2.plot(layers, [r["separation"] for r in rows], "^:", color="tab:green", label="standardised gap")
+        gaps = [np.nan if r["separation"] is None else r["separation"] for r in rows]  # null: infinite
+        ax2.plot(layers, gaps, "^:", color="tab:green", label="standardised gap")
         ax2.set_ylabel("(mean pos - mean neg) / pooled std")
         ax.axvline(chosen, color="grey", lw=1, label=f"steered: layer {chosen}")
         lines = ax.get_legend_handles_labels()

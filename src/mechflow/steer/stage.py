@@ -319,8 +319,8 @@ def steer(cfg: SteerConfig | Mapping[str, Any] | None, *, dataset: Path, tokens:
     scan = scan_layers(layers, *acts, l2=c.probe_l2, layer=c.layer)
     layer, d = scan.layer, scan.direction
     li = scan.chosen
-    log.info("steer %s: layer %d (AUC %.3f, gap %.2f)", ds.name, layer, scan.rows[li]["auc"],
-             scan.rows[li]["separation"])
+    log.info("steer %s: layer %d (AUC %.3f, gap %s)", ds.name, layer, scan.rows[li]["auc"],
+             "inf" if scan.rows[li]["separation"] is None else f"{scan.rows[li]['separation']:.2f}")
 
     # baselines
     by_task = _datasets_by_task(datasets)

@@ -13,9 +13,9 @@ from mechflow.cli import main
 from mechflow.config import Run, compose_runs
 from mechflow.plan import load_costs, preset, shape_of_model
 from mechflow.plan.estimate import harvest_estimate, training_estimate
+from mechflow.plan.run import run_estimates
 from mechflow.plan.shapes import PRESETS, ModelShape, shape_for_model_cfg, shape_from_hf_config
 from mechflow.workflow import resources, runs
-from mechflow.workflow.resources import run_estimates
 
 
 @pytest.fixture(scope="module")
