@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechflow.contracts.hooks import hook_layer
+
 MB = 1024 * 1024
 CTX = 128
 DEFAULT_TOKENS = 100_000
@@ -136,7 +138,7 @@ def measure(work: Path, *, threads: int = 1, multiples: tuple[int, ...] = (1, 4,
         spec = {**spec0, "overrides": _overrides(n, hooks), "tokens": str(corpus(n)), "index": str(out / "index.json"),
                 "harvest_dir": str(out / "acts")}
         r = run_child("harvest", spec)
-        stop = max(int(h.split(".")[1]) for h in hooks) + 1
+        stop = max(hook_layer(h) for h in hooks) + 1
         point = {"tokens": n, "hooks": hooks, "stop_layer": stop,
                  "stored_values_per_token": sum(shape.width_of(h) for h in hooks), "shard_rows": 12800,
                  "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "disk_bytes": r["disk_bytes"]}

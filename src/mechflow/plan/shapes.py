@@ -67,10 +67,6 @@ class ModelShape:
         n = self.n_layers if layers is None else layers
         return n * self.layer_flops(ctx) + (2 * self.d_model * self.d_vocab if unembed else 0)
 
-    def weight_bytes(self, dtype: str = "float32") -> int:
-        """Bytes of the weights in `dtype` (as loaded on CPU: embeddings stored twice when untied)."""
-        return self.params * BYTES[dtype]
-
     def width_of(self, hook: str) -> int:
         """Width of a TransformerLens hook's activation (``d_mlp`` for MLP hidden hooks, else d_model)."""
         return self.d_mlp if hook.endswith(("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")) else self.d_model
