@@ -170,6 +170,8 @@ def test_smoke_run_end_to_end(smoke_run):
     assert tset["layers"] == list(range(30)) and len(tset["per_layer"]) == 30
     assert (run / "dictionaries" / "transcoder_set" / "circuit_tracer" / "config.yaml").exists()
     assert not (run / "harvest_layers").exists() or not any((run / "harvest_layers").iterdir())  # temp() shards gone
+    tfeat = json.loads((run / "dictionaries" / "transcoder_set" / "features" / "summary.json").read_text())
+    assert tfeat["n_layers"] == 30 and tfeat["n_tokens"] > 0 and tfeat["n_records"] > 0
     graph = json.loads((run / "graphs" / "ioi" / "p0" / "graph.json").read_text())
     assert graph["n_feature_nodes"] > 0 and 0 <= graph["scores"]["completeness"] <= 1
     assert graph["validation"]["frozen_max_abs_error"] < 1e-3
@@ -283,11 +285,12 @@ def test_benchmark_rule_is_opt_in(tmp_path):
 def test_graph_rules_are_opt_in_and_plan_one_job_per_layer(tmp_path):
     off = planned_rules(snakemake("-n", "--cores", "2", cwd=tmp_path).stdout)
     on = snakemake("-n", "--cores", "2", "--config", "overrides=graph.enabled=true", cwd=tmp_path)
-    assert not {"attribution_graph", "train_layer_transcoder", "harvest_layers"} & set(off)
+    assert not {"attribution_graph", "train_layer_transcoder", "harvest_layers", "transcoder_features"} & set(off)
     assert on.returncode == 0, on.stderr[-2000:]
     counts = planned_rules(on.stdout)
     assert counts["train_layer_transcoder"] == 30 and counts["harvest_layers"] == 6  # 5 layers per harvest group
     assert counts["transcoder_set"] == 1 and counts["attribution_graph"] == 4 and counts["graphs_summary"] == 2
+    assert counts["transcoder_features"] == 1  # the viewer's top contexts, for every graph
 
 
 @pytest.mark.parametrize("scenario", ["default", "sweep_benchmark"])

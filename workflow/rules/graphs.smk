@@ -93,12 +93,41 @@ rule transcoder_set:
         "../scripts/transcoder_set.py"
 
 
+rule transcoder_features:
+    """The feature analysis on the transcoder set: every feature's top corpus contexts, stats, records and page."""
+    input:
+        transcoder_set=rules.transcoder_set.output.summary,
+        tokens=rules.prepare_corpus.output.tokens,
+    output:
+        top_contexts=f"{TSET}/features/top_contexts.parquet",
+        feature_stats=f"{TSET}/features/feature_stats.parquet",
+        features=f"{TSET}/features/features.jsonl",
+        html=f"{TSET}/features/features.html",
+        summary=f"{TSET}/features/summary.json",
+    log:
+        f"{R}/logs/transcoder_features.log",
+    benchmark:
+        f"{R}/logs/transcoder_features.tsv"
+    conda:
+        "../../envs/mechflow.yaml"
+    threads: threads_of_run
+    resources:
+        mem_mb=mem_mb_of("transcoder_features", 6000),
+        runtime=runtime_of("transcoder_features", 30),
+    params:
+        cfg=stage_cfg("features"),
+        model_cfg=stage_cfg("model"),
+    script:
+        "../scripts/transcoder_features.py"
+
+
 rule attribution_graph:
     """The attribution graph of one task prompt: JSON, viewer, figures, scores and validation by intervention."""
     input:
         transcoder_set=rules.transcoder_set.output.summary,
         dataset=f"{R}/tasks/{{task}}/dataset.jsonl",
         tokens=rules.prepare_corpus.output.tokens,
+        top_contexts=rules.transcoder_features.output.top_contexts,
     output:
         graph=f"{GRAPHS}/p{{prompt}}/graph.safetensors",
         summary=f"{GRAPHS}/p{{prompt}}/graph.json",

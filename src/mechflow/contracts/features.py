@@ -116,3 +116,33 @@ class FeatureSummary(Document):
     hist_log10_range: list[float]
     hist_bins_per_decade: int
     tasks: list[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------- transcoder_features
+
+
+class TranscoderFeaturesLayer(Document):
+    """One layer of the transcoder set's feature analysis."""
+
+    layer: int
+    d_sae: int
+    n_live: int = Field(description="features that fire on at least one of the stage's tokens")
+    dead_fraction: float
+    mean_l0: float = Field(description="active features per token, averaged over the stage's tokens")
+    n_records: int = Field(description="features of this layer in features.jsonl")
+
+
+class TranscoderFeaturesSummary(Document):
+    """``dictionaries/transcoder_set/features/summary.json`` (rule ``transcoder_features``)."""
+
+    stage: Literal["transcoder_features"]
+    model: str
+    transcoder_set: str = Field(description="the set.json analysed")
+    kind: str
+    n_layers: int
+    n_tokens: int = Field(description="corpus tokens encoded per layer (position 0 of each context excluded)")
+    config: dict[str, Any] = Field(description="the features config group")
+    per_layer: list[TranscoderFeaturesLayer]
+    n_records: int
+    files: dict[str, str]
+    seconds: float

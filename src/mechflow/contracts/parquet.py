@@ -310,3 +310,31 @@ GRAPH_VALIDATION_SCHEMA = pa.schema([
     _required("frozen", _F64), pa.field("predicted_direct_diff", _F64), pa.field("predicted_graph_diff", _F64),
     pa.field("real_diff", _F64),
 ])
+
+# ----------------------------------------------------------------------------- rule transcoder_features
+
+# dictionaries/transcoder_set/features/top_contexts.parquet: every live feature's top activating
+# corpus contexts (rank 0 = highest; position 0 of a context is never a row). Writer:
+# mechflow.features.transcoders; reader: mechflow.graphs.stage (the viewer's hover).
+TRANSCODER_TOP_CONTEXTS_SCHEMA = pa.schema([
+    _required("layer", _I32), _required("feature", _I32), _required("rank", _I32),
+    _required("activation", pa.float32()), _required("context_id", _I64), _required("position", _I32),
+])
+
+# dictionaries/transcoder_set/features/feature_stats.parquet: one row per (layer, feature) over the
+# stage's corpus tokens; mean_active / max are 0 for a feature that never fires.
+TRANSCODER_FEATURE_STATS_SCHEMA = pa.schema([
+    _required("layer", _I32), _required("feature", _I32), _required("n_active", _I64), _required("frequency", _F64),
+    _required("mean_active", _F64), _required("max", _F64),
+])
+
+
+def write_table(table: pa.Table, path, contract: pa.Schema) -> None:
+    """Write `table` to `path` (zstd Parquet, atomically) after checking it against `contract`."""
+    import pyarrow.parquet as pq
+
+    from mechflow.io import atomic_path
+
+    check_schema(table.schema, contract, str(path))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")

@@ -110,56 +110,76 @@ def merge_top_k(top: tuple[Tensor, Tensor, Tensor], feats: Tensor, values: Tenso
     return new_v, new_c, new_p
 
 
+class FeatureStatsAccumulator:
+    """Running per-latent statistics (`FeatureStats`) fed batch by batch: `add` a ``[rows, d_sae]``
+    batch of latents with each row's (context_id, position), then `result`. Shared by the harvest
+    pass of the `features` stage (`stream_feature_stats`) and the transcoder set's pass over the
+    corpus (`mechflow.features.transcoders`, one accumulator per layer).
+
+    Works on the non-zero entries only (L0 per token, not d_sae), so the bookkeeping costs a small
+    fraction of the encoder's matmul.
+    """
+
+    def __init__(self, d_sae: int, k: int):
+        self.d_sae, self.k, self.n = d_sae, k, 0
+        self.count = torch.zeros(d_sae, dtype=torch.long)
+        self.total = torch.zeros(d_sae, dtype=torch.float64)
+        self.total_sq = torch.zeros(d_sae, dtype=torch.float64)
+        self.hist = torch.zeros(d_sae * N_HIST_BINS, dtype=torch.long)
+        self.top: tuple[Tensor, Tensor, Tensor] | None = None
+        self.vmax: Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, lat: Tensor, ctx: Tensor, pos: Tensor) -> None:
+        """One batch: latents ``[rows, d_sae]``, the rows' context ids and positions ``[rows]``."""
+        if lat.is_sparse:
+            lat = lat.to_dense()
+        if lat.shape[1] != self.d_sae:
+            raise ConfigError(f"the dictionary returned {lat.shape[1]} latents per row, expected d_sae={self.d_sae}")
+        if self.top is None:
+            self.top = (torch.zeros(self.k, self.d_sae, dtype=lat.dtype),
+                        torch.full((self.k, self.d_sae), -1, dtype=torch.long),
+                        torch.full((self.k, self.d_sae), -1, dtype=torch.long))
+        self.n += len(lat)
+        r, f = lat.nonzero(as_tuple=True)
+        v = lat[r, f]
+        v64 = v.double()
+        self.count += torch.bincount(f, minlength=self.d_sae)
+        self.total.index_add_(0, f, v64)
+        self.total_sq.index_add_(0, f, v64 * v64)
+        self.vmax = lat.amax(0) if self.vmax is None else torch.maximum(self.vmax, lat.amax(0))
+        self.hist.index_add_(0, f * N_HIST_BINS + log10_bins(v), torch.ones_like(f))
+        self.top = merge_top_k(self.top, f, v, ctx[r], pos[r], self.k)
+
+    def result(self, what: str, fix: str) -> FeatureStats:
+        """The statistics so far; `what` names the rows and `fix` the remedy in the error raised when
+        there were none."""
+        if self.top is None or self.vmax is None:
+            raise DataError(f"{what} hold no usable rows for feature statistics; {fix}")
+        return FeatureStats(n_tokens=self.n, top_values=self.top[0], top_context=self.top[1],
+                            top_position=self.top[2], count=self.count, sum=self.total, sum_sq=self.total_sq,
+                            max=self.vmax, hist=self.hist.view(self.d_sae, N_HIST_BINS))
+
+
 @torch.no_grad()
 def stream_feature_stats(encode: Callable[[Tensor], Tensor], source: ShardSource, *, d_sae: int, k: int,
                          batch_rows: int = 4096, max_tokens: int | None = None, progress: bool = True
                          ) -> FeatureStats:
     """One pass over `source`: running top-k contexts, firing counts and histograms of every latent.
 
-    Works on the non-zero entries only (L0 per token, not d_sae), so the bookkeeping costs a
-    small fraction of the encoder's matmul.
-
     Args:
         encode: ``[rows, d_in] -> [rows, d_sae]`` latents (e.g. a SAELens ``sae.encode``).
         source: the harvest rows (BOS already dropped by the source when asked).
         k: contexts kept per latent.
     """
-    count = torch.zeros(d_sae, dtype=torch.long)
-    total = torch.zeros(d_sae, dtype=torch.float64)
-    total_sq = torch.zeros(d_sae, dtype=torch.float64)
-    hist = torch.zeros(d_sae * N_HIST_BINS, dtype=torch.long)
-    top: tuple[Tensor, Tensor, Tensor] | None = None
-    vmax: Tensor | None = None
-    n = 0
+    acc = FeatureStatsAccumulator(d_sae, k)
     usable = source.n_rows - (sum(s.last_context - s.first_context + 1 for s in source.shards[0])
                               if source.exclude_bos else 0)
     expected = min(usable, max_tokens) if max_tokens else usable
     bar = tqdm(total=expected, desc="feature stats", unit="tok", disable=not progress)
     for rows, meta in source.iter_sequential(batch_rows, max_tokens):
         lat = encode(torch.from_numpy(rows))
-        if lat.is_sparse:
-            lat = lat.to_dense()
-        if lat.shape[1] != d_sae:
-            raise ConfigError(f"the dictionary returned {lat.shape[1]} latents per row, expected d_sae={d_sae}")
-        if top is None:
-            top = (torch.zeros(k, d_sae, dtype=lat.dtype), torch.full((k, d_sae), -1, dtype=torch.long),
-                   torch.full((k, d_sae), -1, dtype=torch.long))
-        n += len(lat)
-        r, f = lat.nonzero(as_tuple=True)
-        v = lat[r, f]
-        v64 = v.double()
-        count += torch.bincount(f, minlength=d_sae)
-        total.index_add_(0, f, v64)
-        total_sq.index_add_(0, f, v64 * v64)
-        vmax = lat.amax(0) if vmax is None else torch.maximum(vmax, lat.amax(0))
-        hist.index_add_(0, f * N_HIST_BINS + log10_bins(v), torch.ones_like(f))
-        ctx = torch.from_numpy(meta[:, 0].astype(np.int64))
-        pos = torch.from_numpy(meta[:, 1].astype(np.int64))
-        top = merge_top_k(top, f, v, ctx[r], pos[r], k)
-        bar.update(len(lat))
+        acc.add(lat, torch.from_numpy(meta[:, 0].astype(np.int64)), torch.from_numpy(meta[:, 1].astype(np.int64)))
+        bar.update(len(rows))
     bar.close()
-    if top is None or vmax is None:
-        raise DataError(f"harvest shards {source.shard_names} hold no usable rows for feature statistics; "
-                        "re-run the harvest stage")
-    return FeatureStats(n_tokens=n, top_values=top[0], top_context=top[1], top_position=top[2], count=count,
-                        sum=total, sum_sq=total_sq, max=vmax, hist=hist.view(d_sae, N_HIST_BINS))
+    return acc.result(f"harvest shards {source.shard_names}", "re-run the harvest stage")

@@ -45,8 +45,8 @@ class GraphConfig(GroupConfig):
                                            "intervened on in the real model (0: no validation)")
     validation_operations: tuple[Operation, ...] = Field(("zero", "x2", "x-1"), min_length=1,
                                                          description="zero: a -> 0; x2: a -> 2a; x-1: a -> -a")
-    viewer_contexts: StrictInt = Field(128, ge=0, description="corpus contexts scanned for each kept feature's top "
-                                       "activating contexts shown in the viewer (0: none)")
-    viewer_top_contexts: StrictInt = Field(5, ge=1, description="top contexts shown per feature")
+    viewer_top_contexts: StrictInt = Field(5, ge=0, description="top activating corpus contexts shown per feature "
+                                           "(from rule transcoder_features, which keeps features.top_contexts; "
+                                           "0: none)")
     viewer_window: StrictInt = Field(8, ge=0, description="tokens shown each side of the activating token")
     viewer_logit_effects: StrictInt = Field(5, ge=1, description="top promoted / suppressed tokens per feature")

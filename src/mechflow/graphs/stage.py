@@ -110,9 +110,10 @@ def top_paths(graph: AttributionGraph, kept: torch.Tensor, target: int, n_paths:
 
 
 def feature_details(model, transcoders: TranscoderSet, keys: list[tuple[int, int]], tokens_path: Path | None,
-                    cfg: GraphConfig, decode) -> dict[str, Any]:
-    """Top activating corpus contexts and logit effects (``W_dec W_U``, before the final norm's
-    scale) of the kept features, keyed ``"{layer}_{feature}"`` for the viewer."""
+                    top_contexts: Path | None, cfg: GraphConfig, decode) -> dict[str, Any]:
+    """Top activating corpus contexts (from the `transcoder_features` stage's `top_contexts.parquet`,
+    windows read from the corpus `tokens_path`) and logit effects (``W_dec W_U``, before the final
+    norm's scale) of the kept features, keyed ``"{layer}_{feature}"`` for the viewer."""
     details: dict[str, Any] = {}
     W_U = model.W_U.detach()
     for layer, f in keys:
@@ -124,46 +125,34 @@ def feature_details(model, transcoders: TranscoderSet, keys: list[tuple[int, int
             "logit_effects": {"top": [{"token": decode(int(i)), "value": float(v)} for v, i in zip(*top, strict=True)],
                               "bottom": [{"token": decode(int(i)), "value": -float(v)}
                                          for v, i in zip(*bottom, strict=True)]}}
-    if not keys or cfg.viewer_contexts == 0 or tokens_path is None:
+    if not keys or cfg.viewer_top_contexts == 0 or tokens_path is None or top_contexts is None:
         return details
+    import polars as pl
+
+    from mechflow.contracts.parquet import TRANSCODER_TOP_CONTEXTS_SCHEMA, check_schema
     from mechflow.corpus.core import read_contexts
 
-    contexts = torch.as_tensor(read_contexts(Path(tokens_path))[: cfg.viewer_contexts])
-    by_layer: dict[int, list[int]] = {}
-    for layer, f in keys:
-        by_layer.setdefault(layer, []).append(f)
-    names = {transcoders.hook_in(layer) for layer in by_layer}
-    best: dict[str, list[tuple[float, int, int]]] = {f"{layer}_{f}": [] for layer, f in keys}
-    with torch.no_grad():
-        for start in range(0, len(contexts), 8):
-            batch = contexts[start:start + 8]
-            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names,
-                                            stop_at_layer=max(by_layer) + 1)
-            for layer, feats in by_layer.items():
-                tc = transcoders.transcoders[layer]
-                x = cache[transcoders.hook_in(layer)]
-                acts = tc.encode(x.to(tc.W_enc.dtype))[..., feats]  # [b, T, k]
-                acts[:, 0] = 0  # the BOS / sink position is not a context
-                for j, f in enumerate(feats):
-                    flat = acts[..., j].flatten()
-                    vals, idx = torch.topk(flat, min(cfg.viewer_top_contexts, flat.numel()))
-                    for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
-                        if v > 0:
-                            best[f"{layer}_{f}"].append((v, start + i // batch.shape[1], i % batch.shape[1]))
-    for key, hits in best.items():
-        hits.sort(reverse=True)
-        rows = []
-        for v, c, p in hits[: cfg.viewer_top_contexts]:
-            ids = contexts[c].tolist()
-            rows.append({"activation": v, "context": c, "position": p, "token": decode(ids[p]),
-                         "left": [decode(t) for t in ids[max(0, p - cfg.viewer_window):p]],
-                         "right": [decode(t) for t in ids[p + 1:p + 1 + cfg.viewer_window]]})
-        details[key]["top_contexts"] = rows
+    table = pl.scan_parquet(top_contexts)
+    check_schema(table.head(0).collect().to_arrow().schema, TRANSCODER_TOP_CONTEXTS_SCHEMA, str(top_contexts))
+    wanted = pl.DataFrame({"layer": [k[0] for k in keys], "feature": [k[1] for k in keys]},
+                          schema={"layer": pl.Int32, "feature": pl.Int32})
+    rows = (table.join(wanted.lazy(), on=["layer", "feature"]).filter(pl.col("rank") < cfg.viewer_top_contexts)
+            .sort(["layer", "feature", "rank"]).collect())
+    contexts = read_contexts(Path(tokens_path))
+    if len(rows) and int(rows["context_id"].max()) >= len(contexts):
+        raise DataError(f"{top_contexts} names context {int(rows['context_id'].max())} but the corpus {tokens_path} "
+                        f"has {len(contexts)}: re-run transcoder_features on this corpus")
+    w = cfg.viewer_window
+    for r in rows.iter_rows(named=True):
+        ids, p = contexts[r["context_id"]].tolist(), r["position"]
+        details[f"{r['layer']}_{r['feature']}"]["top_contexts"].append(
+            {"activation": float(r["activation"]), "context": r["context_id"], "position": p, "token": decode(ids[p]),
+             "left": [decode(t) for t in ids[max(0, p - w):p]], "right": [decode(t) for t in ids[p + 1:p + 1 + w]]})
     return details
 
 
 def attribution_graph(cfg: GraphConfig | Mapping[str, Any], *, transcoder_set: Path, dataset: Path,
-                      tokens: Path | None,
+                      tokens: Path | None, top_contexts: Path | None,
                       graph: Path, summary: Path, neuronpedia: Path, viewer: Path, figure: Path, validation: Path,
                       validation_figure: Path, supernodes_file: Path, task: str, prompt: int | str,
                       model_cfg: dict, loaded_model: Any = None) -> dict[str, Any]:
@@ -217,7 +206,8 @@ def attribution_graph(cfg: GraphConfig | Mapping[str, Any], *, transcoder_set: P
                             transcoder_list=[str(f) for f in set_doc["folders"]], decode=decode,
                             prompt=row["prompt"], node_threshold=gcfg.node_threshold, supernodes=groups)
     write_graph_json(neuronpedia, doc)
-    details = feature_details(model, transcoders, sorted(set(kept_features)), tokens, gcfg, decode)
+    details = feature_details(model, transcoders, sorted(set(kept_features)), tokens, top_contexts, gcfg,
+                              decode)
     write_viewer(viewer, doc, features=details, title=f"{task} prompt {prompt}: {row['prompt']}",
                  scores={"replacement": rep_p, "completeness": comp_p})
     plot_graph(doc, figure, title=f"{slug}: replacement {rep_p:.2f}, completeness {comp_p:.2f} (pruned)")

@@ -67,7 +67,7 @@ def cross_model_dir(pair: str) -> str:
 
 
 def transcoder_set_dir(run: str) -> str:
-    """Folder of the per-layer transcoder set (rules train_layer_transcoder, transcoder_set)."""
+    """Folder of the per-layer transcoder set (rules train_layer_transcoder, transcoder_set, transcoder_features)."""
     return f"{dictionaries_dir(run)}/transcoder_set"
 
 

@@ -72,10 +72,10 @@ def built(tmp_path_factory):
              "neuronpedia": out / "ioi-p0.json", "viewer": out / "p0" / "viewer.html",
              "figure": out / "p0" / "graph.png", "validation": out / "p0" / "validation.parquet",
              "validation_figure": out / "p0" / "validation.png", "supernodes_file": out / "p0" / "supernodes.json"}
-    cfg = {"tasks": ["ioi"], "prompts": [0], "validation_features": 4, "viewer_contexts": 0,
+    cfg = {"tasks": ["ioi"], "prompts": [0], "validation_features": 4,
            "desired_logit_prob": 0.5}
-    result = attribution_graph(cfg, transcoder_set=set_json, dataset=dataset, tokens=None, task="ioi", prompt=0,
-                               model_cfg={}, loaded_model=loaded, **files)
+    result = attribution_graph(cfg, transcoder_set=set_json, dataset=dataset, tokens=None, top_contexts=None,
+                               task="ioi", prompt=0, model_cfg={}, loaded_model=loaded, **files)
     return model, folders, files, result, out
 
 
