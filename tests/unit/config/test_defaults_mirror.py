@@ -41,7 +41,7 @@ DELIBERATE: dict[str, dict[str, str]] = {
         "threshold_lr_scale", "training_tokens")},
     # config/transcoder_set/default.yaml: the transcoder group's recipe plus the L0 controller (docs/graphs.md)
     "transcoder_set": {k: "recipe" for k in (
-        "data.batch_size", "data.chunk_rows", "eval.dead_min_tokens", "jumprelu_bandwidth", "l0_control_ki",
+        "data.batch_size", "data.chunk_rows", "eval.dead_min_tokens", "jumprelu_bandwidth", "kind", "l0_control_ki",
         "l0_control_kp", "log_every", "lr", "lr_warm_up_steps", "pre_act_loss_coefficient", "sparsity_coefficient",
         "sparsity_mode", "sparsity_warm_up_steps", "target_l0", "threshold_lr_scale", "training_tokens")},
 }
