@@ -308,7 +308,7 @@ GRAPH_VALIDATION_SCHEMA = pa.schema([
     _required("activation", _F64), _required("operation", _S), _required("delta", _F64),
     _required("predicted_direct", _F64), _required("predicted_graph", _F64), _required("real", _F64),
     _required("frozen", _F64), pa.field("predicted_direct_diff", _F64), pa.field("predicted_graph_diff", _F64),
-    pa.field("real_diff", _F64),
+    pa.field("real_diff", _F64), _required("selection", _S),  # top | excluding_positions (validation module)
 ])
 
 # ----------------------------------------------------------------------------- rule transcoder_features

@@ -11,7 +11,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from mechflow.config import GroupConfig, config_model
 
-Operation = Literal["zero", "x2", "x-1"]
+Operation = Literal["zero", "x2", "x-1", "x1.1", "x0.9"]
 
 
 @config_model("graph")
@@ -43,8 +43,12 @@ class GraphConfig(GroupConfig):
                                         "decoder cosine is at least this")
     validation_features: StrictInt = Field(10, ge=0, description="top features by influence on the answer logit "
                                            "intervened on in the real model (0: no validation)")
-    validation_operations: tuple[Operation, ...] = Field(("zero", "x2", "x-1"), min_length=1,
-                                                         description="zero: a -> 0; x2: a -> 2a; x-1: a -> -a")
+    validation_operations: tuple[Operation, ...] = Field(
+        ("zero", "x2", "x-1", "x1.1", "x0.9"), min_length=1,
+        description="zero: a -> 0; x2: a -> 2a; x-1: a -> -a; x1.1 / x0.9: a -> 1.1a / 0.9a (small: the linear regime)")
+    validation_exclude_positions: tuple[StrictInt, ...] = Field(
+        (1,), description="a second validation set: the top features outside these prompt positions (default: "
+        "the first token after BOS, SmolLM2's attention sink / massive-activation position); []: no second set")
     viewer_top_contexts: StrictInt = Field(5, ge=0, description="top activating corpus contexts shown per feature "
                                            "(from rule transcoder_features, which keeps features.top_contexts; "
                                            "0: none)")

@@ -95,24 +95,33 @@ def plot_graph(doc: NeuronpediaGraph, path: Path, title: str = "", max_links: in
 
 
 def plot_validation(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Predicted vs measured change of the answer logit, one marker per operation: the real model on
+    the top features, the real model on the top features outside the excluded positions (when that
+    set was validated), and the frozen replacement (all rows; exact by construction)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    for ax, (pred, real, label) in zip(axes, (("predicted_graph", "real", "real model"),
-                                              ("predicted_direct", "frozen", "frozen replacement")), strict=True):
-        for op, marker in (("zero", "o"), ("x2", "^"), ("x-1", "v")):
-            pts = [(r[pred], r[real]) for r in rows if r["operation"] == op]
+    panels = [("predicted_graph", "real", "real model, top features", "top")]
+    if any(r.get("selection") == "excluding_positions" for r in rows):
+        panels.append(("predicted_graph", "real", "real model, away from excluded positions", "excluding_positions"))
+    panels.append(("predicted_direct", "frozen", "frozen replacement", None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    markers = {"zero": "o", "x2": "^", "x-1": "v", "x1.1": "+", "x0.9": "x"}
+    for ax, (pred, real, label, selection) in zip(axes[0], panels, strict=True):
+        chosen = [r for r in rows if selection is None or r.get("selection", "top") == selection]
+        for op, marker in markers.items():
+            pts = [(r[pred], r[real]) for r in chosen if r["operation"] == op]
             if pts:
                 ax.scatter(*zip(*pts, strict=True), s=16, marker=marker, label=op)
-        values = [v for r in rows for v in (r[pred], r[real])]
+        values = [v for r in chosen for v in (r[pred], r[real])]
         if values:
             lo, hi = min(values), max(values)
             ax.plot([lo, hi], [lo, hi], color="#999", linewidth=0.8)
+            ax.legend(fontsize=7)
+        ax.set_title(label, fontsize=8)
         ax.set_xlabel(f"{pred.replace('_', ' ')} Δ answer logit")
-        ax.set_ylabel(f"{label} Δ answer logit")
-        ax.legend(fontsize=7)
+        ax.set_ylabel(f"{real} Δ answer logit")
     if not rows:
-        axes[0].text(0.5, 0.5, "no interventions (graph.validation_features: 0)", ha="center",
-                     transform=axes[0].transAxes)
+        axes[0][0].text(0.5, 0.5, "no interventions (graph.validation_features: 0)", ha="center",
+                        transform=axes[0][0].transAxes)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -216,7 +216,8 @@ def attribution_graph(cfg: GraphConfig | Mapping[str, Any], *, transcoder_set: P
         state = setup_prompt(model, transcoders, ids, zero_bos=gcfg.zero_bos, bos_token_id=bos)
         rows, vsummary = validate_graph(model, transcoders, built, state, answer=answer, foil=foil,
                                         n_features=gcfg.validation_features,
-                                        operations=list(gcfg.validation_operations))
+                                        operations=list(gcfg.validation_operations),
+                                        exclude_positions=list(gcfg.validation_exclude_positions))
     _write_validation(validation, rows)
     plot_validation(rows, validation_figure, title=slug)
     answer_node = layout.logits.start + int((built.logit_tokens == answer).nonzero()[0]) \
@@ -266,6 +267,30 @@ def _write_validation(path: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
+def _validation_lines(v: dict) -> list[str]:
+    """graphs.md lines of one graph's validation: real vs graph path sum, per selection and operation."""
+    if not v.get("n_interventions"):
+        return []
+
+    def fmt(a: dict | None) -> str:
+        a = a or {}
+        keys = ("pearson", "spearman", "sign_agreement")
+        return ", ".join("n/a" if a.get(k) is None else f"{a[k]:.2f}" for k in keys)
+
+    out = ["", "Validation in the real model, graph path sum vs measured change of the answer logit "
+           "(Pearson, Spearman, signs right):", "",
+           "| features | all operations | " + " | ".join(v.get("operations", [])) + " |",
+           "|---|---|" + "---|" * len(v.get("operations", []))]
+    blocks = [("top by influence", v)]
+    if "excluding_positions" in v:
+        blocks.append((f"top outside positions {v['excluding_positions']['positions']}", v["excluding_positions"]))
+    for label, block in blocks:
+        by_op = block.get("by_operation", {})
+        out.append(f"| {label} | {fmt(block.get('real_vs_graph'))} | "
+                   + " | ".join(fmt(by_op.get(op)) for op in v.get("operations", [])) + " |")
+    return out
+
+
 def graphs_summary(cfg: GraphConfig | Mapping[str, Any], *, summaries: list[Path], neuronpedia: list[Path],
                    metadata: Path, markdown: Path, task: str) -> dict[str, Any]:
     """The task's ``graph-metadata.json`` (the frontend's index of its graphs) and ``graphs.md``."""
@@ -301,5 +326,6 @@ def graphs_summary(cfg: GraphConfig | Mapping[str, Any], *, summaries: list[Path
         worst = sorted(range(len(share)), key=lambda i: -share[i])[:5]
         lines += ["", "Error nodes' share of influence, largest layers: "
                   + ", ".join(f"L{i} {share[i]:.3f}" for i in worst)]
+        lines += _validation_lines(d["validation"])
     atomic_write_text(markdown, "\n".join(lines) + "\n")
     return {"task": task, "graphs": [d["slug"] for d in docs]}

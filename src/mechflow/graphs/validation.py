@@ -1,7 +1,8 @@
 """Validation of an attribution graph by intervention (beyond circuit-tracer).
 
 For the top-N features by influence on the answer logit, the feature's activation ``a`` is changed
-by ``delta`` (``zero``: −a; ``x2``: +a; ``x-1``: −2a) by adding ``delta · W_dec[f]`` to its MLP's
+by ``delta`` (``zero``: −a; ``x2``: +a; ``x-1``: −2a; the small ``x1.1`` / ``x0.9``: ±0.1a, where a
+first-order prediction should hold if the model is smooth there) by adding ``delta · W_dec[f]`` to its MLP's
 output at its position, and the change of the answer's demeaned logit (and of the logit difference
 answer − foil, when the foil is a logit node) is measured
 
@@ -19,11 +20,17 @@ Two predictions from the graph are compared with the real model:
   tokens stay fixed. ``graph = delta · e_logitᵀ (I − M_ff)⁻¹ e_s`` summed term by term (acyclic).
 
 Reported per graph: Pearson and Spearman correlation of the prediction with the real change, and
-the fraction of interventions whose sign the prediction gets right (zero changes excluded).
+the fraction of interventions whose sign the prediction gets right (zero changes excluded), over
+all operations and per operation. A second set, the top-N features **outside** the positions
+``exclude_positions`` (`graph.validation_exclude_positions`, default the first token after BOS,
+where SmolLM2 builds its attention-sink / massive-activation residual and the top features of the
+first set concentrate), is validated and reported the same way (rows with ``selection`` =
+``excluding_positions``): whether the graph's first-order predictions hold away from the sink.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,7 +44,7 @@ from mechflow.graphs.attribution import AttributionGraph
 from mechflow.graphs.influence import influence, normalize_matrix
 from mechflow.graphs.replacement import Perturbation, PromptState, TranscoderSet, frozen_forward
 
-OPERATIONS = {"zero": -1.0, "x2": 1.0, "x-1": -2.0}  # delta as a multiple of the activation
+OPERATIONS = {"zero": -1.0, "x2": 1.0, "x-1": -2.0, "x1.1": 0.1, "x0.9": -0.1}  # delta / activation
 
 
 def logit_node(graph: AttributionGraph, token_id: int, field: str = "answer") -> int:
@@ -50,12 +57,17 @@ def logit_node(graph: AttributionGraph, token_id: int, field: str = "answer") ->
     return hits[0]
 
 
-def top_features_for(graph: AttributionGraph, logit_index: int, n: int) -> Tensor:
-    """Feature-node indices of the ``n`` features with the largest influence on one logit node."""
+def top_features_for(graph: AttributionGraph, logit_index: int, n: int, exclude_positions: Sequence[int] = ()
+                     ) -> Tensor:
+    """Feature-node indices of the ``n`` features with the largest influence on one logit node
+    (features at ``exclude_positions`` left out)."""
     layout = graph.layout
     weights = torch.zeros(layout.n_nodes, dtype=torch.float64)
     weights[layout.logits.start + logit_index] = 1.0
     scores = influence(normalize_matrix(graph.adjacency.double()), weights)[: layout.n_features]
+    if exclude_positions:
+        positions = graph.active_features[graph.selected_features, 1]
+        scores = scores.masked_fill(torch.isin(positions, torch.tensor(list(exclude_positions))), 0.0)
     order = torch.argsort(scores, descending=True, stable=True)
     return order[scores[order] > 0][:n]
 
@@ -89,9 +101,11 @@ class Intervention:
     activation: float
     operation: str
     delta: float         # change of the activation
+    selection: str = "top"  # top | excluding_positions
 
 
-def interventions_for(graph: AttributionGraph, nodes: Tensor, operations: list[str]) -> list[Intervention]:
+def interventions_for(graph: AttributionGraph, nodes: Tensor, operations: list[str], selection: str = "top"
+                      ) -> list[Intervention]:
     unknown = sorted(set(operations) - set(OPERATIONS))
     if unknown:
         raise ConfigError(f"graph.validation.operations: unknown {unknown}; choose from {sorted(OPERATIONS)}")
@@ -100,7 +114,7 @@ def interventions_for(graph: AttributionGraph, nodes: Tensor, operations: list[s
         active = int(graph.selected_features[node])
         layer, pos, feature = graph.active_features[active].tolist()
         a = float(graph.activation_values[active])
-        out.extend(Intervention(node, layer, pos, feature, a, op, OPERATIONS[op] * a) for op in operations)
+        out.extend(Intervention(node, layer, pos, feature, a, op, OPERATIONS[op] * a, selection) for op in operations)
     return out
 
 
@@ -157,10 +171,28 @@ def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float | in
     }
 
 
+def _agreements(rows: list[dict], operations: list[str], has_foil: bool) -> dict:
+    """The summary's agreement block of some rows: over all operations and per operation."""
+    if not rows:
+        return {"n_interventions": 0}
+    col = {k: np.array([r[k] for r in rows]) for k in ("predicted_graph", "predicted_direct", "real", "frozen")}
+    out = {"n_interventions": len(rows), "n_features": len({r["node"] for r in rows}),
+           "real_vs_graph": agreement(col["predicted_graph"], col["real"]),
+           "real_vs_direct": agreement(col["predicted_direct"], col["real"]),
+           "by_operation": {op: agreement([r["predicted_graph"] for r in rows if r["operation"] == op],
+                                          [r["real"] for r in rows if r["operation"] == op]) for op in operations}}
+    if has_foil:
+        out["real_diff_vs_graph"] = agreement([r["predicted_graph_diff"] for r in rows], [r["real_diff"] for r in rows])
+    return out
+
+
 def validate_graph(model, transcoders: TranscoderSet, graph: AttributionGraph, state: PromptState, *,
                    answer: int, foil: int | None = None, n_features: int = 10,
-                   operations: list[str] | None = None) -> tuple[list[dict], dict]:
-    """Rows (one per intervention) and the summary of the validation of ``graph`` on its answer."""
+                   operations: list[str] | None = None, exclude_positions: Sequence[int] = ()
+                   ) -> tuple[list[dict], dict]:
+    """Rows (one per intervention) and the summary of the validation of ``graph`` on its answer:
+    the top ``n_features`` features, and (when ``exclude_positions`` is given) the top ones outside
+    those positions (module docstring)."""
     operations = operations or list(OPERATIONS)
     a_idx = logit_node(graph, answer)
     f_idx = None
@@ -168,6 +200,9 @@ def validate_graph(model, transcoders: TranscoderSet, graph: AttributionGraph, s
         f_idx = logit_node(graph, foil, "foil")
     nodes = top_features_for(graph, a_idx, n_features)
     items = interventions_for(graph, nodes, operations)
+    if exclude_positions:
+        away = top_features_for(graph, a_idx, n_features, exclude_positions)
+        items += interventions_for(graph, away, operations, "excluding_positions")
     if not items:
         return [], {"answer": int(answer), "foil": foil, "n_interventions": 0}
     with torch.no_grad():
@@ -186,6 +221,7 @@ def validate_graph(model, transcoders: TranscoderSet, graph: AttributionGraph, s
             "predicted_graph": item.delta * graph_prediction(graph, item.node, a_idx),
             "real": float(demeaned(real[i], answer) - demeaned(base_real, answer)),
             "frozen": float(demeaned(frozen[i], answer) - demeaned(base_frozen, answer)),
+            "selection": item.selection,
         }
         if f_idx is not None:
             column = graph.adjacency[layout.logits, item.node]
@@ -195,15 +231,18 @@ def validate_graph(model, transcoders: TranscoderSet, graph: AttributionGraph, s
                                                         - graph_prediction(graph, item.node, f_idx))
             row["real_diff"] = float((real[i, answer] - real[i, foil]) - (base_real[answer] - base_real[foil]))
         rows.append(row)
-    col = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    top = [r for r in rows if r["selection"] == "top"]
+    pred = np.array([r["predicted_direct"] for r in rows])
+    frozen_col = np.array([r["frozen"] for r in rows])
     summary = {
         "answer": int(answer), "foil": None if foil is None else int(foil), "foil_in_graph": f_idx is not None,
-        "n_features": int(len(nodes)), "operations": operations, "n_interventions": len(rows),
-        "real_vs_graph": agreement(col["predicted_graph"], col["real"]),
-        "real_vs_direct": agreement(col["predicted_direct"], col["real"]),
-        "frozen_vs_direct": agreement(col["predicted_direct"], col["frozen"]),
-        "frozen_max_abs_error": float(np.abs(col["predicted_direct"] - col["frozen"]).max()),
+        "operations": operations, **_agreements(top, operations, f_idx is not None),
+        "n_interventions": len(rows),
+        "frozen_vs_direct": agreement(pred, frozen_col),
+        "frozen_max_abs_error": float(np.abs(pred - frozen_col).max()),
     }
-    if f_idx is not None:
-        summary["real_diff_vs_graph"] = agreement(col["predicted_graph_diff"], col["real_diff"])
+    if exclude_positions:
+        away_rows = [r for r in rows if r["selection"] == "excluding_positions"]
+        summary["excluding_positions"] = {"positions": [int(p) for p in exclude_positions],
+                                          **_agreements(away_rows, operations, f_idx is not None)}
     return rows, summary

@@ -86,7 +86,8 @@ def test_every_file_is_written_and_valid(built):
     GraphSummary.model_validate(json.loads(files["summary"].read_text()))
     NeuronpediaGraph.model_validate(json.loads(files["neuronpedia"].read_text()))
     table = pl.read_parquet(files["validation"])
-    assert table.height == result["validation"]["n_interventions"] == 4 * 3
+    assert table.height == result["validation"]["n_interventions"] == 4 * 5 * 2  # 5 operations, 2 feature sets
+    assert set(table["selection"]) == {"top", "excluding_positions"}
     assert result["validation"]["frozen_max_abs_error"] < 1e-6
     assert "answer" in result and result["answer_id"] in [g["token_id"] for g in result["logits"]]
 

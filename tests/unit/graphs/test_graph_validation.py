@@ -10,7 +10,7 @@ import torch
 from mechflow.errors import ConfigError
 from mechflow.graphs.attribution import attribute_prompt, salient_logits
 from mechflow.graphs.replacement import setup_prompt
-from mechflow.graphs.validation import agreement, graph_prediction, validate_graph
+from mechflow.graphs.validation import agreement, graph_prediction, top_features_for, validate_graph
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_frozen_interventions_equal_the_direct_edge_and_real_ones_are_measured(s
     model, transcoders, graph, state = setup
     answer, foil = graph.logit_tokens[:2].tolist()
     rows, summary = validate_graph(model, transcoders, graph, state, answer=answer, foil=foil, n_features=6)
-    assert summary["n_interventions"] == len(rows) == 6 * 3
+    assert summary["n_interventions"] == len(rows) == 6 * 5  # zero, x2, x-1, x1.1, x0.9
     assert summary["frozen_max_abs_error"] < 1e-9
     assert summary["frozen_vs_direct"]["pearson"] == pytest.approx(1.0)
     assert summary["foil_in_graph"] and "real_diff_vs_graph" in summary
@@ -34,8 +34,33 @@ def test_frozen_interventions_equal_the_direct_edge_and_real_ones_are_measured(s
     for ops in by_node.values():
         assert ops["x2"]["frozen"] == pytest.approx(-ops["zero"]["frozen"], abs=1e-9)
         assert ops["x-1"]["frozen"] == pytest.approx(2 * ops["zero"]["frozen"], abs=1e-9)
+        assert ops["x1.1"]["frozen"] == pytest.approx(-0.1 * ops["zero"]["frozen"], abs=1e-9)
+        assert ops["x0.9"]["frozen"] == pytest.approx(0.1 * ops["zero"]["frozen"], abs=1e-9)
+    assert set(summary["by_operation"]) == {"zero", "x2", "x-1", "x1.1", "x0.9"}
     # the real model is not the frozen one: it responds non-linearly somewhere
     assert any(abs(r["real"] - r["frozen"]) > 1e-6 for r in rows)
+
+
+def test_the_second_set_leaves_out_the_excluded_positions(setup):
+    model, transcoders, graph, state = setup
+    answer = int(graph.logit_tokens[0])
+    rows, summary = validate_graph(model, transcoders, graph, state, answer=answer, n_features=4,
+                                   operations=["zero"])
+    top_positions = {r["position"] for r in rows}
+    excluded = sorted(top_positions)[:1]
+    rows, summary = validate_graph(model, transcoders, graph, state, answer=answer, n_features=4,
+                                   operations=["zero"], exclude_positions=excluded)
+    top = [r for r in rows if r["selection"] == "top"]
+    away = [r for r in rows if r["selection"] == "excluding_positions"]
+    assert {r["position"] for r in top} == top_positions and len(top) == 4
+    assert away and not {r["position"] for r in away} & set(excluded)
+    # the second set is the top of the remaining features, in influence order
+    ranking = top_features_for(graph, 0, graph.layout.n_features).tolist()
+    position = graph.active_features[graph.selected_features, 1]
+    assert [r["node"] for r in away] == [n for n in ranking if int(position[n]) not in excluded][:4]
+    assert summary["excluding_positions"]["positions"] == excluded
+    assert summary["excluding_positions"]["n_interventions"] == len(away)
+    assert summary["n_interventions"] == len(rows) and summary["frozen_max_abs_error"] < 1e-9
 
 
 def test_graph_prediction_is_the_path_sum_of_the_explicit_inverse(setup):
