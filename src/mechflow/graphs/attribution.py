@@ -127,6 +127,13 @@ class BackwardEngine:
         counts = torch.bincount(index[:, 0], minlength=L) if len(index) else torch.zeros(L, dtype=torch.long)
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
         self.spans = [(bounds[layer], bounds[layer + 1]) for layer in range(L)]
+        # features are sorted by (layer, position): per layer, the column blocks of each position
+        self.blocks: list[list[tuple[int, int, int]]] = []
+        for start, end in self.spans:
+            pos = index[start:end, 1]
+            per_pos = torch.bincount(pos, minlength=P) if end > start else torch.zeros(P, dtype=torch.long)
+            edges = (start + torch.cat([torch.zeros(1, dtype=torch.long), per_pos.cumsum(0)])).tolist()
+            self.blocks.append([(p, edges[p], edges[p + 1]) for p in range(P) if edges[p + 1] > edges[p]])
         self.n_sources = len(index) + L * P + P
         self._forward(model, transcoders)
 
@@ -191,10 +198,10 @@ class BackwardEngine:
             if g is None:
                 continue
             g = g[:n]
-            start, end = self.spans[layer]
-            if end > start:
-                pos = self.feature_index[start:end, 1]
-                out[:, start:end] = torch.einsum("bkd,kd->bk", g[:, pos], self.decoder_vectors[start:end])
+            # one matmul per position block (g[:, pos] for every feature would copy d_model floats per
+            # feature and target: the largest cost of a pass at thousands of active features)
+            for p, start, end in self.blocks[layer]:
+                out[:, start:end] = g[:, p] @ self.decoder_vectors[start:end].T
             out[:, n_feat + layer * P: n_feat + (layer + 1) * P] = torch.einsum("bpd,pd->bp", g, state.errors[layer])
         if got[0] is not None:
             tok = n_feat + L * P
