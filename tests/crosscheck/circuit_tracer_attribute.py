@@ -39,7 +39,8 @@ def load_jumprelu_transcoder(path: Path, layer: int):
     d_model, d_transcoder = params["W_enc"].shape
     activation = JumpReLU(0.0, 0.1)
     activation.threshold = torch.nn.Parameter(params.pop("threshold"))
-    transcoder = SingleLayerTranscoder(d_model, d_transcoder, activation, layer)
+    transcoder = SingleLayerTranscoder(d_model, d_transcoder, activation, layer,
+                                       skip_connection="W_skip" in params)  # skip transcoders: W_skip [d, d]
     transcoder.load_state_dict(params, strict=False)
     missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(params)
     assert not missing, missing

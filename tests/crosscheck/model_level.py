@@ -55,11 +55,12 @@ def write_inputs(work: Path, model, hf_model, tokenizer, transcoders, tokens: li
     (work / "tl_config.json").write_text(json.dumps(fields))
     (work / "transcoders").mkdir(exist_ok=True)
     for layer, tc in transcoders.transcoders.items():
-        if tc.W_skip is not None:
-            raise ValueError("circuit-tracer d797c82 reads skip transcoders only from its own hub files")
+        # skip transcoders: W_skip [d_out, d_in] as circuit-tracer's SingleLayerTranscoder holds it
+        # (its d797c82 loaders read W_skip only from its own hub files; the side script builds the class)
+        skip = {} if tc.W_skip is None else {"W_skip": tc.W_skip.float().numpy()}
         np.savez(work / "transcoders" / f"layer_{layer}.npz", W_enc=tc.W_enc.float().numpy(),
                  b_enc=tc.b_enc.float().numpy(), threshold=tc.threshold.float().numpy(),
-                 W_dec=tc.W_dec.float().numpy(), b_dec=tc.b_dec.float().numpy())
+                 W_dec=tc.W_dec.float().numpy(), b_dec=tc.b_dec.float().numpy(), **skip)
     in_hook, out_hook = transcoders.in_hook, transcoders.out_hook
     (work / "request.json").write_text(json.dumps({
         "tokens": tokens,

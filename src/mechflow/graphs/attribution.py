@@ -157,10 +157,8 @@ class BackwardEngine:
         def replace_mlp(value, hook, layer):
             leaf = value.detach().clone()
             skip = transcoders.transcoders[layer].to(value.dtype).skip(points[layer])
-            if skip is not None:  # the skip term is linear: gradient flows through it (not at a zeroed BOS)
-                if state.bos_zeroed:
-                    skip = torch.cat([torch.zeros_like(skip[:, :1]), skip[:, 1:]], dim=1)
-                leaf = leaf - skip.detach()
+            if skip is not None:  # the skip term is linear: gradient flows through it, at a zeroed BOS
+                leaf = leaf - skip.detach()  # too (circuit-tracer's `_configure_skip_connection`)
             leaf.requires_grad_(True)
             self.out_leaves[layer] = leaf
             # `0 * x` keeps the transcoder input in the graph so its target gradient is accepted

@@ -15,7 +15,10 @@ circuit-tracer's `ReplacementModel.setup_attribution` and `_configure_gradient_f
   source node on a target is a single contraction (`mechflow.graphs.attribution`).
 - As circuit-tracer does (``zero_bos``), activations and errors at a leading BOS position are set
   to zero: the MLP output there becomes a constant of the frozen system, not a node (transcoders
-  are trained without BOS rows: `data.exclude_bos`).
+  are trained without BOS rows: `data.exclude_bos`) — except a skip transcoder's linear term
+  ``x W_skipᵀ``, which stays a linear path at BOS as at every position (circuit-tracer's
+  `ReplacementModel._configure_skip_connection` adds it at every position; its cross-check in
+  `tests/crosscheck/model_level.py` compares the edges).
 
 `frozen_forward` runs that frozen system forward, optionally with a node's output added once more
 (the circuit-tracer check that each adjacency column is the exact effect of doubling its node);
@@ -260,7 +263,8 @@ def frozen_forward(model, transcoders: TranscoderSet, state: PromptState,
                    perturbation: Perturbation | None = None) -> FrozenOutput:
     """The local replacement model's forward pass on the prompt: attention patterns and norm scales
     are the recorded ones, every MLP outputs its features' fixed decoder output + b_dec + skip(x)
-    + its error node (the real MLP output at a zeroed BOS), plus ``perturbation``.
+    + its error node (at a zeroed BOS: the real MLP output, plus the change of its skip term), plus
+    ``perturbation``.
 
     Without a perturbation this reproduces the real model's logits (up to float rounding)."""
     perturbation = perturbation or Perturbation()
@@ -280,8 +284,11 @@ def frozen_forward(model, transcoders: TranscoderSet, state: PromptState,
     def replace_mlp(value, hook, layer):
         tc = transcoders.transcoders[layer].to(value.dtype)
         out = tc.decode(state.activations[layer], seen[layer]) + state.errors[layer]
-        if state.bos_zeroed:
-            out[0] = state.mlp_out[layer, 0]
+        if state.bos_zeroed:  # a constant, plus the skip term's change: linear at every position, as
+            out[0] = state.mlp_out[layer, 0]  # circuit-tracer's `_configure_skip_connection` makes it
+            skip = tc.skip(seen[layer][:1])
+            if skip is not None:
+                out[0] = out[0] + skip[0] - tc.skip(state.inputs[layer, :1])[0]
         if layer in perturbation.mlp:
             out = out + perturbation.mlp[layer].to(value.dtype)
         return out[None]

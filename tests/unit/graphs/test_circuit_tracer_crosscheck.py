@@ -84,9 +84,11 @@ def test_pruning_influence_and_json_agree_with_circuit_tracer(smollm2, tmp_path)
 
 
 @pytest.mark.slow
-def test_model_level_attribution_agrees_with_circuit_tracer(smollm2, tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_model_level_attribution_agrees_with_circuit_tracer(smollm2, tmp_path, skip):
     """circuit-tracer's own `attribute` on SmolLM2 with the same (random) transcoders, built from the
-    local HF weights: the same logit nodes, the same active and selected features, the same edges."""
+    local HF weights: the same logit nodes, the same active and selected features, the same edges;
+    with skip transcoders too (their linear term is a path at BOS as elsewhere, as circuit-tracer's)."""
     ct_python = circuit_tracer_python()
     sys.path.insert(0, str(SIDE.parent))
     from model_level import run
@@ -94,7 +96,7 @@ def test_model_level_attribution_agrees_with_circuit_tracer(smollm2, tmp_path):
     from mechflow.models.registry import load_hf_reference
 
     hf_model, hf_tokenizer = load_hf_reference("smollm2_135m", "float32")
-    transcoders = make_random_transcoders(smollm2.model, d_sae=64, scale=0.05)
+    transcoders = make_random_transcoders(smollm2.model, d_sae=64, scale=0.05, skip=skip)
     tokens = [int(t) for t in smollm2.to_tokens(IOI)[0]]
     result = run(ct_python, tmp_path, smollm2, hf_model, hf_tokenizer, transcoders, tokens, max_feature_nodes=64,
                  batch_size=32)
