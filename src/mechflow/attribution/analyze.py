@@ -40,8 +40,8 @@ from mechflow.attribution.config import AnalysisConfig
 from mechflow.attribution.neuron_contexts import neurons_markdown, neurons_table
 from mechflow.attribution.saliency import gradient_saliency, integrated_gradients
 from mechflow.attribution.stage import long_rows
-from mechflow.attribution.stage_io import optional_path, read_table, resolve_model, save_figure, write_table
-from mechflow.contracts.parquet import ABLATIONS_SCHEMA, NEURONS_SCHEMA, SALIENCY_SCHEMA
+from mechflow.attribution.stage_io import optional_path, read_table, resolve_model, save_figure
+from mechflow.contracts.parquet import ABLATIONS_SCHEMA, NEURONS_SCHEMA, SALIENCY_SCHEMA, write_table
 from mechflow.errors import DataError
 from mechflow.io import atomic_write_text
 from mechflow.models.config import ModelConfig

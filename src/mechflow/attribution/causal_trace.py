@@ -28,8 +28,8 @@ from mechflow.attribution.causal_tracing import answer_probability, noise_sigma,
 from mechflow.attribution.causal_tracing import causal_trace as trace_effects
 from mechflow.attribution.config import CausalTracingConfig
 from mechflow.attribution.planning import SUBJECT_KINDS
-from mechflow.attribution.stage_io import read_table, resolve_model, save_figure, write_table
-from mechflow.contracts.parquet import CAUSAL_TRACING_SCHEMA
+from mechflow.attribution.stage_io import read_table, resolve_model, save_figure
+from mechflow.contracts.parquet import CAUSAL_TRACING_SCHEMA, write_table
 from mechflow.errors import ConfigError, DataError
 from mechflow.models.config import ModelConfig
 from mechflow.tasks import TaskBatch, TaskDataset, select_batch

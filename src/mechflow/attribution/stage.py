@@ -29,10 +29,16 @@ from mechflow.attribution.head_types import SCORE_KINDS, head_type_scores, ioi_h
 from mechflow.attribution.lens import direct_logit_attribution, logit_lens
 from mechflow.attribution.patching import exact_patching
 from mechflow.attribution.plots import plot_head_grid, plot_logit_lens
-from mechflow.attribution.stage_io import write_table
 from mechflow.contracts.attribution import Agreement
 from mechflow.contracts.documents import write_document
-from mechflow.contracts.parquet import DLA_SCHEMA, HEAD_TYPES_SCHEMA, LENS_SCHEMA, NODE_SCORES_SCHEMA, PROMPTS_SCHEMA
+from mechflow.contracts.parquet import (
+    DLA_SCHEMA,
+    HEAD_TYPES_SCHEMA,
+    LENS_SCHEMA,
+    NODE_SCORES_SCHEMA,
+    PROMPTS_SCHEMA,
+    write_table,
+)
 from mechflow.io import atomic_write_text
 from mechflow.tasks import TaskDataset, select_batch
 

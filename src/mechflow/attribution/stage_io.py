@@ -1,5 +1,5 @@
-"""What the ``analyze`` and ``causal_trace`` stages share: the model they run, Parquet tables written
-and read through their contracts (`mechflow.contracts.parquet`), figures written atomically."""
+"""What the ``analyze`` and ``causal_trace`` stages share: the model they run, Parquet tables read
+through their contracts (written by `mechflow.contracts.parquet.write_table`), figures written atomically."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mechflow.contracts.parquet import check_schema, schema_mismatches
+from mechflow.contracts.parquet import schema_mismatches
 from mechflow.errors import ConfigError, DataError
-from mechflow.io import atomic_path
 from mechflow.models.config import ModelConfig
 from mechflow.plotting import save_figure as _save_figure
-
-
-def write_table(frame: pl.DataFrame, path: Path, contract: pa.Schema) -> None:
-    """Write `frame` atomically as zstd Parquet; a frame that does not match `contract` is a bug (ValueError)."""
-    check_schema(frame.head(0).to_arrow().schema, contract, Path(path).name)
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, compression="zstd")
 
 
 def read_table(path: Path, contract: pa.Schema, rule: str) -> pl.DataFrame:

@@ -329,12 +329,20 @@ TRANSCODER_FEATURE_STATS_SCHEMA = pa.schema([
 ])
 
 
-def write_table(table: pa.Table, path, contract: pa.Schema) -> None:
-    """Write `table` to `path` (zstd Parquet, atomically) after checking it against `contract`."""
+def write_table(table, path, contract: pa.Schema) -> None:
+    """Write `table` (a pyarrow Table or a polars DataFrame) to `path` as zstd Parquet, atomically,
+    after checking it against `contract`; a table that does not match is a bug (ValueError). The one
+    writer of the stages' contract tables (attribution, features, graphs)."""
+    from pathlib import Path
+
     import pyarrow.parquet as pq
 
     from mechflow.io import atomic_path
 
-    check_schema(table.schema, contract, str(path))
+    arrow = isinstance(table, pa.Table)
+    check_schema(table.schema if arrow else table.head(0).to_arrow().schema, contract, Path(path).name)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        if arrow:
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            table.write_parquet(tmp, compression="zstd")

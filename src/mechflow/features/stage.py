@@ -30,7 +30,7 @@ from mechflow.contracts.dictionaries import DictionaryTraining
 from mechflow.contracts.documents import load_document, write_document
 from mechflow.contracts.features import FeatureSummary
 from mechflow.contracts.hooks import RESIDUAL_HOOK, hook_layer
-from mechflow.contracts.parquet import TASK_ATTRIBUTION_SCHEMA, check_schema
+from mechflow.contracts.parquet import TASK_ATTRIBUTION_SCHEMA, write_table
 from mechflow.dictionaries.data import ShardSource, load_manifest, manifest_path
 from mechflow.errors import ConfigError, DataError
 from mechflow.features.attribution import SplicedSAE, analyse_task, check_sae
@@ -39,7 +39,7 @@ from mechflow.features.logits import logit_effects
 from mechflow.features.records import build_records, read_windows, select_features, token_decoder, write_feature_records
 from mechflow.features.render import plot_histograms, render_html
 from mechflow.features.stats import HIST_BINS_PER_DECADE, HIST_LOG10_HI, HIST_LOG10_LO, stream_feature_stats
-from mechflow.io import atomic_path, atomic_write_text, sha256_file
+from mechflow.io import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,7 @@ def write_task_attribution(frames: Sequence[pl.DataFrame], path: Path) -> None:
     """`task_attribution.parquet`: the tasks' frames, checked against `TASK_ATTRIBUTION_SCHEMA`."""
     frames = [f for f in frames if len(f)]
     table = pl.concat(frames) if frames else pl.from_arrow(TASK_ATTRIBUTION_SCHEMA.empty_table())
-    check_schema(table.head(0).to_arrow().schema, TASK_ATTRIBUTION_SCHEMA, Path(path).name)
-    with atomic_path(path) as tmp:
-        table.write_parquet(tmp, compression="zstd")
+    write_table(table, path, TASK_ATTRIBUTION_SCHEMA)
 
 
 def harvest_source(sae: Any, dictionary: Path, manifest: Path, tokens: Path) -> tuple[ShardSource, Any]:

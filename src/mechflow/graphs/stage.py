@@ -256,15 +256,11 @@ def attribution_graph(cfg: GraphConfig | Mapping[str, Any], *, transcoder_set: P
 
 def _write_validation(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from mechflow.contracts.parquet import GRAPH_VALIDATION_SCHEMA
-    from mechflow.io import atomic_path
+    from mechflow.contracts.parquet import GRAPH_VALIDATION_SCHEMA, write_table
 
     columns = {f.name: [r.get(f.name) for r in rows] for f in GRAPH_VALIDATION_SCHEMA}
-    table = pa.Table.from_pydict(columns, schema=GRAPH_VALIDATION_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_table(pa.Table.from_pydict(columns, schema=GRAPH_VALIDATION_SCHEMA), path, GRAPH_VALIDATION_SCHEMA)
 
 
 def _validation_lines(v: dict) -> list[str]:
