@@ -95,12 +95,14 @@ svg.hist rect{fill:#4a7ab5}.muted{color:#777;font-size:12px}
 def render_html(records: Sequence[dict[str, Any]], summary: dict[str, Any], figure_png: bytes | None) -> str:
     """One self-contained page: summary, task attribution tables, one card per latent (all text escaped)."""
     s = summary
-    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>SAE features: {_e(s['hook'])}</title>"
+    kind = s.get("dictionary_kind", "SAE")  # the transcoder set's page: "transcoder", one card per (layer, feature)
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(kind)} features: {_e(s['hook'])}</title>"
              f"<style>{_CSS}</style></head><body>"),
-             f"<h1>SAE features · {_e(s['model'])} · {_e(s['hook'])}</h1>",
-             (f"<p>{_e(s['architecture'])} SAE, d_in {s['d_in']}, d_sae {s['d_sae']} "
+             f"<h1>{_e(kind)} features · {_e(s['model'])} · {_e(s['hook'])}</h1>",
+             (f"<p>{_e(s['architecture'])} {_e(kind)}, d_in {s['d_in']}, d_sae {s['d_sae']} "
              f"(<code>{_e(s['dictionary'])}</code>). "
-             f"Statistics over {s['n_tokens']:,} harvest tokens; {s['n_live']} latents fire, {s['n_dead']} never do. "
+             f"Statistics over {s['n_tokens']:,} {_e(s.get('token_source', 'harvest'))} tokens; {s['n_live']} latents "
+             f"fire, {s['n_dead']} never do. "
              f"{len(records)} latents recorded.</p>")]
     if figure_png:
         parts.append(f"<img alt='activation histograms' style='max-width:100%' "
@@ -130,7 +132,10 @@ def render_html(records: Sequence[dict[str, Any]], summary: dict[str, Any], figu
     parts.append("<h2>Latents</h2>")
     for rec in records:
         st = rec["stats"]
-        parts.append(f"<div class='feat' id='f{rec['feature']}'><h3>#{rec['feature']}</h3>"
+        per_layer = s.get("dictionary_kind") == "transcoder"  # cards of several layers: name the layer
+        label = f"L{rec['layer']} #{rec['feature']}" if per_layer else f"#{rec['feature']}"
+        anchor = f"f{rec['layer']}_{rec['feature']}" if per_layer else f"f{rec['feature']}"
+        parts.append(f"<div class='feat' id='{anchor}'><h3>{label}</h3>"
                      f"<p>fires on {_num(100 * st['frequency'], '.3g')}% of tokens ({st['n_active']:,}); mean when "
                      f"active {_num(st['mean_active'])}, max {_num(st['max'])} {_svg_hist(st['hist']['counts'])}"
                      f"<span class='muted'> log10 activation {st['hist']['log10_lo']:g}…{st['hist']['log10_hi']:g}"

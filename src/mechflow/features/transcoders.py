@@ -188,7 +188,8 @@ def transcoder_features(cfg: FeaturesConfig | Mapping[str, Any] | None, *, trans
     write_table(feature_stats_table(stats), feature_stats, TRANSCODER_FEATURE_STATS_SCHEMA)
     write_feature_records(records, Path(features))
     page = {"hook": f"{transcoders.in_hook} → {transcoders.out_hook}", "model": model.cfg.model_name,
-            "architecture": f"{set_doc['kind']} transcoder set, {n_layers} layers",
+            "dictionary_kind": "transcoder", "token_source": "corpus",
+            "architecture": f"{n_layers}-layer set of {set_doc['kind']}",
             "d_in": next(iter(transcoders.transcoders.values())).d_in, "d_sae": set_doc["d_sae"],
             "dictionary": str(transcoder_set), "n_tokens": n_tokens,
             "n_live": sum(p["n_live"] for p in per_layer),
